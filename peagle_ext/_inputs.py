@@ -1,0 +1,186 @@
+"""Validation and normalization of the P-EAGLE mask arguments.
+
+Every builder and the mask_mod go through :func:`normalize_mask_inputs`, so a bad argument is
+refused once, here, with a message that names it, before anything reaches C++ or CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# The kernels pack (document, anchor) and (anchor, depth) into int64 sort keys of two 31-bit fields.
+FIELD_MAX = 2**31 - 1
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+@dataclass(frozen=True)
+class MaskInputs:
+    """The rule's inputs in one canonical form.
+
+    anchor_pos, depth: int64 [N], the chain start and COD round of each flattened element.
+    doc_of_position:   int64 [P], the document of each original position, -1 for padding.
+    sliding_window:    None (unbounded causal context) or an int >= 1.
+    block_size:        (Q_BLOCK_SIZE, KV_BLOCK_SIZE).
+    """
+
+    anchor_pos: torch.Tensor
+    depth: torch.Tensor
+    doc_of_position: torch.Tensor
+    sliding_window: int | None
+    block_size: tuple[int, int]
+
+    @property
+    def num_elements(self) -> int:
+        return self.anchor_pos.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor_pos.device
+
+
+def _check_int_tensor(name: str, value, ndim: int = 1) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name} must have an integer dtype, got {value.dtype}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(value.shape)}")
+    return value
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def normalize_block_size(BLOCK_SIZE) -> tuple[int, int]:
+    """Accept an int or a (Q, KV) pair of positive ints."""
+    if isinstance(BLOCK_SIZE, (tuple, list)):
+        if len(BLOCK_SIZE) != 2:
+            raise ValueError(f"BLOCK_SIZE must be an int or a (Q, KV) pair, got {BLOCK_SIZE!r}")
+        q, kv = BLOCK_SIZE
+        return (_check_int("BLOCK_SIZE[0]", q, 1), _check_int("BLOCK_SIZE[1]", kv, 1))
+    size = _check_int("BLOCK_SIZE", BLOCK_SIZE, 1)
+    return (size, size)
+
+
+def doc_of_position_from_lengths(lengths: torch.Tensor, total_seq_len: int) -> torch.Tensor:
+    """Documents packed in order from position 0; positions past sum(lengths) are padding (-1).
+
+    Built with searchsorted rather than repeat_interleave so that no output size has to be read
+    back from the device (no host sync on CUDA).
+    """
+    ends = torch.cumsum(lengths.to(torch.int64), 0)
+    positions = torch.arange(total_seq_len, dtype=torch.int64, device=lengths.device)
+    doc = torch.searchsorted(ends, positions, right=True)
+    return torch.where(doc < lengths.numel(), doc, torch.full_like(doc, -1))
+
+
+def normalize_mask_inputs(
+    anchor_pos,
+    depth,
+    lengths=None,
+    total_seq_len=None,
+    *,
+    document_ids=None,
+    sliding_window=None,
+    BLOCK_SIZE=128,
+    validate: bool = True,
+) -> MaskInputs:
+    """Check every argument of the P-EAGLE rule and return them in canonical form.
+
+    Raises TypeError/ValueError naming the argument. Types, shapes and devices are always
+    checked. The checks that read tensor values (negative entries, anchors past the sequence,
+    lengths past total_seq_len) synchronize once with the device; ``validate=False`` skips them so
+    the CUDA path stays sync-free and capturable in a CUDA graph. The kernels never read out of
+    bounds either way: they treat an out-of-range anchor as padding.
+    """
+    anchor_pos = _check_int_tensor("anchor_pos", anchor_pos)
+    depth = _check_int_tensor("depth", depth)
+    if anchor_pos.numel() != depth.numel():
+        raise ValueError(
+            f"anchor_pos and depth must have the same length, got {anchor_pos.numel()} and {depth.numel()}"
+        )
+    if anchor_pos.numel() == 0:
+        raise ValueError("anchor_pos and depth must not be empty (N == 0)")
+    device = anchor_pos.device
+    if depth.device != device:
+        raise ValueError(f"depth is on {depth.device} but anchor_pos is on {device}")
+    block_size = normalize_block_size(BLOCK_SIZE)
+    if sliding_window is not None:
+        sliding_window = _check_int("sliding_window", sliding_window, 1)
+
+    if (lengths is None) == (document_ids is None):
+        raise ValueError("give exactly one of lengths (with total_seq_len) and document_ids")
+    if lengths is not None:
+        lengths = _check_int_tensor("lengths", lengths)
+        if total_seq_len is None:
+            raise ValueError("total_seq_len is required with lengths")
+        total_seq_len = _check_int("total_seq_len", total_seq_len, 1)
+        if total_seq_len > FIELD_MAX:
+            raise ValueError(f"total_seq_len must be <= {FIELD_MAX}, got {total_seq_len}")
+        if lengths.device != device:
+            raise ValueError(f"lengths is on {lengths.device} but anchor_pos is on {device}")
+        position_bound = "total_seq_len"
+    else:
+        if total_seq_len is not None:
+            raise ValueError("total_seq_len goes with lengths; with document_ids it is len(document_ids)")
+        document_ids = _check_int_tensor("document_ids", document_ids)
+        if document_ids.numel() == 0:
+            raise ValueError("document_ids must not be empty")
+        if document_ids.device != device:
+            raise ValueError(f"document_ids is on {document_ids.device} but anchor_pos is on {device}")
+        position_bound = "len(document_ids)"
+
+    anchor_pos = anchor_pos.to(torch.int64).contiguous()
+    depth = depth.to(torch.int64).contiguous()
+    if validate:
+        _check_values(anchor_pos, depth, lengths, total_seq_len, document_ids, position_bound)
+    if lengths is not None:
+        doc_of_position = doc_of_position_from_lengths(lengths, total_seq_len)
+    else:
+        doc_of_position = document_ids.to(torch.int64).contiguous()
+    return MaskInputs(
+        anchor_pos=anchor_pos,
+        depth=depth,
+        doc_of_position=doc_of_position,
+        sliding_window=sliding_window,
+        block_size=block_size,
+    )
+
+
+def _check_values(anchor_pos, depth, lengths, total_seq_len, document_ids, position_bound) -> None:
+    """The value checks: one stacked reduction, so one device sync for all of them."""
+    num_positions = total_seq_len if lengths is not None else document_ids.numel()
+    stats = [anchor_pos.min(), anchor_pos.max(), depth.min(), depth.max()]
+    if lengths is not None and lengths.numel():
+        lengths64 = lengths.to(torch.int64)
+        stats += [lengths64.min(), lengths64.sum()]
+    elif document_ids is not None:
+        document_ids64 = document_ids.to(torch.int64)
+        stats += [document_ids64.min(), document_ids64.max()]
+    values = torch.stack(stats).tolist()
+    if values[0] < 0:
+        raise ValueError(f"anchor_pos must be non-negative, got a minimum of {values[0]}")
+    if values[2] < 0:
+        raise ValueError(f"depth must be non-negative, got a minimum of {values[2]}")
+    if values[3] > FIELD_MAX:
+        raise ValueError(f"depth must be <= {FIELD_MAX}, got a maximum of {values[3]}")
+    if values[1] >= num_positions:
+        raise ValueError(f"anchor_pos must be < {position_bound}={num_positions}, got a maximum of {values[1]}")
+    if lengths is not None and lengths.numel():
+        if values[4] < 0:
+            raise ValueError(f"lengths must be non-negative, got a minimum of {values[4]}")
+        if values[5] > total_seq_len:
+            raise ValueError(f"lengths sum to {values[5]}, past total_seq_len={total_seq_len}")
+    if document_ids is not None:
+        if values[4] < -1:
+            raise ValueError(f"document_ids values must be >= -1 (-1 marks padding), got {values[4]}")
+        if values[5] > FIELD_MAX:
+            raise ValueError(f"document_ids values must be <= {FIELD_MAX}, got {values[5]}")

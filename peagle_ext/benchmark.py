@@ -1,0 +1,215 @@
+"""Benchmark: every builder against create_block_mask, time and peak memory, over sequence lengths.
+
+Run with ``python -m peagle_ext bench`` or ``python benchmarks/bench_block_mask.py``. Times are
+medians after a warm-up, measured in one process so ratios compare like with like. CPU peak
+memory is measured in a fresh subprocess per (method, length): the rise of peak RSS over the
+RSS after the inputs exist. GPU peak memory is torch.cuda.max_memory_allocated above the inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+# Eager create_block_mask materializes the dense mask plus int64 temporaries: about 11 bytes per
+# (q, kv) pair measured here (shared/DESIGN.md §3: 8 GB at N = 27.6K).
+EAGER_BYTES_PER_PAIR = 11
+
+
+def cod_inputs(seq_len: int, depths: int, device: str, seed: int = 0):
+    """One document of seq_len positions, COD-sampled with the trainers' defaults."""
+    from .cod import generate_cod_sample_indices
+
+    anchor_pos, depth = generate_cod_sample_indices(
+        seq_len, torch.ones(seq_len), num_depths=depths, generator=torch.Generator().manual_seed(seed)
+    )
+    lengths = torch.tensor([seq_len])
+    return anchor_pos.to(device), depth.to(device), lengths.to(device)
+
+
+def available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def eager_fits(num_elements: int, device: str) -> bool:
+    need = EAGER_BYTES_PER_PAIR * num_elements**2
+    have = torch.cuda.mem_get_info()[0] if device == "cuda" else available_memory_bytes()
+    return need < 0.7 * have
+
+
+def make_builder(method: str, anchor_pos, depth, lengths, seq_len: int):
+    """A zero-argument callable that builds the BlockMask with `method`."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from .block_mask import build_block_mask
+    from .mask_mod import create_peagle_mask_mod
+
+    n = anchor_pos.numel()
+    if method in ("python", "cpu", "cuda"):
+        return lambda: build_block_mask(anchor_pos, depth, lengths, seq_len, backend=method)
+    mask_mod = create_peagle_mask_mod(anchor_pos, depth, lengths, seq_len)
+    if method == "create_block_mask":
+        return lambda: create_block_mask(mask_mod, None, None, n, n, device=anchor_pos.device)
+    if method == "compiled_create_block_mask":
+        compiled = torch.compile(create_block_mask)
+        return lambda: compiled(mask_mod, None, None, n, n, device=anchor_pos.device)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def time_call(fn, device: str, repeats: int, budget_s: float) -> tuple[float, int]:
+    """Median seconds of fn() after one warm-up call, and how many timed runs that took."""
+
+    def once() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    warm = once()
+    runs = max(1, min(repeats, int(budget_s / max(warm, 1e-9))))
+    return statistics.median(once() for _ in range(runs)), runs
+
+
+def peak_memory_bytes(method: str, seq_len: int, depths: int, device: str) -> int | None:
+    """Peak memory of one build above the inputs (a fresh process on CPU, so RSS peaks are its own)."""
+    if device == "cuda":
+        anchor_pos, depth, lengths = cod_inputs(seq_len, depths, device)
+        build = make_builder(method, anchor_pos, depth, lengths, seq_len)
+        build()  # compile / warm caches first
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        build()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    code = (
+        "import resource, sys, torch; from peagle_ext.benchmark import cod_inputs, make_builder, rss_bytes;"
+        f"a, d, l = cod_inputs({seq_len}, {depths}, 'cpu'); build = make_builder({method!r}, a, d, l, {seq_len});"
+        "base = rss_bytes(); build();"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)"
+    )
+    env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        return None
+    return max(0, int(result.stdout.strip().splitlines()[-1]))
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run(lengths, depths: int, device: str, backends, compiled: bool, compiled_max_len: int, repeats: int,
+        memory: bool, budget_s: float, log=print) -> list[dict]:
+    rows = []
+    for seq_len in lengths:
+        anchor_pos, depth, doc_lengths = cod_inputs(seq_len, depths, device)
+        n = anchor_pos.numel()
+        tiles = -(-n // 128)
+        row = {"seq_len": seq_len, "num_elements": n, "tiles": f"{tiles}x{tiles}", "methods": {}}
+        methods = list(backends) + ["create_block_mask"] + (["compiled_create_block_mask"] if compiled else [])
+        for method in methods:
+            entry: dict = {}
+            if method == "create_block_mask" and not eager_fits(n, device):
+                entry["skipped"] = f"needs ~{EAGER_BYTES_PER_PAIR * n * n / 2**30:.0f} GiB for the dense mask"
+            elif method == "compiled_create_block_mask" and seq_len > compiled_max_len:
+                entry["skipped"] = f"above --compiled-max-len {compiled_max_len}"
+            else:
+                build = make_builder(method, anchor_pos, depth, doc_lengths, seq_len)
+                if method == "compiled_create_block_mask":
+                    start = time.perf_counter()
+                    build()
+                    entry["compile_s"] = time.perf_counter() - start
+                entry["median_s"], entry["runs"] = time_call(build, device, repeats, budget_s)
+                if memory:
+                    entry["peak_bytes"] = peak_memory_bytes(method, seq_len, depths, device)
+            row["methods"][method] = entry
+            log(f"  seq_len {seq_len:>6} N {n:>7} {method:<27} {format_entry(entry)}")
+        rows.append(row)
+    return rows
+
+
+def format_entry(entry: dict) -> str:
+    if "skipped" in entry:
+        return f"skipped: {entry['skipped']}"
+    text = f"{entry['median_s'] * 1e3:10.3f} ms (median of {entry['runs']})"
+    if entry.get("peak_bytes") is not None:
+        text += f", peak +{entry['peak_bytes'] / 2**20:.1f} MiB"
+    if "compile_s" in entry:
+        text += f", first call (compile) {entry['compile_s']:.1f} s"
+    return text
+
+
+def print_table(rows: list[dict], backends) -> None:
+    """Times, peak memory, and speedups of each backend over eager and compiled create_block_mask."""
+    header = f"{'seq_len':>7} {'N':>7} {'tiles':>11} | {'method':<27} {'median ms':>11} {'peak MiB':>9} {'x eager':>9} {'x compiled':>10}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        methods = row["methods"]
+        eager = methods.get("create_block_mask", {}).get("median_s")
+        compiled = methods.get("compiled_create_block_mask", {}).get("median_s")
+        for method, entry in methods.items():
+            if "skipped" in entry:
+                cells = f"{'skipped':>11} {'':>9} {'':>9} {'':>10}  ({entry['skipped']})"
+            else:
+                median = entry["median_s"]
+                peak = entry.get("peak_bytes")
+                peak_cell = f"{peak / 2**20:9.1f}" if peak is not None else f"{'-':>9}"
+                x_eager = f"{eager / median:9.1f}" if eager and method in backends else f"{'':>9}"
+                x_comp = f"{compiled / median:10.1f}" if compiled and method in backends else f"{'':>10}"
+                cells = f"{median * 1e3:11.3f} {peak_cell} {x_eager} {x_comp}"
+                if "compile_s" in entry:
+                    cells += f"  (compile {entry['compile_s']:.1f} s)"
+            print(f"{row['seq_len']:>7} {row['num_elements']:>7} {row['tiles']:>11} | {method:<27} {cells}")
+    for row in rows:  # backend-to-backend ratios, same run
+        methods = row["methods"]
+        if "cpu" in methods and "python" in methods and "median_s" in methods["python"]:
+            ratio = methods["python"]["median_s"] / methods["cpu"]["median_s"]
+            print(f"seq_len {row['seq_len']}: cpu is {ratio:.1f}x faster than python")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m peagle_ext bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
+    parser.add_argument("--depths", type=int, default=8)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--backends", nargs="+", default=None, help="default: every available one for the device")
+    parser.add_argument("--compiled", action="store_true", help="also time torch.compile(create_block_mask)")
+    parser.add_argument("--compiled-max-len", type=int, default=16384)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--budget-s", type=float, default=10.0, help="time budget for one method's timed runs")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    parser.add_argument("--json", default="bench-results.json", help="where to write the results")
+    args = parser.parse_args(argv)
+
+    from .block_mask import available_backends
+
+    backends = args.backends or [b for b in available_backends() if b in ("python", args.device)]
+    print(f"torch {torch.__version__}, device {args.device}, backends {backends}, {os.cpu_count()} CPUs")
+    rows = run(args.lengths, args.depths, args.device, backends, args.compiled, args.compiled_max_len,
+               args.repeats, not args.no_memory, args.budget_s)
+    print()
+    print_table(rows, backends)
+    with open(args.json, "w") as out:
+        json.dump({"torch": torch.__version__, "device": args.device, "depths": args.depths, "rows": rows}, out, indent=1)
+    print(f"\nwrote {args.json}")
+    return 0

@@ -1,0 +1,95 @@
+"""``build_block_mask``: the P-EAGLE BlockMask from per-element metadata, without the dense grid."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+from . import _native
+from ._inputs import MaskInputs, normalize_mask_inputs
+from ._python_builder import BlockIndex, build_python
+from .mask_mod import mask_mod_from_inputs
+
+BACKENDS = ("python", "cpu", "cuda")
+
+
+def available_backends() -> list[str]:
+    """Backends this install can run here, fastest first within each device."""
+    status = _native.native_status()
+    return [backend for backend in ("cuda", "cpu") if status[backend] is None] + ["python"]
+
+
+def _choose_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS + ("auto",):
+        raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
+    status = _native.native_status()
+    if backend == "auto":
+        native = "cuda" if device.type == "cuda" else "cpu"
+        return native if native in status and status[native] is None else "python"
+    if backend != "python":
+        if status[backend] is not None:
+            raise RuntimeError(
+                f"backend {backend!r} is not available: {status[backend]}; available: {available_backends()}"
+            )
+        if device.type != backend:
+            raise ValueError(f"backend {backend!r} needs {backend} tensors, but anchor_pos is on {device}")
+    return backend
+
+
+def _block_index(inputs: MaskInputs, backend: str) -> BlockIndex:
+    if backend == "python":
+        return build_python(inputs)
+    from .ops import build_native
+
+    # The kernels read the window as int64; a window past every sequence means "no window" anyway.
+    window = None if inputs.sliding_window is None else min(inputs.sliding_window, 2**62)
+    return build_native(inputs.anchor_pos, inputs.depth, inputs.doc_of_position, window, *inputs.block_size)
+
+
+def build_block_mask(
+    anchor_pos: torch.Tensor,
+    depth: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    total_seq_len: int | None = None,
+    *,
+    document_ids: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    BLOCK_SIZE: int | tuple[int, int] = 128,
+    backend: str = "auto",
+    validate: bool = True,
+) -> BlockMask:
+    """Build the P-EAGLE flex_attention BlockMask over N flattened COD elements.
+
+    Describes exactly the partial and full blocks (and their q-side transposes) that
+    ``create_block_mask(create_peagle_mask_mod(<same arguments>), None, None, N, N,
+    BLOCK_SIZE=BLOCK_SIZE)`` describes, carries the rule's mask_mod, and lives on anchor_pos's
+    device. No tensor with N x N elements is ever allocated.
+
+    Args:
+        anchor_pos, depth: int32/int64 [N] (see :func:`create_peagle_mask_mod`).
+        lengths, total_seq_len / document_ids / sliding_window: the documents and window, as in
+            :func:`create_peagle_mask_mod`.
+        BLOCK_SIZE: int or (Q_BLOCK_SIZE, KV_BLOCK_SIZE).
+        backend: "auto" (the fastest available for the tensors' device), "python", "cpu", "cuda".
+        validate: check argument values (one device sync on CUDA). ``False`` keeps the CUDA path
+            free of host syncs and capturable in a CUDA graph; unchecked out-of-range values then
+            give a wrong mask but never an out-of-bounds read.
+    """
+    inputs = normalize_mask_inputs(
+        anchor_pos,
+        depth,
+        lengths,
+        total_seq_len,
+        document_ids=document_ids,
+        sliding_window=sliding_window,
+        BLOCK_SIZE=BLOCK_SIZE,
+        validate=validate,
+    )
+    index = _block_index(inputs, _choose_backend(backend, inputs.device))
+    n = inputs.num_elements
+    return BlockMask(
+        (n, n),
+        *index,
+        BLOCK_SIZE=inputs.block_size,
+        mask_mod=mask_mod_from_inputs(inputs),
+    )

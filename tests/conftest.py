@@ -1,0 +1,61 @@
+"""Shared fixtures: the backends under test and the oracle (create_block_mask over the rule)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from torch.nn.attention.flex_attention import create_block_mask
+
+import peagle_ext
+from peagle_ext import _native
+
+# The backend fixtures only select a parameter, so sharing them across examples is safe.
+settings.register_profile(
+    "ci",
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile("ci")
+
+BACKEND_DEVICE = {"python": "cpu", "cpu": "cpu", "cuda": "cuda"}
+
+
+def skip_unless_backend(backend: str) -> None:
+    if backend == "python":
+        return
+    reason = _native.native_status()[backend]
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} unavailable: {reason}")
+
+
+@pytest.fixture(params=["python", "cpu", "cuda"])
+def backend(request) -> str:
+    """Each builder backend; the native ones skip, saying why, where they cannot run."""
+    skip_unless_backend(request.param)
+    return request.param
+
+
+@pytest.fixture(params=["python", "cpu"])
+def cpu_backend(request) -> str:
+    skip_unless_backend(request.param)
+    return request.param
+
+
+@pytest.fixture
+def cuda_device():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (none visible)")
+    skip_unless_backend("cuda")
+    return torch.device("cuda")
+
+
+def oracle_block_mask(anchor_pos, depth, lengths=None, total_seq_len=None, *, document_ids=None,
+                      sliding_window=None, BLOCK_SIZE=128):
+    """What create_block_mask finds by evaluating the rule on the dense N x N grid."""
+    mask_mod = peagle_ext.create_peagle_mask_mod(
+        anchor_pos, depth, lengths, total_seq_len, document_ids=document_ids, sliding_window=sliding_window
+    )
+    n = anchor_pos.numel()
+    return create_block_mask(mask_mod, None, None, n, n, device=anchor_pos.device, BLOCK_SIZE=BLOCK_SIZE)

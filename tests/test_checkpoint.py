@@ -1,0 +1,156 @@
+"""Checkpoints in the speculators P-EAGLE layout: round trip, on-disk layout, bad keys, atomic writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from peagle_ext import checkpoint
+from peagle_ext.draft_llama import LlamaEagle3DraftModel
+from peagle_ext.training import build_peagle_inputs
+from draft_helpers import cod_indices, random_sequence, tiny_model, single_thread  # noqa: F401 (autouse fixture)
+
+LAYER_KEYS = {
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+}
+
+
+def _outputs(model):
+    anchor_pos, depth = cod_indices(20, 4)
+    inputs = build_peagle_inputs(model, *random_sequence(model, 20), anchor_pos, depth)
+    with torch.no_grad():
+        block_mask = model.build_peagle_block_mask(anchor_pos, depth, torch.tensor([20]), 20)
+        return model.compute_logits(model.forward_peagle(*inputs, block_mask))
+
+
+def _saved(tmp_path, **overrides):
+    model = tiny_model(**overrides)
+    with torch.no_grad():
+        for parameter in model.parameters():  # move norms off their all-ones init so the round trip shows
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    model.save_pretrained(tmp_path / "draft")
+    return model, tmp_path / "draft"
+
+
+def test_round_trip_gives_identical_outputs(tmp_path):
+    model, directory = _saved(tmp_path, draft_vocab_size=40, fc_norm=True, norm_output=True, eagle_aux_hidden_state_layer_ids=[1, 5, 9])
+    model.set_draft_vocab(torch.arange(0, 80, 2))
+    model.save_pretrained(directory)  # overwrite in place
+    loaded = LlamaEagle3DraftModel.from_pretrained(directory)
+    assert loaded.config == model.config
+    assert torch.equal(_outputs(loaded), _outputs(model))
+    state = loaded.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(state[name], tensor), name
+    assert not list(tmp_path.glob(".draft*"))  # no staging or backup directories left
+
+
+def test_on_disk_layout(tmp_path):
+    model, directory = _saved(tmp_path, draft_vocab_size=50, num_hidden_layers=2, num_depths=5)
+    assert sorted(p.name for p in directory.iterdir()) == ["config.json", "model.safetensors"]
+    tensors = load_file(directory / "model.safetensors")
+    expected = {"embed_tokens.weight", "fc.weight", "norm.weight", "lm_head.weight", "mask_hidden", "d2t", "t2d"}
+    expected |= {f"layers.0.{key}" for key in LAYER_KEYS | {"hidden_norm.weight"}}
+    expected |= {f"layers.1.{key}" for key in LAYER_KEYS}
+    assert set(tensors) == expected
+    assert tensors["mask_hidden"].shape == (1, 1, 3 * 16)
+    assert tensors["layers.0.self_attn.q_proj.weight"].shape == (4 * 8, 2 * 32)
+    assert tensors["fc.weight"].shape == (32, 3 * 16) and tensors["lm_head.weight"].shape == (50, 32)
+    assert tensors["d2t"].dtype == torch.int64 and tensors["t2d"].dtype == torch.bool and tensors["t2d"].shape == (96,)
+
+    config = json.loads((directory / "config.json").read_text())
+    assert config["speculators_model_type"] == "peagle"
+    assert config["architectures"] == ["PEagleSpeculator"]
+    for key, value in {"mask_token_id": 95, "draft_vocab_size": 50, "target_hidden_size": 16, "norm_output": False, "fc_norm": False}.items():
+        assert config[key] == value, key
+    assert "eagle_aux_hidden_state_layer_ids" in config
+    layer = config["transformer_layer_config"]
+    assert (layer["model_type"], layer["hidden_size"], layer["num_hidden_layers"], layer["vocab_size"]) == ("llama", 32, 2, 96)
+    assert (layer["num_attention_heads"], layer["num_key_value_heads"], layer["head_dim"]) == (4, 2, 8)
+    spec = config["speculators_config"]
+    assert spec["algorithm"] == "peagle" and spec["default_proposal_method"] == "greedy"
+    assert spec["proposal_methods"][0]["proposal_type"] == "greedy"
+    assert spec["proposal_methods"][0]["speculative_tokens"] == 5
+
+
+def test_eagle3_checkpoint_without_parallel_drafting(tmp_path):
+    model, directory = _saved(tmp_path, parallel_drafting=False)
+    tensors = load_file(directory / "model.safetensors")
+    assert "mask_hidden" not in tensors and "d2t" not in tensors
+    assert json.loads((directory / "config.json").read_text())["speculators_model_type"] == "eagle3"
+    loaded = LlamaEagle3DraftModel.from_pretrained(directory)
+    assert not loaded.config.parallel_drafting and not hasattr(loaded, "mask_hidden")
+
+
+def _rewrite(directory, edit):
+    tensors = load_file(directory / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, directory / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("edit", "error", "pattern"),
+    [
+        (lambda t: t.pop("fc.weight"), KeyError, "missing.*'fc.weight'"),
+        (lambda t: t.pop("mask_hidden"), KeyError, "missing.*'mask_hidden'"),
+        (lambda t: t.update(extra=torch.zeros(2)), KeyError, "unexpected.*'extra'"),
+        (lambda t: t.update(mask_hidden=torch.zeros(1, 1, 32)), ValueError, "'mask_hidden'.*\\(1, 1, 32\\)"),
+        (lambda t: t.update({"layers.1.mlp.up_proj.weight": torch.zeros(64, 33)}), ValueError, "'layers.1.mlp.up_proj.weight'"),
+    ],
+)
+def test_bad_keys_raise_naming_the_key(tmp_path, edit, error, pattern):
+    _, directory = _saved(tmp_path)
+    _rewrite(directory, edit)
+    with pytest.raises(error, match=pattern):
+        LlamaEagle3DraftModel.from_pretrained(directory)
+
+
+def test_missing_config_key_and_files_raise(tmp_path):
+    _, directory = _saved(tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    del config["transformer_layer_config"]["hidden_size"]
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(KeyError, match="hidden_size"):
+        LlamaEagle3DraftModel.from_pretrained(directory)
+    (directory / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        LlamaEagle3DraftModel.from_pretrained(directory)
+
+
+def test_failed_save_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    model = tiny_model()
+
+    def failing_save(tensors, path):
+        path.write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path / "fresh")
+    assert list(tmp_path.iterdir()) == []
+
+    monkeypatch.undo()
+    model.save_pretrained(tmp_path / "kept")
+    before = (tmp_path / "kept" / "model.safetensors").read_bytes()
+    monkeypatch.setattr(checkpoint, "save_file", failing_save)
+    with pytest.raises(OSError):
+        tiny_model(seed=1).save_pretrained(tmp_path / "kept")
+    assert (tmp_path / "kept" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+
+
+def test_load_casts_to_requested_dtype(tmp_path):
+    _, directory = _saved(tmp_path, draft_vocab_size=50)
+    loaded = LlamaEagle3DraftModel.from_pretrained(directory, dtype=torch.bfloat16)
+    assert loaded.lm_head.weight.dtype == torch.bfloat16 and loaded.d2t.dtype == torch.int64

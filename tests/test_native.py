@@ -1,0 +1,104 @@
+"""The compiled op: registration, opcheck, its own checks, and agreement with the python backend
+at sizes create_block_mask cannot reach."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import skip_unless_backend
+
+import peagle_ext
+from peagle_ext import _native
+from peagle_ext._inputs import normalize_mask_inputs
+
+
+@pytest.fixture(autouse=True)
+def needs_native_cpu():
+    skip_unless_backend("cpu")
+
+
+def op_args(seq_len=300, window=None, block=(64, 32), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    anchor_pos, depth = peagle_ext.generate_cod_sample_indices(seq_len, torch.ones(seq_len), generator=generator)
+    inputs = normalize_mask_inputs(anchor_pos, depth, torch.tensor([seq_len // 2, seq_len // 3]), seq_len)
+    return (inputs.anchor_pos, inputs.depth, inputs.doc_of_position, window, *block)
+
+
+def test_build_info_names_compiled_kernels():
+    kernels = _native.compiled_kernels()
+    assert kernels[0] == "cpu"
+    assert set(kernels) <= {"cpu", "cuda"}
+    if "cuda" in kernels:
+        assert _native.cuda_archs()
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_opcheck(window):
+    torch.library.opcheck(torch.ops.peagle_ext.build_block_index.default, op_args(window=window))
+
+
+def test_op_traces_under_torch_compile():
+    args = op_args()
+    compiled = torch.compile(lambda *a: torch.ops.peagle_ext.build_block_index(*a), fullgraph=True, dynamic=True)
+    for got, expected in zip(compiled(*args), torch.ops.peagle_ext.build_block_index(*args)):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: (a[0].to(torch.int32), *a[1:]), "must be int64"),
+        (lambda a: (a[0][None], *a[1:]), "must be 1-D"),
+        (lambda a: (a[0], a[1][:-1], *a[2:]), "differ in length"),
+        (lambda a: (a[0][:0], a[1][:0], *a[2:]), "N must be positive"),
+        (lambda a: (*a[:4], 0, a[5]), "block sizes must be positive"),
+        (lambda a: (*a[:3], 0, *a[4:]), "sliding_window must be >= 1"),
+        (lambda a: (a[0], a[1], a[2][:0], *a[3:]), "doc_of_position must not be empty"),
+    ],
+)
+def test_op_checks_its_preconditions(change, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.peagle_ext.build_block_index(*change(op_args()))
+
+
+def test_out_of_range_values_never_read_out_of_bounds():
+    """Unvalidated garbage (validate=False, or a direct op call) gives some mask, never a crash."""
+    anchor_pos = torch.tensor([0, 5, -3, 2**40, 1, 2], dtype=torch.int64)
+    depth = torch.tensor([0, 0, 1, 2, -1, 2**40], dtype=torch.int64)
+    doc = torch.tensor([0, 0, -7, 2**40], dtype=torch.int64)
+    out = torch.ops.peagle_ext.build_block_index(anchor_pos, depth, doc, 2**62, 2, 2)
+    assert out[0].shape == (1, 1, 3)
+    mask = peagle_ext.build_block_mask(anchor_pos, depth, document_ids=doc, BLOCK_SIZE=2, validate=False, backend="cpu")
+    assert mask.kv_num_blocks.shape == (1, 1, 3)
+
+
+@pytest.mark.parametrize(
+    "seq_len, kwargs",
+    [
+        (16384, {}),  # N ~ 55K: create_block_mask would need ~31 GiB here
+        (8192, {"sliding_window": 512, "BLOCK_SIZE": (128, 64)}),
+        (60000, {"BLOCK_SIZE": 256}),  # N ~ 200K
+    ],
+)
+def test_cpu_equals_python_beyond_create_block_mask(seq_len, kwargs):
+    generator = torch.Generator().manual_seed(seq_len)
+    anchor_pos, depth = peagle_ext.generate_cod_sample_indices(seq_len, torch.ones(seq_len), generator=generator)
+    lengths = torch.tensor([seq_len // 3, seq_len // 3, seq_len // 4])
+    native = peagle_ext.build_block_mask(anchor_pos, depth, lengths, seq_len, backend="cpu", **kwargs)
+    python = peagle_ext.build_block_mask(anchor_pos, depth, lengths, seq_len, backend="python", **kwargs)
+    peagle_ext.assert_block_masks_equal(native, python)
+    # Both lay rows out as create_block_mask does, so even the unread tails agree.
+    assert torch.equal(native.kv_indices, python.kv_indices) and torch.equal(native.full_q_indices, python.full_q_indices)
+
+
+def test_cpu_equals_python_on_shuffled_noncontiguous_documents():
+    """The general path (no sorted layout to exploit) at a size the oracle cannot reach."""
+    generator = torch.Generator().manual_seed(3)
+    seq_len = 20000
+    anchor_pos, depth = peagle_ext.generate_cod_sample_indices(seq_len, torch.ones(seq_len), generator=generator)
+    order = torch.randperm(anchor_pos.numel(), generator=generator)
+    document_ids = torch.randint(-1, 6, (seq_len,), generator=generator)
+    args = (anchor_pos[order], depth[order])
+    native = peagle_ext.build_block_mask(*args, document_ids=document_ids, sliding_window=300, backend="cpu")
+    python = peagle_ext.build_block_mask(*args, document_ids=document_ids, sliding_window=300, backend="python")
+    peagle_ext.assert_block_masks_equal(native, python)
