@@ -4,33 +4,22 @@ PEAGLE_EXT_NO_NATIVE=1. TORCH_CUDA_ARCH_LIST picks the CUDA architectures (defau
 when no GPU is visible); MAX_JOBS the parallel compile jobs (default: every core)."""
 
 import os
-import shutil
+import importlib.util
 import sys
 
 from setuptools import setup
 
 NATIVE = os.environ.get("PEAGLE_EXT_NO_NATIVE", "0") != "1"
 DEFAULT_CUDA_ARCHS = "8.0;9.0"  # A100, H100/H200
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def find_cuda_home():
-    """The CUDA toolkit root: one holding bin/nvcc and libcudart.
-
-    torch's own detection follows `which nvcc`, and a wrapper script at /usr/local/bin/nvcc then
-    yields /usr/local, where linking fails (-lcudart not found); so check each candidate.
-    """
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    for root in filter(None, candidates):
-        has_nvcc = os.path.isfile(os.path.join(root, "bin", "nvcc"))
-        has_cudart = any(
-            os.path.exists(os.path.join(root, lib, "libcudart.so")) for lib in ("lib64", "lib", "targets/x86_64-linux/lib")
-        )
-        if has_nvcc and has_cudart:
-            return os.path.realpath(root)
-    return None
+def load_find_cuda_home():
+    """peagle_ext/_cuda_home.py by path: importing the package itself would need it built."""
+    spec = importlib.util.spec_from_file_location("_cuda_home", os.path.join(HERE, "peagle_ext", "_cuda_home.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.find_cuda_home
 
 
 def native_extensions():
@@ -40,7 +29,7 @@ def native_extensions():
     import torch
 
     want_cuda = os.environ.get("PEAGLE_EXT_NO_CUDA", "0") != "1"
-    cuda_home = find_cuda_home() if torch.version.cuda and want_cuda else None
+    cuda_home = load_find_cuda_home()() if torch.version.cuda and want_cuda else None
     if cuda_home:
         # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
         os.environ["CUDA_HOME"] = cuda_home

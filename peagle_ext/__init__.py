@@ -10,10 +10,13 @@ pure-PyTorch path otherwise (``available_backends()`` says which).
 
 from .block_mask import available_backends, build_block_mask
 from .cod import generate_cod_sample_indices
+from .draft_llama import Eagle3DraftConfig, LlamaEagle3DraftModel
 from .mask_mod import create_peagle_mask_mod
 from .testing import assert_block_masks_equal
 
 __all__ = [
+    "Eagle3DraftConfig",
+    "LlamaEagle3DraftModel",
     "assert_block_masks_equal",
     "available_backends",
     "build_block_mask",

@@ -25,7 +25,6 @@ Attention runs through :func:`_peagle_flex_attention`, which picks one of three 
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
@@ -20,6 +22,23 @@ settings.register_profile(
 settings.load_profile("ci")
 
 BACKEND_DEVICE = {"python": "cpu", "cpu": "cpu", "cuda": "cuda"}
+
+
+def pytest_report_header(config):
+    return [
+        f"peagle_ext from {peagle_ext.__file__}",
+        f"compiled kernels: {_native.compiled_kernels() or 'none'}; backends here: {peagle_ext.available_backends()}",
+    ]
+
+
+def pytest_sessionstart(session):
+    # CI sets this so that a build that silently fell back to pure Python fails loudly.
+    if os.environ.get("PEAGLE_EXT_REQUIRE_NATIVE") == "1":
+        status = _native.native_status()
+        if status["cpu"] is not None:
+            raise pytest.UsageError(f"PEAGLE_EXT_REQUIRE_NATIVE=1 but the cpu kernel is unavailable: {status['cpu']}")
+        if torch.version.cuda and "cuda" not in _native.compiled_kernels():
+            raise pytest.UsageError("PEAGLE_EXT_REQUIRE_NATIVE=1 but the CUDA kernels were not compiled in")
 
 
 def skip_unless_backend(backend: str) -> None:

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from peagle_ext.draft_llama import LlamaEagle3DraftModel
 from peagle_ext.training import (

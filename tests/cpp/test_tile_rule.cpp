@@ -1,0 +1,176 @@
+// Tests of csrc/peagle_tile_rule.h on its own (no torch): unit checks of each function, then a
+// randomized comparison of tile states built from the header against the element-level rule
+// evaluated pair by pair (the specification, shared/DESIGN.md §1).
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "peagle_tile_rule.h"
+
+using namespace peagle;
+
+static int failures = 0;
+#define CHECK(cond)                                                  \
+  do {                                                               \
+    if (!(cond)) {                                                   \
+      std::fprintf(stderr, "%s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond); \
+      ++failures;                                                    \
+    }                                                                \
+  } while (0)
+
+// The rule, element by element.
+static bool visible(int64_t aq, int64_t dq, int64_t ak, int64_t dk, const std::vector<int64_t>& doc, int64_t window) {
+  const int64_t doc_q = doc[aq];
+  if (doc_q == -1 || doc_q != doc[ak]) return false;
+  bool context = dk == 0 && ak <= aq;
+  if (window > 0) context = context && ak > aq + dq - window;
+  return context || (ak == aq && dk <= dq);
+}
+
+// Tile states through the header: sort keys, search bounds, runs, marks, classification.
+static std::vector<uint8_t> header_states(const std::vector<int64_t>& anchor, const std::vector<int64_t>& depth,
+                                          const std::vector<int64_t>& doc, int64_t window, int64_t qb, int64_t kvb) {
+  const int64_t n = static_cast<int64_t>(anchor.size());
+  const int64_t nq = (n + qb - 1) / qb, nkv = (n + kvb - 1) / kvb;
+  std::vector<ElementKeys> keys;
+  for (int64_t i = 0; i < n; ++i)
+    keys.push_back(element_keys(anchor[i], depth[i], doc.data(), static_cast<int64_t>(doc.size()), window));
+  // Both lists over all n elements, unlisted ones last (as the CUDA path lays them out).
+  std::vector<int64_t> order[2];
+  std::vector<int64_t> sorted[2];
+  for (int list = 0; list < 2; ++list) {
+    auto key = [&](int64_t i) { return list == 0 ? keys[i].context_key : keys[i].rollout_key; };
+    for (int64_t i = 0; i < n; ++i) order[list].push_back(i);
+    std::stable_sort(order[list].begin(), order[list].end(), [&](int64_t a, int64_t b) { return key(a) < key(b); });
+    for (int64_t i : order[list]) sorted[list].push_back(key(i));
+  }
+  std::vector<int64_t> tile_of_rank, run_of_rank, tile_of_run;
+  for (int list = 0; list < 2; ++list)
+    for (int64_t i : order[list]) tile_of_rank.push_back(i / kvb);
+  for (size_t r = 0; r < tile_of_rank.size(); ++r) {
+    if (r == 0 || tile_of_rank[r] != tile_of_rank[r - 1]) tile_of_run.push_back(tile_of_rank[r]);
+    run_of_rank.push_back(static_cast<int64_t>(tile_of_run.size()) - 1);
+  }
+  std::vector<ColumnExtent> columns(nkv, ColumnExtent{kNotListed, -1, kNotListed, -1, false});
+  std::vector<int64_t> listed(nkv, 0);
+  for (int64_t r = 0; r < 2 * n; ++r) {
+    if (sorted[r / n][r % n] == kNotListed) continue;
+    ColumnExtent& c = columns[tile_of_rank[r]];
+    int64_t& low = r < n ? c.context_low : c.rollout_low;
+    int64_t& high = r < n ? c.context_high : c.rollout_high;
+    low = std::min(low, r);
+    high = std::max(high, r);
+    ++listed[tile_of_rank[r]];
+  }
+  for (int64_t t = 0; t < nkv; ++t) columns[t].complete = listed[t] == kvb;
+  std::vector<uint8_t> states(nq * nkv, 0);
+  for (int64_t row = 0; row < nq; ++row) {
+    RowBounds bounds{0, kNotListed, 0, kNotListed, std::min(n, (row + 1) * qb) - row * qb == qb};
+    for (int64_t q = row * qb; q < std::min(n, (row + 1) * qb); ++q) {
+      const ElementKeys& k = keys[q];
+      const auto& c = sorted[0];
+      const auto& o = sorted[1];
+      const int64_t cs = std::lower_bound(c.begin(), c.end(), k.context_lo) - c.begin();
+      const int64_t ce = std::upper_bound(c.begin(), c.end(), k.context_hi) - c.begin();
+      const int64_t rs = n + (std::lower_bound(o.begin(), o.end(), k.rollout_lo) - o.begin());
+      const int64_t re = n + (std::upper_bound(o.begin(), o.end(), k.rollout_hi) - o.begin());
+      mark_interval(cs, ce, run_of_rank.data(), tile_of_run.data(), &states[row * nkv]);
+      mark_interval(rs, re, run_of_rank.data(), tile_of_run.data(), &states[row * nkv]);
+      bounds = RowBounds{std::max(bounds.context_start_max, cs), std::min(bounds.context_end_min, ce),
+                         std::max(bounds.rollout_start_max, rs), std::min(bounds.rollout_end_min, re),
+                         bounds.all_real && k.real};
+    }
+    for (int64_t t = 0; t < nkv; ++t) states[row * nkv + t] = classify_tile(states[row * nkv + t] != 0, bounds, columns[t]);
+  }
+  return states;
+}
+
+// Tile states from the rule, pair by pair, with create_block_mask's padding (tail tiles never full).
+static std::vector<uint8_t> brute_states(const std::vector<int64_t>& anchor, const std::vector<int64_t>& depth,
+                                         const std::vector<int64_t>& doc, int64_t window, int64_t qb, int64_t kvb) {
+  const int64_t n = static_cast<int64_t>(anchor.size());
+  const int64_t nq = (n + qb - 1) / qb, nkv = (n + kvb - 1) / kvb;
+  std::vector<int64_t> count(nq * nkv, 0);
+  for (int64_t q = 0; q < n; ++q)
+    for (int64_t k = 0; k < n; ++k)
+      count[(q / qb) * nkv + k / kvb] += visible(anchor[q], depth[q], anchor[k], depth[k], doc, window);
+  std::vector<uint8_t> states(nq * nkv);
+  for (size_t t = 0; t < states.size(); ++t)
+    states[t] = count[t] == 0 ? kEmpty : (count[t] == qb * kvb ? kFull : kPartial);
+  return states;
+}
+
+static void unit_checks() {
+  const std::vector<int64_t> doc = {0, 0, 0, -1};
+  // Padding anchor or out-of-range input: no keys, empty intervals.
+  for (int64_t anchor : {int64_t{3}, int64_t{-1}, int64_t{4}}) {
+    const ElementKeys k = element_keys(anchor, 0, doc.data(), 4, 0);
+    CHECK(!k.real && k.context_key == kNotListed && k.rollout_key == kNotListed);
+    CHECK(k.context_lo > k.context_hi && k.rollout_lo > k.rollout_hi);
+  }
+  // Depth 0 lists in context, deeper in rollout; depth 0 has an empty rollout interval.
+  const ElementKeys d0 = element_keys(2, 0, doc.data(), 4, 0);
+  CHECK(d0.real && d0.context_key == pack(0, 2) && d0.rollout_key == kNotListed && d0.rollout_hi < d0.rollout_lo);
+  CHECK(d0.context_lo == pack(0, 0) && d0.context_hi == pack(0, 2));
+  const ElementKeys d2 = element_keys(1, 2, doc.data(), 4, 0);
+  CHECK(d2.context_key == kNotListed && d2.rollout_key == pack(1, 2));
+  CHECK(d2.rollout_lo == pack(1, 1) && d2.rollout_hi == pack(1, 2));
+  // Window: lower bound a + d - W, widened to keep q's own depth-0 element.
+  CHECK(element_keys(2, 0, doc.data(), 4, 1).context_lo == pack(0, 2));
+  CHECK(element_keys(2, 3, doc.data(), 4, 2).context_lo == pack(0, 2));  // a + d - W = 3 > a - 1
+  CHECK(element_keys(2, 0, doc.data(), 4, 100).context_lo == pack(0, 0));  // clamped at 0
+  // Packing clamps, so no field spills into its neighbour.
+  CHECK(pack(1, kFieldMax + 5) == pack(1, kFieldMax) && pack(0, -3) == 0);
+  // Coverage and classification.
+  CHECK(covered(2, 10, 5, 4));   // no keys: vacuously covered
+  CHECK(covered(2, 10, 2, 9) && !covered(3, 10, 2, 9) && !covered(2, 9, 2, 9));
+  const RowBounds row{0, 10, 20, 30, true};
+  const ColumnExtent inside{1, 9, 21, 29, true}, partial_col{1, 10, 21, 29, true}, tail{1, 9, 21, 29, false};
+  CHECK(classify_tile(true, row, inside) == kFull && classify_tile(false, row, inside) == kEmpty);
+  CHECK(classify_tile(true, row, partial_col) == kPartial && classify_tile(true, row, tail) == kPartial);
+  // Runs: ranks 0..5 in tiles 0,0,1,1,0,2 are runs 0,0,1,1,2,3.
+  const int64_t run_of_rank[] = {0, 0, 1, 1, 2, 3}, tile_of_run[] = {0, 1, 0, 2};
+  uint8_t marks[3] = {0, 0, 0};
+  mark_interval(2, 4, run_of_rank, tile_of_run, marks);
+  CHECK(marks[0] == 0 && marks[1] == 1 && marks[2] == 0);
+  mark_interval(3, 3, run_of_rank, tile_of_run, marks);  // empty interval marks nothing
+  CHECK(marks[0] == 0 && marks[2] == 0);
+  // Ordered lists: wanted indices ascending, then the rest ascending.
+  const uint8_t states[] = {kFull, kPartial, kEmpty, kPartial, kFull, kFull};  // 2 rows x 3 cols
+  int32_t idx[3], idx_all[4][6], nums[4][3];
+  CHECK(write_ordered(states, 1, 3, kPartial, idx) == 1 && idx[0] == 1 && idx[1] == 0 && idx[2] == 2);
+  CHECK(write_ordered(states, 3, 2, kFull, idx) == 1 && idx[0] == 0 && idx[1] == 1);  // column 0
+  const ListOutputs out{{nums[0], nums[1], nums[2], nums[3]}, {idx_all[0], idx_all[1], idx_all[2], idx_all[3]}};
+  for (int64_t line = 0; line < 2 * (2 + 3); ++line) write_list_line(states, 2, 3, line, out);
+  CHECK(nums[0][0] == 1 && nums[0][1] == 1 && nums[1][1] == 2);  // partial and full per row
+  CHECK(nums[2][0] == 1 && nums[2][2] == 0 && nums[3][2] == 1 && nums[3][0] == 1);  // per column
+  CHECK(idx_all[1][3] == 1 && idx_all[1][4] == 2);               // row 1's full blocks
+}
+
+int main() {
+  unit_checks();
+  std::mt19937_64 rng(12345);
+  int cases = 0;
+  for (int trial = 0; trial < 3000; ++trial) {
+    const int64_t positions = 1 + rng() % 12, n = 1 + rng() % 40;
+    const int64_t max_depth = rng() % 5, docs = 1 + rng() % 3;
+    std::vector<int64_t> doc(positions), anchor(n), depth(n);
+    for (auto& d : doc) d = static_cast<int64_t>(rng() % (docs + 1)) - 1;
+    const int64_t anchor_range = 1 + rng() % positions;
+    for (int64_t i = 0; i < n; ++i) {
+      anchor[i] = rng() % anchor_range;
+      depth[i] = rng() % (max_depth + 1);
+    }
+    const int64_t window = rng() % 3 == 0 ? 0 : 1 + rng() % 8;
+    const int64_t qb = 1 + rng() % 6, kvb = 1 + rng() % 6;
+    if (header_states(anchor, depth, doc, window, qb, kvb) != brute_states(anchor, depth, doc, window, qb, kvb)) {
+      std::fprintf(stderr, "mismatch in random case %d (n=%ld, qb=%ld, kvb=%ld, window=%ld)\n", trial, n, qb, kvb, window);
+      ++failures;
+    }
+    ++cases;
+  }
+  std::printf("tile rule: %d random cases against the element-level rule, %d failure(s)\n", cases, failures);
+  return failures == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
