@@ -75,16 +75,8 @@ def build_block_mask(
             free of host syncs and capturable in a CUDA graph; unchecked out-of-range values then
             give a wrong mask but never an out-of-bounds read.
     """
-    inputs = normalize_mask_inputs(
-        anchor_pos,
-        depth,
-        lengths,
-        total_seq_len,
-        document_ids=document_ids,
-        sliding_window=sliding_window,
-        BLOCK_SIZE=BLOCK_SIZE,
-        validate=validate,
-    )
+    inputs = normalize_mask_inputs(anchor_pos, depth, lengths, total_seq_len, document_ids=document_ids,
+                                   sliding_window=sliding_window, BLOCK_SIZE=BLOCK_SIZE, validate=validate)
     index = _block_index(inputs, _choose_backend(backend, inputs.device))
     n = inputs.num_elements
     return BlockMask(

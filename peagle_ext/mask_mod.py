@@ -28,15 +28,8 @@ def mask_mod_from_inputs(inputs: MaskInputs):
     return peagle_mask_mod
 
 
-def create_peagle_mask_mod(
-    anchor_pos,
-    depth,
-    lengths=None,
-    total_seq_len=None,
-    *,
-    document_ids=None,
-    sliding_window=None,
-):
+def create_peagle_mask_mod(anchor_pos, depth, lengths=None, total_seq_len=None, *, document_ids=None,
+                           sliding_window=None):
     """Return a flex_attention mask_mod for the P-EAGLE rule over N flattened COD elements.
 
     Args:
@@ -53,12 +46,6 @@ def create_peagle_mask_mod(
     is either depth-0 context at or before q's anchor (within the window) or an
     earlier-or-equal depth of q's own rollout.
     """
-    inputs = normalize_mask_inputs(
-        anchor_pos,
-        depth,
-        lengths,
-        total_seq_len,
-        document_ids=document_ids,
-        sliding_window=sliding_window,
-    )
+    inputs = normalize_mask_inputs(anchor_pos, depth, lengths, total_seq_len, document_ids=document_ids,
+                                   sliding_window=sliding_window)
     return mask_mod_from_inputs(inputs)

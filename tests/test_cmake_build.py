@@ -46,8 +46,9 @@ def test_cmake_build_and_ctest(tmp_path):
     else:
         configure += ["-DPEAGLE_WITH_CUDA=OFF"]
     jobs = str(os.cpu_count() or 1)
+    ctest = shutil.which("ctest", path=os.path.dirname(cmake)) or "ctest"  # the ctest of that cmake
     for step in (configure, [cmake, "--build", str(tmp_path), "-j", jobs],
-                 ["ctest", "--test-dir", str(tmp_path), "--output-on-failure"]):
+                 [ctest, "--test-dir", str(tmp_path), "--output-on-failure"]):
         result = subprocess.run(step, capture_output=True, text=True)
         assert result.returncode == 0, f"{' '.join(step)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     assert "100% tests passed" in result.stdout, result.stdout
