@@ -1,9 +1,9 @@
 // CPU implementation of the block-index op: plain loops over the tile rule, parallel over rows.
 //
-// The COD layout is sorted in ways the loops exploit without assuming: a key list already in
-// order skips its sort, a counting sort by anchor usually finishes it, and searches start from
-// the previous element's answer, so sorted queries cost O(1) each. Any other input takes the
-// general path (a comparison sort, longer searches) and gives the same exact answer.
+// The sorted key lists are built by counting sorts over positions, which also give rank tables
+// that answer most of a query's bounds by lookup: O(N + P) for the COD layout, with comparison
+// sorts and searches only where the input needs them (documents out of position order, chains
+// out of depth order, a window reaching past its document's first position). Exact either way.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -17,75 +17,6 @@
 namespace peagle {
 namespace {
 
-// One sorted key list: its keys ascending and the element behind each rank.
-struct SortedList {
-  std::vector<int64_t> keys;
-  std::vector<int64_t> elements;
-};
-
-// The listed elements (key != kNotListed) sorted by key, stable in element order.
-SortedList sort_list(const std::vector<int64_t>& key_of_element, const int64_t* anchor, int64_t num_positions) {
-  SortedList list;
-  for (int64_t i = 0; i < static_cast<int64_t>(key_of_element.size()); ++i)
-    if (key_of_element[i] != kNotListed) list.elements.push_back(i);
-  auto key_of = [&](int64_t element) { return key_of_element[element]; };
-  auto by_key = [&](int64_t a, int64_t b) { return key_of(a) < key_of(b); };
-  if (!std::is_sorted(list.elements.begin(), list.elements.end(), by_key)) {
-    // Both keys order by anchor first or (context, documents packed in order) follow it, so a
-    // stable counting sort by anchor usually leaves the list sorted; check, and sort if not.
-    std::vector<int64_t> start(num_positions + 1, 0);
-    for (int64_t e : list.elements) ++start[anchor[e] + 1];
-    for (int64_t p = 0; p < num_positions; ++p) start[p + 1] += start[p];
-    std::vector<int64_t> by_anchor(list.elements.size());
-    for (int64_t e : list.elements) by_anchor[start[anchor[e]]++] = e;
-    list.elements = std::move(by_anchor);
-    if (!std::is_sorted(list.elements.begin(), list.elements.end(), by_key))
-      std::stable_sort(list.elements.begin(), list.elements.end(), by_key);
-  }
-  list.keys.resize(list.elements.size());
-  for (size_t r = 0; r < list.elements.size(); ++r) list.keys[r] = key_of(list.elements[r]);
-  return list;
-}
-
-// lower_bound (upper_bound when kUpper) of value in keys, searched outward from hint: O(log d)
-// for an answer d ranks away, so queries in sorted order cost O(1) each.
-template <bool kUpper>
-int64_t search_from(const std::vector<int64_t>& keys, int64_t value, int64_t hint) {
-  const int64_t size = static_cast<int64_t>(keys.size());
-  auto before = [&](int64_t i) { return kUpper ? keys[i] <= value : keys[i] < value; };
-  hint = std::clamp<int64_t>(hint, 0, size);
-  int64_t lo, hi;  // the answer lies in [lo, hi]
-  if (hint < size && before(hint)) {
-    lo = hint + 1;
-    int64_t step = 1;
-    while (lo + step - 1 < size && before(lo + step - 1)) {
-      lo += step;
-      step *= 2;
-    }
-    hi = std::min(size, lo + step - 1);
-  } else {
-    hi = hint;
-    int64_t step = 1;
-    while (hi - step >= 0 && !before(hi - step)) {
-      hi -= step;
-      step *= 2;
-    }
-    lo = std::max<int64_t>(0, hi - step + 1);
-  }
-  auto is_before = [&](int64_t i) { return before(i); };
-  int64_t count = hi - lo;
-  while (count > 0) {  // partition point of `before` in [lo, hi)
-    const int64_t half = count / 2;
-    if (is_before(lo + half)) {
-      lo += half + 1;
-      count -= half + 1;
-    } else {
-      count = half;
-    }
-  }
-  return lo;
-}
-
 // The op's per-element inputs, read through the tile rule.
 struct Elements {
   const int64_t* anchor;
@@ -93,28 +24,130 @@ struct Elements {
   const int64_t* doc_of_position;
   int64_t n, num_positions, window;
   ElementKeys keys(int64_t i) const { return element_keys(anchor[i], depth[i], doc_of_position, num_positions, window); }
+  // The document as the sort keys hold it (pack clamps the field); -1 for padding.
+  int64_t doc_field(int64_t position) const {
+    const int64_t doc = doc_of_position[position];
+    return doc < 0 ? -1 : clamp_field(doc);
+  }
 };
+
+// One sorted key list: its keys ascending and the element behind each rank.
+struct SortedList {
+  std::vector<int64_t> keys, elements;
+};
+
+// Depth-0 keys sorted by (document, anchor), placed by counting per position, with rank tables
+// over positions that answer a query's context bounds by lookup:
+//   rank_before[p]: ranks of keys below (doc[p], p); doc_begin[p]: ranks of keys below (doc[p], 0).
+struct ContextList {
+  SortedList list;
+  std::vector<int64_t> count_at, rank_before, doc_begin;
+};
+
+ContextList build_context_list(const std::vector<int64_t>& key_of_element, const Elements& el) {
+  const int64_t positions = el.num_positions;
+  ContextList c{{}, std::vector<int64_t>(positions, 0), std::vector<int64_t>(positions, 0),
+                std::vector<int64_t>(positions, 0)};
+  for (int64_t i = 0; i < el.n; ++i)
+    if (key_of_element[i] != kNotListed) ++c.count_at[el.anchor[i]];
+  // Real positions in (document, position) order: position order when documents are packed.
+  std::vector<int64_t> order;
+  for (int64_t p = 0; p < positions; ++p)
+    if (el.doc_of_position[p] >= 0) order.push_back(p);
+  auto by_doc = [&](int64_t a, int64_t b) { return el.doc_field(a) < el.doc_field(b); };
+  if (!std::is_sorted(order.begin(), order.end(), by_doc)) std::stable_sort(order.begin(), order.end(), by_doc);
+  int64_t rank = 0, begin = 0, previous_doc = -1;
+  for (int64_t p : order) {
+    if (el.doc_field(p) != previous_doc) {
+      begin = rank;
+      previous_doc = el.doc_field(p);
+    }
+    c.rank_before[p] = rank;
+    c.doc_begin[p] = begin;
+    rank += c.count_at[p];
+  }
+  c.list.keys.resize(rank);
+  c.list.elements.resize(rank);
+  std::vector<int64_t> next = c.rank_before;  // stable: elements of one anchor in element order
+  for (int64_t i = 0; i < el.n; ++i) {
+    if (key_of_element[i] == kNotListed) continue;
+    const int64_t r = next[el.anchor[i]]++;
+    c.list.keys[r] = key_of_element[i];
+    c.list.elements[r] = i;
+  }
+  return c;
+}
+
+// Deeper keys sorted by (anchor, depth): a counting sort by anchor, then each anchor's chain by
+// depth (already in order for the depth-major COD layout). bucket_begin[a]: first rank of anchor a.
+struct RolloutList {
+  SortedList list;
+  std::vector<int64_t> bucket_begin;
+};
+
+RolloutList build_rollout_list(const std::vector<int64_t>& key_of_element, const Elements& el) {
+  RolloutList r{{}, std::vector<int64_t>(el.num_positions + 1, 0)};
+  for (int64_t i = 0; i < el.n; ++i)
+    if (key_of_element[i] != kNotListed) ++r.bucket_begin[el.anchor[i] + 1];
+  for (int64_t p = 0; p < el.num_positions; ++p) r.bucket_begin[p + 1] += r.bucket_begin[p];
+  const int64_t size = r.bucket_begin.back();
+  r.list.keys.resize(size);
+  r.list.elements.resize(size);
+  std::vector<int64_t> next(r.bucket_begin.begin(), r.bucket_begin.end() - 1);
+  for (int64_t i = 0; i < el.n; ++i)
+    if (key_of_element[i] != kNotListed) r.list.elements[next[el.anchor[i]]++] = i;
+  auto by_key = [&](int64_t a, int64_t b) { return key_of_element[a] < key_of_element[b]; };
+  if (!std::is_sorted(r.list.elements.begin(), r.list.elements.end(), by_key)) {
+    for (int64_t p = 0; p < el.num_positions; ++p) {
+      auto first = r.list.elements.begin() + r.bucket_begin[p];
+      std::stable_sort(first, r.list.elements.begin() + r.bucket_begin[p + 1], by_key);
+    }
+  }
+  for (int64_t k = 0; k < size; ++k) r.list.keys[k] = key_of_element[r.list.elements[k]];
+  return r;
+}
 
 // Per element, its context and rollout rank intervals (rollout ranks follow the context ranks).
 struct Intervals {
   std::vector<int64_t> context_start, context_end, rollout_start, rollout_end;
 };
 
-// The search bounds come from element_keys again: recomputing them is cheaper than storing them.
-Intervals find_intervals(const Elements& el, const SortedList& context, const SortedList& rollout) {
+// The bounds are element_keys' search keys, answered through the lists' tables: each equals the
+// lower_bound / upper_bound of that key in the sorted list.
+Intervals find_intervals(const Elements& el, const ContextList& context, const RolloutList& rollout) {
   const int64_t n = el.n;
-  const int64_t offset = static_cast<int64_t>(context.keys.size());
+  const int64_t offset = static_cast<int64_t>(context.list.keys.size());
+  const std::vector<int64_t>& context_keys = context.list.keys;
+  const std::vector<int64_t>& rollout_keys = rollout.list.keys;
   Intervals iv{std::vector<int64_t>(n), std::vector<int64_t>(n), std::vector<int64_t>(n), std::vector<int64_t>(n)};
-  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-    int64_t hints[4] = {0, 0, 0, 0};
+  at::parallel_for(0, n, 8192, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const ElementKeys k = el.keys(i);
-      iv.context_start[i] = hints[0] = search_from<false>(context.keys, k.context_lo, hints[0]);
-      iv.context_end[i] = hints[1] = search_from<true>(context.keys, k.context_hi, hints[1]);
-      hints[2] = search_from<false>(rollout.keys, k.rollout_lo, hints[2]);
-      hints[3] = search_from<true>(rollout.keys, k.rollout_hi, hints[3]);
-      iv.rollout_start[i] = offset + hints[2];
-      iv.rollout_end[i] = offset + hints[3];
+      if (!k.real) {  // padding sees nothing
+        iv.context_start[i] = iv.context_end[i] = 0;
+        iv.rollout_start[i] = iv.rollout_end[i] = offset;
+        continue;
+      }
+      const int64_t a = el.anchor[i];
+      // upper_bound(context_hi = (doc_q, a)): every key of doc_q at or before a.
+      iv.context_end[i] = context.rank_before[a] + context.count_at[a];
+      // lower_bound(context_lo = (doc_q, x)): by table where position x is in doc_q, else search.
+      const int64_t x = low_field(k.context_lo);
+      if (x == 0) {
+        iv.context_start[i] = context.doc_begin[a];
+      } else if (el.doc_field(x) == el.doc_field(a)) {
+        iv.context_start[i] = context.rank_before[x];
+      } else {
+        iv.context_start[i] = std::lower_bound(context_keys.begin() + context.doc_begin[a],
+                                               context_keys.begin() + iv.context_end[i], k.context_lo) -
+                              context_keys.begin();
+      }
+      // Rollout: anchor a's chain holds every deeper key with anchor a; keep depths <= d_q.
+      const int64_t chain_begin = rollout.bucket_begin[a], chain_end = rollout.bucket_begin[a + 1];
+      iv.rollout_start[i] = offset + chain_begin;
+      iv.rollout_end[i] = offset + (std::upper_bound(rollout_keys.begin() + chain_begin,
+                                                     rollout_keys.begin() + chain_end, k.rollout_hi) -
+                                    rollout_keys.begin());
     }
   });
   return iv;
@@ -131,35 +164,70 @@ Columns describe_columns(const SortedList& context, const SortedList& rollout, i
                          int64_t num_kv_blocks) {
   Columns c;
   const int64_t num_context = static_cast<int64_t>(context.elements.size());
-  const int64_t num_ranks = num_context + static_cast<int64_t>(rollout.elements.size());
-  c.run_of_rank.resize(num_ranks);
+  c.run_of_rank.resize(num_context + rollout.elements.size());
   c.extent.assign(num_kv_blocks, ColumnExtent{kNotListed, -1, kNotListed, -1, false});
   std::vector<int64_t> listed(num_kv_blocks, 0);
-  for (int64_t r = 0; r < num_ranks; ++r) {
-    const bool in_context = r < num_context;
-    const int64_t tile = (in_context ? context.elements[r] : rollout.elements[r - num_context]) / kv_block_size;
-    if (c.tile_of_run.empty() || c.tile_of_run.back() != tile) c.tile_of_run.push_back(tile);
-    c.run_of_rank[r] = static_cast<int64_t>(c.tile_of_run.size()) - 1;
-    ColumnExtent& e = c.extent[tile];
-    int64_t& low = in_context ? e.context_low : e.rollout_low;
-    int64_t& high = in_context ? e.context_high : e.rollout_high;
-    low = std::min(low, r);
-    high = std::max(high, r);
-    ++listed[tile];
+  int64_t rank = 0;
+  for (const SortedList* list : {&context, &rollout}) {
+    const bool in_context = list == &context;
+    for (int64_t element : list->elements) {
+      const int64_t tile = element / kv_block_size;
+      if (c.tile_of_run.empty() || c.tile_of_run.back() != tile) c.tile_of_run.push_back(tile);
+      c.run_of_rank[rank] = static_cast<int64_t>(c.tile_of_run.size()) - 1;
+      ColumnExtent& e = c.extent[tile];
+      int64_t& low = in_context ? e.context_low : e.rollout_low;
+      if (low == kNotListed) low = rank;  // ranks only grow: the first is the lowest
+      (in_context ? e.context_high : e.rollout_high) = rank;
+      ++listed[tile];
+      ++rank;
+    }
   }
   for (int64_t t = 0; t < num_kv_blocks; ++t) c.extent[t].complete = listed[t] == kv_block_size;
   return c;
 }
 
-// Tile states [nQ, nKV]: each row merges its queries' intervals, marks the kv-blocks they hold,
-// then classifies every tile of the row.
+// Mark the kv-blocks held by the intervals [starts[q], ends[q]) of queries q_begin..q_end-1.
+// Overlapping intervals are merged first so each run is walked once per row rather than once
+// per query: on the fly when they come sorted by start (the COD layout), else after a sort.
+void mark_row(const std::vector<int64_t>& starts, const std::vector<int64_t>& ends, int64_t q_begin, int64_t q_end,
+              const Columns& columns, std::vector<std::pair<int64_t, int64_t>>& scratch, uint8_t* marks) {
+  auto mark = [&](int64_t start, int64_t end) {
+    mark_interval(start, end, columns.run_of_rank.data(), columns.tile_of_run.data(), marks);
+  };
+  int64_t start = 0, end = 0;  // the merged interval so far
+  int64_t q = q_begin;
+  for (; q < q_end; ++q) {
+    if (ends[q] <= starts[q]) continue;
+    if (starts[q] < start) break;  // out of order: finish with a sort
+    if (starts[q] > end) {
+      mark(start, end);
+      start = starts[q];
+    }
+    end = std::max(end, ends[q]);
+  }
+  mark(start, end);
+  if (q == q_end) return;
+  scratch.clear();
+  for (; q < q_end; ++q)
+    if (ends[q] > starts[q]) scratch.emplace_back(starts[q], ends[q]);
+  std::sort(scratch.begin(), scratch.end());
+  for (size_t i = 0; i < scratch.size();) {
+    start = scratch[i].first;
+    end = scratch[i].second;
+    for (++i; i < scratch.size() && scratch[i].first <= end; ++i) end = std::max(end, scratch[i].second);
+    mark(start, end);
+  }
+}
+
+// Tile states [nQ, nKV]: each row marks the kv-blocks its queries' intervals hold, then
+// classifies every tile of the row.
 at::Tensor classify_rows(const std::vector<uint8_t>& real, const Intervals& iv, const Columns& columns,
                          int64_t q_block_size, int64_t num_q_blocks, int64_t num_kv_blocks) {
   at::Tensor states = at::empty({num_q_blocks, num_kv_blocks}, at::TensorOptions().dtype(at::kByte));
   uint8_t* out = states.data_ptr<uint8_t>();
   const int64_t n = static_cast<int64_t>(real.size());
   at::parallel_for(0, num_q_blocks, 1, [&](int64_t row_begin, int64_t row_end) {
-    std::vector<std::pair<int64_t, int64_t>> intervals;
+    std::vector<std::pair<int64_t, int64_t>> scratch;
     for (int64_t row = row_begin; row < row_end; ++row) {
       uint8_t* marks = out + row * num_kv_blocks;
       std::fill(marks, marks + num_kv_blocks, uint8_t{0});
@@ -172,21 +240,8 @@ at::Tensor classify_rows(const std::vector<uint8_t>& real, const Intervals& iv, 
         bounds.rollout_start_max = std::max(bounds.rollout_start_max, iv.rollout_start[q]);
         bounds.rollout_end_min = std::min(bounds.rollout_end_min, iv.rollout_end[q]);
       }
-      // Each list's intervals are merged first, so each run is walked once per row rather than
-      // once per query. In the COD layout they arrive sorted and the sort is skipped.
-      for (const auto& [starts, ends] : {std::pair{&iv.context_start, &iv.context_end},
-                                         std::pair{&iv.rollout_start, &iv.rollout_end}}) {
-        intervals.clear();
-        for (int64_t q = q_begin; q < q_end; ++q)
-          if ((*ends)[q] > (*starts)[q]) intervals.emplace_back((*starts)[q], (*ends)[q]);
-        if (!std::is_sorted(intervals.begin(), intervals.end())) std::sort(intervals.begin(), intervals.end());
-        for (size_t i = 0; i < intervals.size();) {
-          const int64_t start = intervals[i].first;
-          int64_t end = intervals[i].second;
-          for (++i; i < intervals.size() && intervals[i].first <= end; ++i) end = std::max(end, intervals[i].second);
-          mark_interval(start, end, columns.run_of_rank.data(), columns.tile_of_run.data(), marks);
-        }
-      }
+      mark_row(iv.context_start, iv.context_end, q_begin, q_end, columns, scratch, marks);
+      mark_row(iv.rollout_start, iv.rollout_end, q_begin, q_end, columns, scratch, marks);
       for (int64_t tile = 0; tile < num_kv_blocks; ++tile)
         marks[tile] = classify_tile(marks[tile] != 0, bounds, columns.extent[tile]);
     }
@@ -215,10 +270,10 @@ BlockIndexTensors build_block_index_cpu(const at::Tensor& anchor_pos_in, const a
       real[i] = k.real;
     }
   });
-  const SortedList context = sort_list(context_key, el.anchor, num_positions);
-  const SortedList rollout = sort_list(rollout_key, el.anchor, num_positions);
+  const ContextList context = build_context_list(context_key, el);
+  const RolloutList rollout = build_rollout_list(rollout_key, el);
   const Intervals intervals = find_intervals(el, context, rollout);
-  const Columns columns = describe_columns(context, rollout, kv_block_size, num_kv_blocks);
+  const Columns columns = describe_columns(context.list, rollout.list, kv_block_size, num_kv_blocks);
   const at::Tensor states = classify_rows(real, intervals, columns, q_block_size, num_q_blocks, num_kv_blocks);
 
   BlockIndexTensors out = allocate_outputs(num_q_blocks, num_kv_blocks, anchor_pos.options());

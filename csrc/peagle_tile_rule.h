@@ -37,6 +37,7 @@ enum TileState : uint8_t { kEmpty = 0, kPartial = 1, kFull = 2 };
 
 PEAGLE_HD int64_t clamp_field(int64_t v) { return v < 0 ? 0 : (v > kFieldMax ? kFieldMax : v); }
 PEAGLE_HD int64_t pack(int64_t high, int64_t low) { return (clamp_field(high) << kFieldBits) | clamp_field(low); }
+PEAGLE_HD int64_t low_field(int64_t key) { return key & kFieldMax; }
 
 // Everything the builder needs to know about one element, as sort keys and search bounds.
 // A query's context interval is [lower_bound(context_lo), upper_bound(context_hi)) in the sorted

@@ -100,10 +100,9 @@ def peak_memory_bytes(method: str, seq_len: int, depths: int, device: str) -> in
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     code = (
-        "import resource, sys, torch; from peagle_ext.benchmark import cod_inputs, make_builder, rss_bytes;"
+        "from peagle_ext.benchmark import cod_inputs, make_builder, reset_peak_rss, peak_rss_bytes;"
         f"a, d, l = cod_inputs({seq_len}, {depths}, 'cpu'); build = make_builder({method!r}, a, d, l, {seq_len});"
-        "base = rss_bytes(); build();"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)"
+        "base = reset_peak_rss(); build(); print(peak_rss_bytes() - base)"
     )
     env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -112,9 +111,26 @@ def peak_memory_bytes(method: str, seq_len: int, depths: int, device: str) -> in
     return max(0, int(result.stdout.strip().splitlines()[-1]))
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Reset this process's peak RSS (VmHWM) to its current RSS and return that, in bytes.
+
+    (getrusage's ru_maxrss would not do: it survives fork and exec, so a child inherits the
+    parent's peak.)"""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss_bytes() -> int:
+    return _status_kib("VmHWM") * 1024
 
 
 def run(lengths, depths: int, device: str, backends, compiled: bool, compiled_max_len: int, repeats: int,

@@ -28,6 +28,11 @@ def check_case(case: Case, block_size, backend: str) -> None:
 
 
 @given(case=cod_cases(), block_size=BLOCK_SIZES)
+@example(  # a padding position inside a document, just under a query's window
+    case=Case(torch.arange(33), torch.zeros(33, dtype=torch.int64),
+              {"document_ids": torch.tensor([0] * 31 + [-1, 0]), "sliding_window": 2}),
+    block_size=1,
+)
 def test_cod_layout_matches_create_block_mask(backend, case, block_size):
     check_case(case, block_size, backend)
 
