@@ -65,6 +65,9 @@ def make_builder(method: str, anchor_pos, depth, lengths, seq_len: int):
     if method == "create_block_mask":
         return lambda: create_block_mask(mask_mod, None, None, n, n, device=anchor_pos.device)
     if method == "compiled_create_block_mask":
+        # A fresh compile per length: static shapes, its fastest form (a reused graph would have
+        # gone dynamic after the second length and run several times slower).
+        torch._dynamo.reset()
         compiled = torch.compile(create_block_mask)
         return lambda: compiled(mask_mod, None, None, n, n, device=anchor_pos.device)
     raise ValueError(f"unknown method {method!r}")
@@ -211,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", nargs="+", default=None, help="default: every available one for the device")
     parser.add_argument("--compiled", action="store_true", help="also time torch.compile(create_block_mask)")
     parser.add_argument("--compiled-max-len", type=int, default=16384)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--budget-s", type=float, default=10.0, help="time budget for one method's timed runs")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--json", default="bench-results.json", help="where to write the results")

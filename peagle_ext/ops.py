@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _C  # noqa: F401  (registers the op; this module needs the compiled library)
 from ._python_builder import BlockIndex
 
 
