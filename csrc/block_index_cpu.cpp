@@ -161,19 +161,31 @@ struct Columns {
 };
 
 Columns describe_columns(const SortedList& context, const SortedList& rollout, int64_t kv_block_size,
-                         int64_t num_kv_blocks) {
+                         int64_t num_kv_blocks, int64_t n) {
+  // Each element's kv-block, counted out rather than divided (64-bit division is slow).
+  std::vector<int64_t> tile_of_element(n);
+  for (int64_t i = 0, tile = 0, left = kv_block_size; i < n; ++i, --left) {
+    if (left == 0) {
+      ++tile;
+      left = kv_block_size;
+    }
+    tile_of_element[i] = tile;
+  }
   Columns c;
-  const int64_t num_context = static_cast<int64_t>(context.elements.size());
-  c.run_of_rank.resize(num_context + rollout.elements.size());
+  c.run_of_rank.resize(context.elements.size() + rollout.elements.size());
   c.extent.assign(num_kv_blocks, ColumnExtent{kNotListed, -1, kNotListed, -1, false});
   std::vector<int64_t> listed(num_kv_blocks, 0);
-  int64_t rank = 0;
+  int64_t rank = 0, run = -1, run_tile = -1;
   for (const SortedList* list : {&context, &rollout}) {
     const bool in_context = list == &context;
     for (int64_t element : list->elements) {
-      const int64_t tile = element / kv_block_size;
-      if (c.tile_of_run.empty() || c.tile_of_run.back() != tile) c.tile_of_run.push_back(tile);
-      c.run_of_rank[rank] = static_cast<int64_t>(c.tile_of_run.size()) - 1;
+      const int64_t tile = tile_of_element[element];
+      if (tile != run_tile) {
+        c.tile_of_run.push_back(tile);
+        run_tile = tile;
+        ++run;
+      }
+      c.run_of_rank[rank] = run;
       ColumnExtent& e = c.extent[tile];
       int64_t& low = in_context ? e.context_low : e.rollout_low;
       if (low == kNotListed) low = rank;  // ranks only grow: the first is the lowest
@@ -273,7 +285,7 @@ BlockIndexTensors build_block_index_cpu(const at::Tensor& anchor_pos_in, const a
   const ContextList context = build_context_list(context_key, el);
   const RolloutList rollout = build_rollout_list(rollout_key, el);
   const Intervals intervals = find_intervals(el, context, rollout);
-  const Columns columns = describe_columns(context.list, rollout.list, kv_block_size, num_kv_blocks);
+  const Columns columns = describe_columns(context.list, rollout.list, kv_block_size, num_kv_blocks, n);
   const at::Tensor states = classify_rows(real, intervals, columns, q_block_size, num_q_blocks, num_kv_blocks);
 
   BlockIndexTensors out = allocate_outputs(num_q_blocks, num_kv_blocks, anchor_pos.options());

@@ -118,12 +118,22 @@ PEAGLE_HD uint8_t classify_tile(bool nonempty, const RowBounds& row, const Colum
 // create_block_mask's layout. Returns the count.
 PEAGLE_HD int32_t write_ordered(const uint8_t* states, int64_t stride, int64_t length, uint8_t wanted,
                                 int32_t* indices) {
+  // One pass: wanted indices from the front, the others from the back (descending), then the
+  // back part is reversed into ascending order.
   int32_t count = 0;
-  for (int64_t i = 0; i < length; ++i)
-    if (states[i * stride] == wanted) indices[count++] = static_cast<int32_t>(i);
-  int32_t next = count;
-  for (int64_t i = 0; i < length; ++i)
-    if (states[i * stride] != wanted) indices[next++] = static_cast<int32_t>(i);
+  int64_t back = length;
+  for (int64_t i = 0; i < length; ++i) {
+    if (states[i * stride] == wanted) {
+      indices[count++] = static_cast<int32_t>(i);
+    } else {
+      indices[--back] = static_cast<int32_t>(i);
+    }
+  }
+  for (int64_t lo = count, hi = length - 1; lo < hi; ++lo, --hi) {
+    const int32_t swap = indices[lo];
+    indices[lo] = indices[hi];
+    indices[hi] = swap;
+  }
   return count;
 }
 
