@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--json", default="bench-results.json", help="where to write the results")
     args = parser.parse_args(argv)
+    # Inductor's pool of compile workers would otherwise keep the cores busy after each compile
+    # and slow whatever is timed next.
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
     from .block_mask import available_backends
 
