@@ -15,10 +15,10 @@ import torch
 def _load() -> tuple[str | None, str | None]:
     """(build_info, error): build_info like "cpu;cuda:80,90" when the library loaded."""
     try:
-        from . import _C  # noqa: F401  (loading it registers torch.ops.peagle_ext.*)
+        # ops loads the compiled library (registering torch.ops.peagle_ext.*) and its fake kernels.
+        from . import ops  # noqa: F401
     except ImportError as error:  # not compiled, or compiled against another torch
         return None, f"compiled extension not importable ({error})"
-    from . import ops  # noqa: F401  (fake kernels for torch.compile)
 
     return torch.ops.peagle_ext.build_info(), None
 
