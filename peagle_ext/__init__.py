@@ -6,13 +6,29 @@
 The BlockMask describes exactly what ``create_block_mask(create_peagle_mask_mod(...), ...)``
 describes; it is built by a compiled CPU or CUDA kernel when one is installed, by a vectorized
 pure-PyTorch path otherwise (``available_backends()`` says which).
+
+The package has three parts: the mask engine (this namespace), the P-EAGLE draft model
+(:mod:`peagle_ext.draft`, documented paths ``peagle_ext.peagle_draft``, ``peagle_ext.draft_llama``,
+``peagle_ext.training``) and the command line (:mod:`peagle_ext.cli`). The draft names below are
+imported on first use, so building masks does not import the draft model or safetensors.
 """
 
 from .block_mask import available_backends, build_block_mask
 from .cod import generate_cod_sample_indices
-from .draft_llama import Eagle3DraftConfig, LlamaEagle3DraftModel
 from .mask_mod import create_peagle_mask_mod
 from .testing import assert_block_masks_equal
+
+# Draft-model names served here on first access (PEP 562), from the module that defines them.
+_DRAFT_NAMES = {"Eagle3DraftConfig": "peagle_ext.draft.llama", "LlamaEagle3DraftModel": "peagle_ext.draft.llama"}
+
+
+def __getattr__(name: str):
+    if name in _DRAFT_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(_DRAFT_NAMES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Eagle3DraftConfig",

@@ -1,6 +1,9 @@
-"""Loading the compiled extension, and what it can run here.
+"""The compiled extension: loading it, its fake kernel, and what it can run here.
 
-A missing or broken extension never breaks ``import peagle_ext``: the python backend serves and
+The library is the top-level module ``peagle_ext_C`` (see setup.py), so a source checkout on
+``sys.path`` still finds the installed kernels. Loading it registers
+``torch.ops.peagle_ext.build_block_index`` (CPU and CUDA kernels) and ``build_info``. A missing or
+broken extension never breaks ``import peagle_ext``: the python backend serves and
 :func:`native_status` says why the native ones are unavailable.
 """
 
@@ -10,17 +13,47 @@ import functools
 
 import torch
 
+from ._block_index import BlockIndex
+
+
+def _register_fake() -> None:
+    """Output shapes depend only on N and the block sizes, so the op traces under torch.compile."""
+
+    @torch.library.register_fake("peagle_ext::build_block_index")
+    def _build_block_index_fake(anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size):
+        n = anchor_pos.shape[0]
+        num_q_blocks = (n + q_block_size - 1) // q_block_size
+        num_kv_blocks = (n + kv_block_size - 1) // kv_block_size
+
+        def ints(*shape):
+            return anchor_pos.new_empty((1, 1, *shape), dtype=torch.int32)
+
+        return (
+            ints(num_q_blocks), ints(num_q_blocks, num_kv_blocks),
+            ints(num_q_blocks), ints(num_q_blocks, num_kv_blocks),
+            ints(num_kv_blocks), ints(num_kv_blocks, num_q_blocks),
+            ints(num_kv_blocks), ints(num_kv_blocks, num_q_blocks),
+        )
+
 
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[str | None, str | None]:
     """(build_info, error): build_info like "cpu;cuda:80,90" when the library loaded."""
     try:
-        # ops loads the compiled library (registering torch.ops.peagle_ext.*) and its fake kernels.
-        from . import ops  # noqa: F401
+        import peagle_ext_C  # noqa: F401  (loading the library registers torch.ops.peagle_ext.*)
     except ImportError as error:  # not compiled, or compiled against another torch
         return None, f"compiled extension not importable ({error})"
-
+    _register_fake()
     return torch.ops.peagle_ext.build_info(), None
+
+
+def build_native(anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size) -> BlockIndex:
+    """Run the compiled op (CPU or CUDA kernel, by the tensors' device); the library must have loaded."""
+    return BlockIndex(
+        *torch.ops.peagle_ext.build_block_index(
+            anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size
+        )
+    )
 
 
 def compiled_kernels() -> list[str]:
@@ -38,6 +71,16 @@ def cuda_archs() -> str | None:
         if part.startswith("cuda:"):
             return part[len("cuda:"):]
     return None
+
+
+def library_path() -> str | None:
+    """Where the loaded compiled library lies (None when it did not load)."""
+    info, _ = _load()
+    if info is None:
+        return None
+    import peagle_ext_C
+
+    return peagle_ext_C.__file__
 
 
 def native_status() -> dict[str, str | None]:

@@ -22,24 +22,10 @@ Memory is O(N + merged intervals + runs walked + nQ * nKV); nothing has N x N el
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
+from ._block_index import BlockIndex
 from ._inputs import MaskInputs
-
-
-class BlockIndex(NamedTuple):
-    """The eight BlockMask index tensors, int32, with leading [1, 1] batch and head dims."""
-
-    kv_num_blocks: torch.Tensor  # [1, 1, nQ] partial kv blocks per q-block
-    kv_indices: torch.Tensor  # [1, 1, nQ, nKV]
-    full_kv_num_blocks: torch.Tensor  # [1, 1, nQ]
-    full_kv_indices: torch.Tensor  # [1, 1, nQ, nKV]
-    q_num_blocks: torch.Tensor  # [1, 1, nKV] partial q blocks per kv-block
-    q_indices: torch.Tensor  # [1, 1, nKV, nQ]
-    full_q_num_blocks: torch.Tensor  # [1, 1, nKV]
-    full_q_indices: torch.Tensor  # [1, 1, nKV, nQ]
 
 
 def ordered_from_grid(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

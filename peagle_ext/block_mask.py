@@ -7,7 +7,8 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from . import _native
 from ._inputs import MaskInputs, normalize_mask_inputs
-from ._python_builder import BlockIndex, build_python
+from ._block_index import BlockIndex
+from ._python_builder import build_python
 from .mask_mod import mask_mod_from_inputs
 
 BACKENDS = ("python", "cpu", "cuda")
@@ -39,11 +40,9 @@ def _choose_backend(backend: str, device: torch.device) -> str:
 def _block_index(inputs: MaskInputs, backend: str) -> BlockIndex:
     if backend == "python":
         return build_python(inputs)
-    from .ops import build_native
-
     # The kernels read the window as int64; a window past every sequence means "no window" anyway.
     window = None if inputs.sliding_window is None else min(inputs.sliding_window, 2**62)
-    return build_native(inputs.anchor_pos, inputs.depth, inputs.doc_of_position, window, *inputs.block_size)
+    return _native.build_native(inputs.anchor_pos, inputs.depth, inputs.doc_of_position, window, *inputs.block_size)
 
 
 def build_block_mask(

@@ -41,6 +41,11 @@ def pytest_sessionstart(session):
             raise pytest.UsageError("PEAGLE_EXT_REQUIRE_NATIVE=1 but the CUDA kernels were not compiled in")
 
 
+def backends_here() -> list[str]:
+    """Every backend that runs here (the python one always), for tests that compare them all."""
+    return [backend for backend in ("python", "cpu", "cuda") if backend == "python" or _native.native_status()[backend] is None]
+
+
 def skip_unless_backend(backend: str) -> None:
     if backend == "python":
         return

@@ -1,6 +1,5 @@
-"""Benchmark: every builder against create_block_mask, time and peak memory, over sequence lengths.
-
-Run with ``python -m peagle_ext bench`` or ``python benchmarks/bench_block_mask.py``. Times are
+"""``python -m peagle_ext bench``: every builder against create_block_mask, time and peak memory,
+over sequence lengths (also ``python benchmarks/bench_block_mask.py``). Times are
 medians after a warm-up, measured in one process so ratios compare like with like. CPU peak
 memory is measured in a fresh subprocess per (method, length): the rise of peak RSS over the
 RSS after the inputs exist. GPU peak memory is torch.cuda.max_memory_allocated above the inputs.
@@ -8,7 +7,6 @@ RSS after the inputs exist. GPU peak memory is torch.cuda.max_memory_allocated a
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -25,7 +23,7 @@ EAGER_BYTES_PER_PAIR = 11
 
 def cod_inputs(seq_len: int, depths: int, device: str, seed: int = 0):
     """One document of seq_len positions, COD-sampled with the trainers' defaults."""
-    from .cod import generate_cod_sample_indices
+    from ..cod import generate_cod_sample_indices
 
     anchor_pos, depth = generate_cod_sample_indices(
         seq_len, torch.ones(seq_len), num_depths=depths, generator=torch.Generator().manual_seed(seed)
@@ -55,8 +53,8 @@ def make_builder(method: str, anchor_pos, depth, lengths, seq_len: int):
     """A zero-argument callable that builds the BlockMask with `method`."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from .block_mask import build_block_mask
-    from .mask_mod import create_peagle_mask_mod
+    from ..block_mask import build_block_mask
+    from ..mask_mod import create_peagle_mask_mod
 
     n = anchor_pos.numel()
     if method in ("python", "cpu", "cuda"):
@@ -103,7 +101,7 @@ def peak_memory_bytes(method: str, seq_len: int, depths: int, device: str) -> in
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     code = (
-        "from peagle_ext.benchmark import cod_inputs, make_builder, reset_peak_rss, peak_rss_bytes;"
+        "from peagle_ext.cli.bench import cod_inputs, make_builder, reset_peak_rss, peak_rss_bytes;"
         f"a, d, l = cod_inputs({seq_len}, {depths}, 'cpu'); build = make_builder({method!r}, a, d, l, {seq_len});"
         "base = reset_peak_rss(); build(); print(peak_rss_bytes() - base)"
     )
@@ -137,15 +135,20 @@ def peak_rss_bytes() -> int:
 
 
 def run(lengths, depths: int, device: str, backends, compiled: bool, compiled_max_len: int, repeats: int,
-        memory: bool, budget_s: float, log=print) -> list[dict]:
+        memory: bool, budget_s: float, log=print, progress=None) -> list[dict]:
+    """Measure every method at every length; ``progress(text)`` is told what is being measured."""
     rows = []
+    methods = list(backends) + ["create_block_mask"] + (["compiled_create_block_mask"] if compiled else [])
+    total, done = len(lengths) * len(methods), 0
     for seq_len in lengths:
         anchor_pos, depth, doc_lengths = cod_inputs(seq_len, depths, device)
         n = anchor_pos.numel()
         tiles = -(-n // 128)
         row = {"seq_len": seq_len, "num_elements": n, "tiles": f"{tiles}x{tiles}", "methods": {}}
-        methods = list(backends) + ["create_block_mask"] + (["compiled_create_block_mask"] if compiled else [])
         for method in methods:
+            done += 1
+            if progress is not None:
+                progress(f"[{done}/{total}] seq_len {seq_len} (N {n}): {method}")
             entry: dict = {}
             if method == "create_block_mask" and not eager_fits(n, device):
                 entry["skipped"] = f"needs ~{EAGER_BYTES_PER_PAIR * n * n / 2**30:.0f} GiB for the dense mask"
@@ -206,32 +209,92 @@ def print_table(rows: list[dict], backends) -> None:
             print(f"seq_len {row['seq_len']}: cpu is {ratio:.1f}x faster than python")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m peagle_ext bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
-    parser.add_argument("--depths", type=int, default=8)
+def plot(rows: list[dict], path: str) -> None:
+    """Log-log picture of build time and peak memory against N, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    methods = dict.fromkeys(method for row in rows for method in row["methods"])
+    for method in methods:
+        measured = [(row["num_elements"], row["methods"][method]) for row in rows
+                    if "median_s" in row["methods"].get(method, {})]
+        if measured:
+            time_ax.plot([n for n, _ in measured], [e["median_s"] * 1e3 for _, e in measured], "o-", label=method)
+        with_memory = [(n, e["peak_bytes"]) for n, e in measured if e.get("peak_bytes")]
+        if with_memory:
+            memory_ax.plot([n for n, _ in with_memory], [b / 2**20 for _, b in with_memory], "o-", label=method)
+    for ax, label in ((time_ax, "median build time (ms)"), (memory_ax, "peak memory of one build (MiB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("N (flattened COD elements)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle("P-EAGLE BlockMask builders, one run of python -m peagle_ext bench", fontsize=10)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    from . import UsageError, check_writable, int_at_least, parser_for, positive_float, resolve_device
+    from ..block_mask import BACKENDS, available_backends
+
+    parser = parser_for("bench")
+    parser.add_argument("--lengths", type=int_at_least(1), nargs="+",
+                        default=[1024, 2048, 4096, 8192, 16384, 32768, 65536], help="original sequence lengths")
+    parser.add_argument("--depths", type=int_at_least(1), default=8)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--backends", nargs="+", default=None, help="default: every available one for the device")
+    parser.add_argument("--backends", nargs="+", default=None, choices=BACKENDS,
+                        help="default: every available one for the device")
     parser.add_argument("--compiled", action="store_true", help="also time torch.compile(create_block_mask)")
-    parser.add_argument("--compiled-max-len", type=int, default=16384)
-    parser.add_argument("--repeats", type=int, default=25)
-    parser.add_argument("--budget-s", type=float, default=10.0, help="time budget for one method's timed runs")
+    parser.add_argument("--compiled-max-len", type=int_at_least(1), default=16384)
+    parser.add_argument("--repeats", type=int_at_least(1), default=25)
+    parser.add_argument("--budget-s", type=positive_float, default=10.0, help="time budget for one method's timed runs")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--json", default="bench-results.json", help="where to write the results")
+    parser.add_argument("--plot", default=None, metavar="FILE",
+                        help="also draw time and peak memory against N, log-log (needs matplotlib)")
     args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    available = available_backends()
+    for backend in args.backends or []:
+        if backend not in available:
+            raise UsageError(f"argument --backends: {backend!r} is not available here; available: {available}")
+        if backend != "python" and backend != device:
+            raise UsageError(f"argument --backends: {backend!r} needs --device {backend}")
+    check_writable("--json", args.json)
+    if args.plot is not None:
+        check_writable("--plot", args.plot)
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("argument --plot: needs matplotlib (pip install 'peagle_ext[plot]')") from None
     # Inductor's pool of compile workers would otherwise keep the cores busy after each compile
     # and slow whatever is timed next.
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
-    from .block_mask import available_backends
+    backends = args.backends or [b for b in available if b in ("python", device)]
+    print(f"torch {torch.__version__}, device {device}, backends {backends}, {os.cpu_count()} CPUs")
+    interactive = sys.stderr.isatty()
 
-    backends = args.backends or [b for b in available_backends() if b in ("python", args.device)]
-    print(f"torch {torch.__version__}, device {args.device}, backends {backends}, {os.cpu_count()} CPUs")
-    rows = run(args.lengths, args.depths, args.device, backends, args.compiled, args.compiled_max_len,
-               args.repeats, not args.no_memory, args.budget_s)
+    def progress(text: str) -> None:
+        # One line rewritten in place on a terminal; one line per measurement elsewhere.
+        print(f"\r\033[K{text}" if interactive else text, end="" if interactive else "\n", file=sys.stderr, flush=True)
+
+    rows = run(args.lengths, args.depths, device, backends, args.compiled, args.compiled_max_len,
+               args.repeats, not args.no_memory, args.budget_s, progress=progress)
+    if interactive:
+        print("\r\033[K", end="", file=sys.stderr)
     print()
     print_table(rows, backends)
     with open(args.json, "w") as out:
-        json.dump({"torch": torch.__version__, "device": args.device, "depths": args.depths, "rows": rows}, out, indent=1)
-    print(f"\nwrote {args.json}")
+        json.dump({"torch": torch.__version__, "device": device, "depths": args.depths, "rows": rows}, out, indent=1)
+    print(f"\nresults (JSON) written to {args.json}")
+    if args.plot is not None:
+        plot(rows, args.plot)
+        print(f"log-log picture of time and peak memory against N written to {args.plot}")
     return 0

@@ -7,7 +7,7 @@ is where wrong block lists would show. On CPU, torch 2.14.1 compiles the forward
 from __future__ import annotations
 
 import torch
-from conftest import BACKEND_DEVICE, oracle_block_mask
+from conftest import BACKEND_DEVICE, backends_here, oracle_block_mask
 from torch.nn.attention.flex_attention import BlockMask, create_mask, flex_attention
 
 import peagle_ext
@@ -21,18 +21,21 @@ def dense_reference(q, k, v, mask_mod):
     return torch.nan_to_num(torch.softmax(scores, dim=-1)) @ v  # rows that see nothing give 0
 
 
-def test_compiled_flex_attention_reads_the_block_lists(cpu_backend):
+def test_compiled_flex_attention_reads_the_block_lists():
+    """One compile; the masks of every CPU backend and the oracle's run through it."""
     generator = torch.Generator().manual_seed(5)
     anchor_pos, depth = peagle_ext.generate_cod_sample_indices(300, torch.ones(300), generator=generator)
     lengths, n = torch.tensor([120, 150]), anchor_pos.numel()
-    ours = peagle_ext.build_block_mask(anchor_pos, depth, lengths, 300, BLOCK_SIZE=128, backend=cpu_backend)
     theirs = oracle_block_mask(anchor_pos, depth, lengths, 300)
     q, k, v = (torch.randn(1, 2, n, 16, generator=generator) for _ in range(3))
     compiled = torch.compile(flex_attention)
     with torch.no_grad():
-        got = compiled(q, k, v, block_mask=ours)
-        torch.testing.assert_close(got, compiled(q, k, v, block_mask=theirs))
-        torch.testing.assert_close(got, dense_reference(q, k, v, ours.mask_mod), atol=1e-5, rtol=1e-4)
+        expected = compiled(q, k, v, block_mask=theirs)
+        torch.testing.assert_close(expected, dense_reference(q, k, v, theirs.mask_mod), atol=1e-5, rtol=1e-4)
+        for backend in (b for b in backends_here() if BACKEND_DEVICE[b] == "cpu"):
+            ours = peagle_ext.build_block_mask(anchor_pos, depth, lengths, 300, BLOCK_SIZE=128, backend=backend)
+            got = compiled(q, k, v, block_mask=ours)
+            torch.testing.assert_close(got, expected, msg=lambda m: f"backend {backend!r}: {m}")
         # Sensitivity: the same mask with one partial tile dropped from its lists changes the output.
         kv_num_blocks = ours.kv_num_blocks.clone()
         row = int(torch.nonzero(kv_num_blocks.flatten())[-1])

@@ -5,7 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "block_index.h"
+#include "../block_index.h"
 
 namespace peagle {
 namespace {

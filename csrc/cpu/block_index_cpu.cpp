@@ -12,7 +12,7 @@
 #include <utility>
 #include <vector>
 
-#include "block_index.h"
+#include "../block_index.h"
 
 namespace peagle {
 namespace {

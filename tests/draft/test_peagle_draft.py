@@ -316,21 +316,41 @@ def test_import_costs_nothing():
         f"assert {COMPILED!r} not in vars(m)\n"
         "assert 'torch._dynamo' not in sys.modules and 'torch._inductor' not in sys.modules\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
 
 
 def test_module_exports_the_seed_names():
-    for name in (
-        "_PeagleAttentionMixin",
-        "_PeagleDecoderLayerMixin",
-        "_PeagleVanillaLayerMixin",
-        "_PeagleDraftMixin",
-        "_peagle_compile_supported",
-        "_peagle_flex_attention",
-        "_peagle_flex_attention_compile_failed",
-        "logger",
-    ):
-        assert hasattr(peagle_draft, name), name
+    """The names, host classes and signatures of shared/seed/peagle_draft_api.md, at the documented path."""
+    import inspect
+    import sys
+
+    from peagle_ext import draft_llama
+
+    assert sys.modules["peagle_ext.peagle_draft"] is peagle_draft is sys.modules["peagle_ext.draft.peagle_draft"]
+    hosts = {
+        "_PeagleAttentionMixin": draft_llama.Eagle3LlamaAttention,
+        "_PeagleDecoderLayerMixin": draft_llama.Eagle3LlamaDecoderLayer,
+        "_PeagleVanillaLayerMixin": draft_llama.Eagle3LlamaPeagleLayer,
+        "_PeagleDraftMixin": draft_llama.LlamaEagle3DraftModel,
+    }
+    for mixin, host in hosts.items():
+        assert issubclass(host, getattr(peagle_draft, mixin)), (host, mixin)
+
+    def params(fn):
+        return list(inspect.signature(fn).parameters)
+
+    assert params(peagle_draft._PeagleAttentionMixin.forward_peagle) == ["self", "combined_states", "position_ids", "block_mask"]
+    assert params(peagle_draft._PeagleDecoderLayerMixin.forward_peagle) == [
+        "self", "input_embeds", "hidden_states", "position_ids", "block_mask"]
+    assert params(peagle_draft._PeagleVanillaLayerMixin.forward_peagle) == ["self", "hidden_states", "position_ids", "block_mask"]
+    mixin = peagle_draft._PeagleDraftMixin
+    assert params(mixin.forward_peagle) == [
+        "self", "sampled_input_ids", "sampled_projected_hidden", "position_ids", "block_mask"]
+    assert params(mixin._init_peagle_parameters) == ["self", "config"]
+    assert params(mixin.masked_projected_hidden) == ["self"]
+    assert params(mixin._run_draft_layer) == ["self", "layer_fn", "args", "kwargs"]
+    assert params(mixin.build_peagle_block_mask) == ["self", "anchor_pos", "depth", "lengths", "total_seq_len"]
+    assert params(peagle_draft._peagle_compile_supported) == ["q", "k", "v"]
+    assert params(peagle_draft._peagle_flex_attention) == ["q", "k", "v", "block_mask", "scale"]
+    assert peagle_draft._peagle_flex_attention_compile_failed is False
     assert peagle_draft.logger.name == "peagle_ext.peagle_draft"
-    for method in ("_init_peagle_parameters", "masked_projected_hidden", "forward_peagle", "_run_draft_layer", "build_peagle_block_mask"):
-        assert callable(getattr(peagle_draft._PeagleDraftMixin, method)), method

@@ -1,4 +1,4 @@
-"""The P-EAGLE training step (flat inputs, KL loss, per-depth accuracy) and the train-demo command."""
+"""The P-EAGLE training step: flat inputs, KL loss, per-depth accuracy, and that it learns."""
 
 from __future__ import annotations
 
@@ -7,14 +7,8 @@ import math
 import pytest
 import torch
 
-from peagle_ext.draft_llama import LlamaEagle3DraftModel
-from peagle_ext.training import (
-    TinyTarget,
-    build_peagle_inputs,
-    eagle_pairs,
-    peagle_training_step,
-    train_demo_main,
-)
+from peagle_ext.cli.train_demo import TinyTarget
+from peagle_ext.training import build_peagle_inputs, eagle_pairs, peagle_training_step
 from draft_helpers import cod_indices, random_sequence, tiny_model, single_thread  # noqa: F401 (autouse fixture)
 
 SEQ = 24
@@ -148,19 +142,3 @@ def test_loss_falls_over_30_adamw_steps():
         losses.append(out.loss.item())
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.8 * first, losses
-
-
-def test_train_demo_runs_and_saves_a_loadable_checkpoint(tmp_path, capsys):
-    out = tmp_path / "ckpt"
-    assert train_demo_main(["--steps", "3", "--seq-len", "12", "--depths", "2", "--out", str(out), "--device", "cpu"]) == 0
-    captured = capsys.readouterr()
-    assert "3/3 loss" in captured.err and "acc/depth" in captured.err
-    assert "loss: first" in captured.out and str(out) in captured.out
-    model = LlamaEagle3DraftModel.from_pretrained(out)
-    assert model.config.num_depths == 2 and model.config.parallel_drafting
-
-
-def test_train_demo_rejects_bad_arguments(capsys):
-    with pytest.raises(SystemExit):
-        train_demo_main(["--steps", "0"])
-    assert "--steps" in capsys.readouterr().err

@@ -61,15 +61,44 @@ def test_op_checks_its_preconditions(change, message):
         torch.ops.peagle_ext.build_block_index(*change(op_args()))
 
 
-def test_out_of_range_values_never_read_out_of_bounds():
+def assert_well_formed(index, num_q_blocks: int, num_kv_blocks: int) -> None:
+    """Every list a BlockMask holds: counts within range, each row a permutation of its blocks."""
+    for counts, indices, rows, cols in (
+        (index[0], index[1], num_q_blocks, num_kv_blocks), (index[2], index[3], num_q_blocks, num_kv_blocks),
+        (index[4], index[5], num_kv_blocks, num_q_blocks), (index[6], index[7], num_kv_blocks, num_q_blocks),
+    ):
+        assert counts.shape == (1, 1, rows) and indices.shape == (1, 1, rows, cols)
+        assert ((counts >= 0) & (counts <= cols)).all()
+        assert torch.equal(indices.sort(dim=-1).values, torch.arange(cols, dtype=torch.int32).expand(1, 1, rows, cols))
+
+
+def test_garbage_values_give_a_well_formed_index():
     """Unvalidated garbage (validate=False, or a direct op call) gives some mask, never a crash."""
-    anchor_pos = torch.tensor([0, 5, -3, 2**40, 1, 2], dtype=torch.int64)
-    depth = torch.tensor([0, 0, 1, 2, -1, 2**40], dtype=torch.int64)
+    anchor_pos = torch.tensor([0, 5, -3, 2**40, 1, 2, -(2**62)], dtype=torch.int64)
+    depth = torch.tensor([0, 0, 1, 2, -1, 2**40, 3], dtype=torch.int64)
     doc = torch.tensor([0, 0, -7, 2**40], dtype=torch.int64)
-    out = torch.ops.peagle_ext.build_block_index(anchor_pos, depth, doc, 2**62, 2, 2)
-    assert out[0].shape == (1, 1, 3)
-    mask = peagle_ext.build_block_mask(anchor_pos, depth, document_ids=doc, BLOCK_SIZE=2, validate=False, backend="cpu")
-    assert mask.kv_num_blocks.shape == (1, 1, 3)
+    for window in (None, 1, 2**62):
+        assert_well_formed(torch.ops.peagle_ext.build_block_index(anchor_pos, depth, doc, window, 2, 3), 4, 3)
+
+
+@pytest.mark.parametrize("bad_anchor", [-1, -(2**40), "P", 2**40])
+def test_out_of_range_anchors_are_read_as_padding(bad_anchor):
+    """With validate=False an anchor outside the sequence is padding: the mask equals the checked
+    one in which those elements sit on an extra padding position."""
+    seq_len = 120
+    generator = torch.Generator().manual_seed(7)
+    anchor_pos, depth = peagle_ext.generate_cod_sample_indices(seq_len, torch.ones(seq_len), generator=generator)
+    document_ids = torch.randint(0, 3, (seq_len,), generator=generator)
+    bad = torch.randperm(anchor_pos.numel(), generator=generator)[:40]
+    garbage = anchor_pos.clone()
+    garbage[bad] = seq_len if bad_anchor == "P" else bad_anchor
+    got = peagle_ext.build_block_mask(garbage, depth, document_ids=document_ids, sliding_window=9, BLOCK_SIZE=16,
+                                      validate=False, backend="cpu")
+    on_padding = anchor_pos.clone()
+    on_padding[bad] = seq_len
+    expected = peagle_ext.build_block_mask(on_padding, depth, document_ids=torch.cat([document_ids, torch.tensor([-1])]),
+                                           sliding_window=9, BLOCK_SIZE=16, backend="python")
+    peagle_ext.assert_block_masks_equal(got, expected)
 
 
 @pytest.mark.parametrize(

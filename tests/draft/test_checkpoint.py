@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -154,3 +157,133 @@ def test_load_casts_to_requested_dtype(tmp_path):
     _, directory = _saved(tmp_path, draft_vocab_size=50)
     loaded = LlamaEagle3DraftModel.from_pretrained(directory, dtype=torch.bfloat16)
     assert loaded.lm_head.weight.dtype == torch.bfloat16 and loaded.d2t.dtype == torch.int64
+
+
+def _edit_config(directory, edit):
+    config = json.loads((directory / "config.json").read_text())
+    edit(config)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("edit", "error", "pattern"),
+    [
+        (lambda c: c.update(parallel_drafting="false"), TypeError, "'parallel_drafting' must be bool, got str 'false'"),
+        (lambda c: c["transformer_layer_config"].update(hidden_size="32"), TypeError, "'hidden_size' must be int, got str"),
+        (lambda c: c["transformer_layer_config"].update(num_hidden_layers=None), TypeError, "'num_hidden_layers' must be int, got NoneType"),
+        (lambda c: c["transformer_layer_config"].update(rms_norm_eps=True), TypeError, "'rms_norm_eps' must be float"),
+        (lambda c: c.update(eagle_aux_hidden_state_layer_ids=[1, "5"]), TypeError, "'eagle_aux_hidden_state_layer_ids'"),
+        (lambda c: c["transformer_layer_config"].update(num_attention_heads=0), ValueError, "'num_attention_heads' must be >= 1"),
+        (lambda c: c.update(transformer_layer_config=[]), TypeError, "transformer_layer_config must be a JSON object"),
+        (lambda c: c["speculators_config"].update(proposal_methods=[]), TypeError, "proposal_methods must hold an object"),
+        (lambda c: c.update(speculators_model_type="medusa"), ValueError, "speculators_model_type is 'medusa'"),
+    ],
+)
+def test_config_values_are_type_checked_naming_field_and_file(tmp_path, edit, error, pattern):
+    _, directory = _saved(tmp_path)
+    _edit_config(directory, edit)
+    with pytest.raises(error, match=pattern) as raised:
+        LlamaEagle3DraftModel.from_pretrained(directory)
+    assert str(directory / "config.json") in str(raised.value)
+
+
+def test_unreadable_files_are_named(tmp_path):
+    _, directory = _saved(tmp_path)
+    weights = (directory / "model.safetensors").read_bytes()
+    (directory / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match=f"{directory / 'model.safetensors'}: not a readable safetensors file"):
+        LlamaEagle3DraftModel.from_pretrained(directory)
+    (directory / "config.json").write_text("{ not json")
+    with pytest.raises(ValueError, match=f"{directory / 'config.json'}: not valid JSON"):
+        LlamaEagle3DraftModel.from_pretrained(directory)
+
+
+# --- crash safety: real processes killed with SIGKILL in the middle of saves ---------------------
+
+VERSIONS = ("A", "B")
+
+
+def _version_tensors(version: str) -> dict:
+    """Several MB of weights whose every value says which version they are."""
+    value = float(VERSIONS.index(version) + 1)
+    return {f"w{i}": torch.full((512, 1024), value) for i in range(4)}
+
+
+def _assert_loads_as_one_version(directory) -> str:
+    config, tensors = checkpoint.load_checkpoint(directory)
+    version = config["version"]
+    expected = _version_tensors(version)
+    assert set(tensors) == set(expected)
+    for key, tensor in expected.items():
+        assert torch.equal(tensors[key], tensor), f"{key} does not belong to version {version}"
+    return version
+
+
+def _paused(step):
+    """``step`` followed by a 10 ms pause, so that kills at random moments land in every gap."""
+
+    def run(*args, **kwargs):
+        result = step(*args, **kwargs)
+        time.sleep(0.01)
+        return result
+
+    return run
+
+
+def _save_forever(directory: str, exchange: bool, started) -> None:
+    """The child (forked, so its patches stay in it): alternate saving versions B and A, each file
+    system step of a save followed by a pause, until killed."""
+    import pathlib
+
+    if not exchange:  # the file-system fallback: rename aside, then rename in
+        checkpoint._exchange = lambda a, b: False
+    checkpoint._exchange = _paused(checkpoint._exchange)
+    checkpoint.save_file = _paused(checkpoint.save_file)
+    checkpoint._fsync = _paused(checkpoint._fsync)
+    checkpoint.shutil.rmtree = _paused(checkpoint.shutil.rmtree)
+    pathlib.Path.rename = _paused(pathlib.Path.rename)
+    started.set()
+    for step in range(10**9):
+        version = VERSIONS[(step + 1) % 2]
+        checkpoint.save_checkpoint(directory, {"version": version}, _version_tensors(version))
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["atomic-exchange", "rename-aside-fallback"])
+def test_save_survives_sigkill_at_random_moments(tmp_path, exchange):
+    import multiprocessing
+    import random
+
+    directory = tmp_path / "draft"
+    checkpoint.save_checkpoint(directory, {"version": "A"}, _version_tensors("A"))
+    context = multiprocessing.get_context("fork")
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(16):
+        started = context.Event()
+        child = context.Process(target=_save_forever, args=(str(directory), exchange, started))
+        child.start()
+        assert started.wait(30)
+        time.sleep(rng.uniform(0.0, 0.3))
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        assert child.exitcode == -signal.SIGKILL
+        seen.add(_assert_loads_as_one_version(directory))
+    assert seen == set(VERSIONS), "every kill landed on the same version: the test did not exercise the swap"
+    # The next save cleans up what the killed saves left behind.
+    checkpoint.save_checkpoint(directory, {"version": "A"}, _version_tensors("A"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["draft"]
+    assert _assert_loads_as_one_version(directory) == "A"
+
+
+def test_next_save_removes_only_dead_processes_temporaries(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".draft.tmp-{dead_pid}-0123456789ab"
+    live = tmp_path / f".draft.tmp-{os.getpid()}-0123456789ab"
+    for sibling in (stale, live):
+        sibling.mkdir()
+    checkpoint.save_checkpoint(tmp_path / "draft", {"version": "A"}, _version_tensors("A"))
+    assert not stale.exists() and live.exists()

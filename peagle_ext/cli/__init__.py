@@ -1,0 +1,114 @@
+"""The command line: ``python -m peagle_ext {demo,info,bench,train-demo} [options]``.
+
+Every mistake in the arguments ends in one line, ``<command>: error: argument --x: what is
+wrong``, and exit status 2, before any work starts; output paths are checked the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+import sys
+
+# command -> (module under peagle_ext.cli that holds main(argv), one-line description)
+COMMANDS = {
+    "demo": ("demo", "build a P-EAGLE BlockMask, check it against create_block_mask, print the figures"),
+    "info": ("info", "torch version, CUDA, compiled kernels and available backends"),
+    "bench": ("bench", "benchmark every backend against create_block_mask (see --help)"),
+    "train-demo": ("train_demo", "train a tiny P-EAGLE draft on synthetic data and save a checkpoint"),
+}
+
+
+class UsageError(Exception):
+    """A mistake in the command line: reported as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line and raises UsageError instead of exiting."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def parser_for(command: str) -> Parser:
+    return Parser(prog=f"python -m peagle_ext {command}", description=COMMANDS[command][1])
+
+
+def int_at_least(minimum: int):
+    """An argparse type: an int >= minimum."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def add_device_option(parser: Parser, default: str = "auto") -> None:
+    parser.add_argument("--device", default=default, choices=["auto", "cpu", "cuda"],
+                        help=f"where to run; auto = cuda when a GPU is visible (default {default})")
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> cuda when available; 'cuda' without a GPU is a usage error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("argument --device: cuda was asked for but no CUDA device is available here")
+    return device
+
+
+def check_writable(option: str, path: str) -> None:
+    """Fail now, not after the work, when ``path`` cannot be written as a file.
+
+    Opens it for appending (which truncates nothing) and removes it again if it did not exist,
+    so the check is the real one, also for root on read-only file systems.
+    """
+    if os.path.isdir(path):
+        raise UsageError(f"argument {option}: {path} is a directory, expected a file path")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as error:
+        raise UsageError(f"argument {option}: cannot write {path} ({error.strerror or error})") from None
+    if not existed:
+        os.remove(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"python -m peagle_ext: error: unknown command {argv[0]!r}", file=sys.stderr)
+        print("usage: python -m peagle_ext {" + ",".join(COMMANDS) + "} [options]\n")
+        for name, (_, text) in COMMANDS.items():
+            print(f"  {name:<11} {text}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(f"{__name__}.{COMMANDS[argv[0]][0]}")
+    try:
+        return module.main(argv[1:])
+    except UsageError as error:
+        print(f"python -m peagle_ext {argv[0]}: error: {error} (see --help)", file=sys.stderr)
+        return 2

@@ -1,0 +1,145 @@
+"""``python -m peagle_ext train-demo``: train a tiny P-EAGLE draft on synthetic data from a tiny
+random target, with a progress bar, then save a checkpoint."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+
+from . import UsageError, add_device_option, int_at_least, parser_for, positive_float, resolve_device
+
+# The demo draft's attention heads (key/value heads: half as many).
+DEMO_HEADS = 4
+
+
+class TinyTarget(nn.Module):
+    """A tiny random target model for the demo: the next-token distribution depends on the
+    current token only (a random Markov chain computed by residual MLP layers).
+
+    ``forward(tokens [S])`` returns (aux_hidden_states [S, num_aux * hidden]: the outputs of its
+    ``num_aux`` layers, logits [S, vocab]).
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int, num_aux: int = 3, sharpness: float = 8.0):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, hidden_size)
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.RMSNorm(hidden_size), nn.Linear(hidden_size, 2 * hidden_size), nn.GELU(), nn.Linear(2 * hidden_size, hidden_size))
+            for _ in range(num_aux)
+        )
+        self.norm = nn.RMSNorm(hidden_size)
+        self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False)
+        self.sharpness = sharpness
+
+    def forward(self, tokens: torch.Tensor):
+        hidden = self.embed(tokens)
+        aux = []
+        for layer in self.layers:
+            hidden = hidden + layer(hidden)
+            aux.append(hidden)
+        logits = self.sharpness * self.lm_head(self.norm(hidden)) / self.lm_head.weight.norm(dim=-1)
+        return torch.cat(aux, dim=-1), logits
+
+    @torch.no_grad()
+    def sample(self, length: int, generator: torch.Generator) -> torch.Tensor:
+        """A token sequence [length] drawn from the model's own next-token distribution (on CPU)."""
+        table = self(torch.arange(self.embed.num_embeddings, device=self.embed.weight.device))[1].softmax(-1).cpu()
+        tokens = [int(torch.randint(table.size(0), (1,), generator=generator))]
+        for _ in range(length - 1):
+            tokens.append(int(torch.multinomial(table[tokens[-1]], 1, generator=generator)))
+        return torch.tensor(tokens, device=self.embed.weight.device)
+
+
+def _progress(step: int, total: int, loss: float, accuracy: torch.Tensor, width: int = 24) -> str:
+    filled = width * step // total
+    depths = " ".join("--" if math.isnan(a) else f"{a:.2f}" for a in accuracy.tolist())
+    return f"[{'#' * filled}{'.' * (width - filled)}] {step}/{total} loss {loss:.4f} acc/depth {depths}"
+
+
+def parse_args(argv: list[str]):
+    parser = parser_for("train-demo")
+    parser.add_argument("--steps", type=int_at_least(1), default=200, help="optimizer steps (default 200)")
+    parser.add_argument("--seq-len", type=int_at_least(2), default=64, help="positions per training sequence (default 64)")
+    parser.add_argument("--depths", type=int_at_least(1), default=4, help="COD depths, depth 0 included (default 4)")
+    add_device_option(parser)
+    parser.add_argument("--out", default="peagle_demo_checkpoint", help="checkpoint directory to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="random seed (default 0)")
+    parser.add_argument("--lr", type=positive_float, default=3e-3, help="AdamW learning rate (default 3e-3)")
+    parser.add_argument("--vocab", type=int_at_least(2), default=128, help="vocabulary size (default 128)")
+    parser.add_argument("--hidden-size", type=int_at_least(1), default=64,
+                        help=f"draft hidden size, a multiple of {2 * DEMO_HEADS} (default 64)")
+    parser.add_argument("--layers", type=int_at_least(1), default=2, help="draft layers (default 2)")
+    args = parser.parse_args(argv)
+    if args.hidden_size % (2 * DEMO_HEADS):
+        raise UsageError(f"argument --hidden-size: must be a multiple of {2 * DEMO_HEADS} ({DEMO_HEADS} attention "
+                         f"heads of an even head dim, as rotary embeddings need), got {args.hidden_size}")
+    if os.path.exists(args.out) and not args.overwrite:
+        raise UsageError(f"argument --out: {args.out} already exists; pass --overwrite to replace it")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"argument --out: {args.out} is a file, expected a checkpoint directory")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UsageError(f"argument --out: cannot create a directory in {parent}")
+    args.device = resolve_device(args.device)
+    return args
+
+
+def main(argv: list[str]) -> int:
+    """Train a tiny draft on CPU or GPU with a progress bar (stderr) of loss and per-depth accuracy,
+    print a summary, save a checkpoint. Returns 0."""
+    args = parse_args(argv)
+    from ..draft.llama import Eagle3DraftConfig, LlamaEagle3DraftModel
+    from ..draft.training import eagle_pairs, peagle_training_step
+
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    target_hidden = 32
+    target = TinyTarget(args.vocab, target_hidden).to(device).eval()
+    config = Eagle3DraftConfig(
+        hidden_size=args.hidden_size,
+        intermediate_size=2 * args.hidden_size,
+        num_attention_heads=DEMO_HEADS,
+        num_key_value_heads=DEMO_HEADS // 2,
+        num_hidden_layers=args.layers,
+        vocab_size=args.vocab,
+        draft_vocab_size=args.vocab,
+        target_hidden_size=target_hidden,
+        parallel_drafting=True,
+        num_depths=args.depths,
+        max_position_embeddings=args.seq_len,
+    )
+    model = LlamaEagle3DraftModel(config).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    loss_mask = torch.ones(args.seq_len, device=device)
+    interactive = sys.stderr.isatty()
+    print(f"train-demo: {args.steps} steps on {device}, seq-len {args.seq_len}, {args.depths} depths", file=sys.stderr)
+    losses, started = [], time.perf_counter()
+    for step in range(1, args.steps + 1):
+        with torch.no_grad():
+            tokens = target.sample(args.seq_len + 1, generator)
+            input_ids, aux, logits, _ = eagle_pairs(tokens, *target(tokens))
+        out = peagle_training_step(model, input_ids, aux, loss_mask, target_logits=logits, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+        if interactive or step % max(1, args.steps // 10) == 0 or step == args.steps:
+            line = _progress(step, args.steps, losses[-1], out.depth_accuracy)
+            print(("\r" + line) if interactive else line, end="" if interactive else "\n", file=sys.stderr, flush=True)
+    if interactive:
+        print(file=sys.stderr)
+    window = max(1, min(5, len(losses) // 4))
+    model.save_pretrained(args.out)
+    accuracy = " ".join(f"d{d}={a:.2f}" for d, a in enumerate(out.depth_accuracy.tolist()))
+    print(f"loss: first {window} steps {sum(losses[:window]) / window:.4f}, last {window} steps {sum(losses[-window:]) / window:.4f}")
+    print(f"last-step accuracy per depth: {accuracy}")
+    print(f"trained in {time.perf_counter() - started:.1f} s; checkpoint (config.json, model.safetensors) "
+          f"written to {args.out}")
+    return 0

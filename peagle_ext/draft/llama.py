@@ -1,0 +1,318 @@
+"""Llama EAGLE-3 draft model with the P-EAGLE single-pass forward (no transformers dependency).
+
+Classes and attribute names follow NeMo Automodel's ``draft_llama``; the P-EAGLE behaviour comes
+from the mixins in :mod:`peagle_ext.peagle_draft` (imports go one way: this module -> that one).
+
+    config = Eagle3DraftConfig(hidden_size=64, ..., parallel_drafting=True)
+    model = LlamaEagle3DraftModel(config)
+    hidden = model.forward_peagle(ids, projected, position_ids, block_mask)   # [1, N, H]
+    logits = model.compute_logits(hidden)                                   # [1, N, draft_vocab]
+    model.save_pretrained("out/")  # speculators P-EAGLE layout, see peagle_ext.checkpoint
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint
+from .peagle_draft import (
+    _PeagleAttentionMixin,
+    _PeagleDecoderLayerMixin,
+    _PeagleDraftMixin,
+    _PeagleVanillaLayerMixin,
+)
+
+
+@dataclass
+class Eagle3DraftConfig:
+    """Shape and options of a Llama EAGLE-3 / P-EAGLE draft model.
+
+    Defaults describe a one-layer draft for a Llama-3.1-8B target. ``head_dim`` None means
+    ``hidden_size // num_attention_heads``; ``target_hidden_size`` None means ``hidden_size``;
+    ``mask_token_id`` None means ``vocab_size - 1``. ``num_depths`` is the number of COD depths
+    trained and the number of tokens proposed (``speculative_tokens`` on disk).
+    ``norm_output``: ``forward_peagle`` returns post-``norm`` states (else ``compute_logits``
+    applies the norm). ``fc_norm``: an RMSNorm over the concatenated auxiliary states before ``fc``.
+    """
+
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int | None = None
+    num_hidden_layers: int = 1
+    vocab_size: int = 128256
+    draft_vocab_size: int = 32000
+    target_hidden_size: int | None = None
+    num_aux_hidden_states: int = 3
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    max_position_embeddings: int = 8192
+    parallel_drafting: bool = False
+    norm_output: bool = False
+    fc_norm: bool = False
+    mask_token_id: int | None = None
+    num_depths: int = 8
+    eagle_aux_hidden_state_layer_ids: list[int] | None = None
+    verifier_name_or_path: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_field_types(self)
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.target_hidden_size is None:
+            self.target_hidden_size = self.hidden_size
+        if self.mask_token_id is None:
+            self.mask_token_id = self.vocab_size - 1
+        if self.eagle_aux_hidden_state_layer_ids is not None:
+            self.eagle_aux_hidden_state_layer_ids = list(self.eagle_aux_hidden_state_layer_ids)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if not 1 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"draft_vocab_size must be in [1, vocab_size={self.vocab_size}], got {self.draft_vocab_size}")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(f"mask_token_id must be in [0, vocab_size={self.vocab_size}), got {self.mask_token_id}")
+        for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "num_hidden_layers", "vocab_size", "target_hidden_size", "num_aux_hidden_states", "num_depths",
+                     "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"field {name!r} must be >= 1, got {getattr(self, name)}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"field {name!r} must be > 0, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _value_has_type(value, hint) -> bool:
+    """Whether ``value`` fits the annotation ``hint`` (int, float, bool, str, list[int], X | None).
+    Strict about bool: True is not an int, "false" is not a bool; an int is a float."""
+    if isinstance(hint, types.UnionType):
+        return any(_value_has_type(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_value_has_type(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _check_field_types(config) -> None:
+    """TypeError naming the first field whose value does not have its annotated type."""
+    for name, hint in typing.get_type_hints(type(config)).items():
+        value = getattr(config, name)
+        if not _value_has_type(value, hint):
+            shown = hint.__name__ if isinstance(hint, type) else str(hint)
+            raise TypeError(f"field {name!r} must be {shown}, got {type(value).__name__} {value!r}")
+
+
+class LlamaRotaryEmbedding(nn.Module):
+    """Llama rotary position embedding (rotate-half form) at arbitrary position ids."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor):
+        """Rotate q: [B, Hq, N, D] and k: [B, Hk, N, D] by position_ids: [B, N] or [N] (any order,
+        gaps allowed). Computed in float32, returned in q's and k's dtypes."""
+        freqs = position_ids.to(torch.float32)[..., None] * self.inv_freq  # [(B,) N, D/2]
+        angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(-3)  # [(B,) 1, N, D]
+        cos, sin = angles.cos(), angles.sin()
+        return tuple((x.float() * cos + _rotate_half(x.float()) * sin).to(x.dtype) for x in (q, k))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+class Eagle3LlamaAttention(_PeagleAttentionMixin, nn.Module):
+    """Llama attention whose q/k/v projections read ``input_size`` features (2H in the fused layer)."""
+
+    def __init__(self, config: Eagle3DraftConfig, input_size: int):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.q_proj = nn.Linear(input_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(input_size, self.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(input_size, self.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.rotary_emb = LlamaRotaryEmbedding(self.head_dim, config.rope_theta)
+
+    def _project_qkv(self, hidden_states: torch.Tensor):
+        """[B, N, input_size] -> q [B, heads, N, D], k and v [B, kv_heads, N, D]."""
+        batch, length, _ = hidden_states.shape
+
+        def heads(proj):
+            return proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
+
+        return heads(self.q_proj), heads(self.k_proj), heads(self.v_proj)
+
+    def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, kv_heads, N, D] -> [B, heads, N, D], each KV head repeated for its query group."""
+        return x.repeat_interleave(self.num_key_value_groups, dim=1)
+
+
+class Eagle3LlamaMLP(nn.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: Eagle3DraftConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _LlamaBlock(nn.Module):
+    """Pre-norm Llama block parts shared by both layer kinds; attention reads ``attn_input_size``."""
+
+    def __init__(self, config: Eagle3DraftConfig, attn_input_size: int):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = Eagle3LlamaAttention(config, attn_input_size)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = Eagle3LlamaMLP(config)
+
+
+class Eagle3LlamaDecoderLayer(_PeagleDecoderLayerMixin, _LlamaBlock):
+    """The fused first layer: ``input_layernorm`` on embeddings, ``hidden_norm`` on the hidden
+    state, concatenated to 2H features for attention; residual is the hidden state."""
+
+    def __init__(self, config: Eagle3DraftConfig):
+        super().__init__(config, 2 * config.hidden_size)
+        self.hidden_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class Eagle3LlamaPeagleLayer(_PeagleVanillaLayerMixin, _LlamaBlock):
+    """A plain pre-norm Llama layer over H features (the P-EAGLE deep layers)."""
+
+    def __init__(self, config: Eagle3DraftConfig):
+        super().__init__(config, config.hidden_size)
+
+
+class Eagle3LlamaModel(nn.Module):
+    """The draft's body: embeddings, the ``fc`` projection of the target's states, layers, norm."""
+
+    def __init__(self, config: Eagle3DraftConfig):
+        super().__init__()
+        aux_width = config.num_aux_hidden_states * config.target_hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.fc_norm = nn.RMSNorm(aux_width, eps=config.rms_norm_eps) if config.fc_norm else None
+        self.fc = nn.Linear(aux_width, config.hidden_size, bias=False)
+        deep = [Eagle3LlamaPeagleLayer(config) for _ in range(config.num_hidden_layers - 1)]
+        self.layers = nn.ModuleList([Eagle3LlamaDecoderLayer(config), *deep])
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class LlamaEagle3DraftModel(_PeagleDraftMixin, nn.Module):
+    """Llama EAGLE-3 draft model; with ``config.parallel_drafting`` a P-EAGLE draft.
+
+    Parameters: ``model`` (:class:`Eagle3LlamaModel`), ``lm_head`` over the draft vocabulary,
+    ``mask_hidden`` [1, 1, num_aux * target_hidden] only when ``parallel_drafting``. When
+    ``draft_vocab_size < vocab_size`` it holds the vocabulary maps ``d2t`` (int64
+    [draft_vocab], target id minus draft id) and ``t2d`` (bool [vocab], in the draft vocab),
+    initially the first ``draft_vocab_size`` ids (see :meth:`set_draft_vocab`).
+    """
+
+    def __init__(self, config: Eagle3DraftConfig):
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False
+        self.model = Eagle3LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.draft_vocab_size, bias=False)
+        if config.draft_vocab_size < config.vocab_size:
+            self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.int64))
+            self.register_buffer("t2d", torch.arange(config.vocab_size) < config.draft_vocab_size)
+        if config.parallel_drafting:
+            self._init_peagle_parameters(config)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [...] -> embeddings [..., H]."""
+        return self.model.embed_tokens(input_ids)
+
+    def project_hidden_states(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Concatenated target auxiliary states [..., num_aux * target_hidden] -> [..., H]
+        (``fc_norm`` when configured, then ``fc``)."""
+        if self.model.fc_norm is not None:
+            hidden_states = self.model.fc_norm(hidden_states)
+        return self.model.fc(hidden_states)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Draft hidden states [..., H] from :meth:`forward_peagle` -> logits [..., draft_vocab]."""
+        if not self.config.norm_output:
+            hidden_states = self.model.norm(hidden_states)
+        return self.lm_head(hidden_states)
+
+    def draft_to_target_ids(self) -> torch.Tensor:
+        """int64 [draft_vocab]: the target-vocabulary id of each draft-vocabulary id."""
+        ids = torch.arange(self.config.draft_vocab_size, device=self.lm_head.weight.device)
+        return ids + self.d2t if hasattr(self, "d2t") else ids
+
+    def set_draft_vocab(self, target_ids: torch.Tensor) -> None:
+        """Make the draft vocabulary the given distinct target ids (int [draft_vocab], sorted here)."""
+        if not hasattr(self, "d2t"):
+            raise ValueError("this draft's vocabulary is the whole target vocabulary (no d2t/t2d)")
+        target_ids = torch.as_tensor(target_ids, dtype=torch.int64, device=self.d2t.device).sort().values
+        if target_ids.shape != self.d2t.shape or target_ids.unique().numel() != target_ids.numel():
+            raise ValueError(f"target_ids must be {self.d2t.numel()} distinct ids")
+        if target_ids[0] < 0 or target_ids[-1] >= self.config.vocab_size:
+            raise ValueError(f"target_ids must lie in [0, {self.config.vocab_size})")
+        self.d2t.copy_(target_ids - torch.arange(target_ids.numel(), device=target_ids.device))
+        self.t2d.zero_()
+        self.t2d[target_ids] = True
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    def forward(self, sampled_input_ids, sampled_projected_hidden, position_ids, block_mask) -> torch.Tensor:
+        """Same as :meth:`forward_peagle`."""
+        return self.forward_peagle(sampled_input_ids, sampled_projected_hidden, position_ids, block_mask)
+
+    def save_pretrained(self, directory) -> None:
+        """Write ``config.json`` and ``model.safetensors`` in the speculators P-EAGLE layout, atomically."""
+        state = {checkpoint.disk_key(name): tensor for name, tensor in self.state_dict().items()}
+        config_json = checkpoint.speculators_config(self.config.to_dict(), self.lm_head.weight.dtype)
+        checkpoint.save_checkpoint(directory, config_json, state)
+
+    @classmethod
+    def from_pretrained(cls, directory, device="cpu", dtype: torch.dtype | None = None) -> LlamaEagle3DraftModel:
+        """Load a checkpoint in the layout :meth:`save_pretrained` writes, onto ``device`` (floating
+        weights cast to ``dtype`` when given). An error names any missing, unexpected or misshapen key."""
+        config_json, tensors = checkpoint.load_checkpoint(directory)
+        try:
+            config = Eagle3DraftConfig(**checkpoint.config_fields(config_json))
+        except (KeyError, TypeError, ValueError) as error:
+            message = error.args[0] if error.args else str(error)
+            raise type(error)(f"{checkpoint.config_path(directory)}: {message}") from None
+        model = cls(config)
+        own = model.state_dict()
+        names = {checkpoint.disk_key(name): name for name in own}
+        checkpoint.check_tensors({key: own[name].shape for key, name in names.items()}, tensors)
+        model.load_state_dict({names[key]: tensor for key, tensor in tensors.items()})
+        return model.to(device=device, dtype=dtype)

@@ -1,0 +1,164 @@
+"""The command line: demo, info, bench, train-demo; every usage mistake as one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from peagle_ext.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_cli(*args, cwd=ROOT):
+    """`python -m peagle_ext ARGS` in a fresh process, from the repository root by default."""
+    return subprocess.run([sys.executable, "-m", "peagle_ext", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_demo_checks_against_create_block_mask_and_draws(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the picture needs matplotlib (the 'plot' extra)")
+    picture = tmp_path / "mask.png"
+    assert main(["demo", "--seq-len", "512", "--docs", "3", "--window", "64", "--out", str(picture)]) == 0
+    out = capsys.readouterr().out
+    assert "identical partial and full blocks" in out
+    assert "sparsity" in out and "x faster" in out
+    # Both sides timed warm: each line says so.
+    assert out.count("warm calls after a warm-up") == 2
+    assert f"PNG picture of the tile layout written to {picture}" in out
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_writes_exactly_the_path_it_names(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the picture needs matplotlib (the 'plot' extra)")
+    assert main(["demo", "--seq-len", "64", "--out", str(tmp_path / "x")]) == 0
+    assert f"PNG picture of the tile layout written to {tmp_path / 'x'}" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["x"]
+
+
+def test_demo_says_when_the_check_is_skipped(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr("peagle_ext.cli.bench.eager_fits", lambda n, device: False)
+    assert main(["demo", "--seq-len", "256", "--out", str(tmp_path / "m.png")]) == 0
+    assert "check skipped: create_block_mask would need" in capsys.readouterr().out
+
+
+def test_info_from_the_repository_root_finds_the_installed_kernels():
+    """The checkout's root puts the source tree first on sys.path; the compiled top-level module
+    peagle_ext_C is still found (installed, or built in place)."""
+    result = run_cli("info")
+    assert result.returncode == 0, result.stderr
+    assert f"from {os.path.join(ROOT, 'peagle_ext')}" in result.stdout  # the source tree was imported
+    if os.environ.get("PEAGLE_EXT_REQUIRE_NATIVE") != "1":
+        pytest.skip("PEAGLE_EXT_REQUIRE_NATIVE is not set: a pure-Python install is allowed here")
+    expected = "cpu, cuda" if torch.version.cuda else "cpu"
+    assert f"compiled kernels: {expected}" in result.stdout, result.stdout
+    assert "available backends: " in result.stdout and "cpu" in result.stdout.split("available backends: ")[1]
+
+
+def test_bench_prints_table_and_writes_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the 'plot' extra)")
+    result, picture = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert main(["bench", "--lengths", "128", "256", "--repeats", "1", "--no-memory", "--json", str(result),
+                 "--plot", str(picture), "--backends", "python"]) == 0
+    captured = capsys.readouterr()
+    assert "x eager" in captured.out and "create_block_mask" in captured.out
+    assert "[1/4] seq_len 128" in captured.err and "[4/4] seq_len 256" in captured.err  # progress lines
+    rows = json.loads(result.read_text())["rows"]
+    assert [row["seq_len"] for row in rows] == [128, 256] and rows[0]["methods"]["python"]["median_s"] > 0
+    assert f"written to {picture}" in captured.out and picture.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_peak_memory_tells_the_dense_builder_from_ours():
+    """Peak memory is measured in a fresh process: eager create_block_mask materializes the N x N
+    grid (N = 3441 here: ~12 M pairs), the python builder only O(N + tiles)."""
+    from peagle_ext.cli.bench import peak_memory_bytes
+
+    ours = peak_memory_bytes("python", 1024, 8, "cpu")
+    dense = peak_memory_bytes("create_block_mask", 1024, 8, "cpu")
+    assert ours is not None and dense is not None
+    assert 0 <= ours < 64 * 2**20
+    assert dense > 3441 * 3441  # at least a byte per pair of the dense mask
+    assert dense > 10 * max(ours, 2**20)
+
+
+def test_train_demo_runs_and_saves_a_loadable_checkpoint(tmp_path, capsys):
+    from peagle_ext.draft_llama import LlamaEagle3DraftModel
+
+    out = tmp_path / "ckpt"
+    assert main(["train-demo", "--steps", "3", "--seq-len", "12", "--depths", "2", "--out", str(out), "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "3/3 loss" in captured.err and "acc/depth" in captured.err
+    assert "loss: first" in captured.out and f"written to {out}" in captured.out
+    model = LlamaEagle3DraftModel.from_pretrained(out)
+    assert model.config.num_depths == 2 and model.config.parallel_drafting
+    # An existing checkpoint is kept unless --overwrite is given.
+    before = (out / "model.safetensors").read_bytes()
+    assert main(["train-demo", "--steps", "1", "--seq-len", "12", "--out", str(out)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == before
+    assert main(["train-demo", "--steps", "1", "--seq-len", "12", "--depths", "3", "--out", str(out),
+                 "--overwrite", "--device", "cpu"]) == 0
+    assert LlamaEagle3DraftModel.from_pretrained(out).config.num_depths == 3
+
+
+NO_GPU = not torch.cuda.is_available()
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["demo", "--seq-len", "0"], "--seq-len"),
+        (["demo", "--seq-len", "-5"], "--seq-len"),
+        (["demo", "--seq-len", "ten"], "--seq-len"),
+        (["demo", "--depths", "0"], "--depths"),
+        (["demo", "--block-size", "0"], "--block-size"),
+        (["demo", "--window", "0"], "--window"),
+        (["demo", "--docs", "0"], "--docs"),
+        (["demo", "--backend", "nope"], "--backend"),
+        (["demo", "--out", "mask.xyz"], "--out"),
+        (["demo", "--out", "/nonexistent-dir/mask.png"], "--out"),
+        (["demo", "--out", "/"], "--out"),
+        (["bench", "--lengths", "-5"], "--lengths"),
+        (["bench", "--backends", "nope"], "--backends"),
+        (["bench", "--repeats", "0"], "--repeats"),
+        (["bench", "--budget-s", "nan"], "--budget-s"),
+        (["bench", "--json", "/proc/no/such.json"], "--json"),
+        (["bench", "--plot", "/nonexistent-dir/p.png"], "--plot"),
+        (["train-demo", "--hidden-size", "3"], "--hidden-size"),
+        (["train-demo", "--lr", "-1"], "--lr"),
+        (["train-demo", "--lr", "inf"], "--lr"),
+        (["train-demo", "--device", "foo"], "--device"),
+        (["train-demo", "--steps", "0"], "--steps"),
+        (["train-demo", "--seq-len", "1"], "--seq-len"),
+        (["train-demo", "--out", "/proc/version"], "--out"),
+        (["info", "--verbose"], "--verbose"),
+        pytest.param(["demo", "--device", "cuda"], "--device", marks=pytest.mark.skipif(not NO_GPU, reason="a GPU is here")),
+        pytest.param(["bench", "--device", "cuda"], "--device", marks=pytest.mark.skipif(not NO_GPU, reason="a GPU is here")),
+        pytest.param(["train-demo", "--device", "cuda"], "--device", marks=pytest.mark.skipif(not NO_GPU, reason="a GPU is here")),
+    ],
+)
+def test_usage_mistakes_give_one_line_naming_the_option(args, option, capsys):
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"python -m peagle_ext {args[0]}: error:") and option in lines[0]
+    assert captured.out == ""
+
+
+def test_a_mistake_in_a_real_process_has_no_traceback():
+    result = run_cli("bench", "--lengths", "-5")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "python -m peagle_ext bench: error: argument --lengths: must be >= 1, got -5 (see --help)"
+    ]
+
+
+def test_usage_on_unknown_command(capsys):
+    assert main(["frobnicate"]) == 2
+    captured = capsys.readouterr()
+    assert "unknown command 'frobnicate'" in captured.err and "demo" in captured.out
