@@ -3,6 +3,8 @@
 
 #include <torch/library.h>
 
+#include <string>
+
 namespace peagle {
 
 void check_inputs(const at::Tensor& anchor_pos, const at::Tensor& depth, const at::Tensor& doc_of_position,
@@ -39,10 +41,14 @@ ListOutputs list_outputs(BlockIndexTensors& out) {
                       full_q_idx.data_ptr<int32_t>()}};
 }
 
+// build_block_index: the CPU kernel on CPU tensors, the CUDA pipeline on CUDA tensors.
+// build_block_index_emulated: the CUDA pipeline's code run on CPU tensors by a sequential launcher
+// (a test aid, cpu/block_index_emulated.cpp). Same arguments, same results.
 TORCH_LIBRARY(peagle_ext, m) {
-  m.def(
-      "build_block_index(Tensor anchor_pos, Tensor depth, Tensor doc_of_position, int? sliding_window, "
-      "int q_block_size, int kv_block_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  const std::string signature =
+      "(Tensor anchor_pos, Tensor depth, Tensor doc_of_position, int? sliding_window, int q_block_size, "
+      "int kv_block_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)";
+  for (const char* name : {"build_block_index", "build_block_index_emulated"}) m.def((name + signature).c_str());
 }
 
 }  // namespace peagle

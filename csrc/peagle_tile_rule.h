@@ -1,16 +1,15 @@
-// The P-EAGLE tile rule, once, for the CPU loop and the CUDA kernel alike.
+// The P-EAGLE tile rule, once, for the CPU kernel and the CUDA pipeline alike.
 //
-// Query q (anchor a_q, depth d_q, document doc_q) sees exactly two sets of keys, each a
-// contiguous run of a sorted key list (shared/DESIGN.md §1):
-//   context: depth-0 keys of doc_q with anchor in (lo_q, a_q], lo_q = -1 without a window W,
-//            else min(a_q + d_q - W, a_q - 1),
-//            contiguous when depth-0 keys are sorted by (document, anchor);
-//   rollout: depth >= 1 keys with anchor a_q and depth <= d_q,
-//            contiguous when those keys are sorted by (anchor, depth).
-// The two sorted lists are laid end to end in one "rank" space, so each query holds two rank
-// intervals. A tile (q-block, kv-block) is non-empty when an interval of one of its queries holds
-// a rank whose key lies in the kv-block; it is full when every key of the kv-block lies in every
-// query's intervals, which reduces to comparing rank extremes.
+// Query q (anchor a_q, depth d_q, document doc_q) sees exactly two sets of keys (shared/DESIGN.md §1):
+//   context: depth-0 keys of doc_q with anchor in [first_q, a_q], first_q = 0 without a window W,
+//            else max(0, min(a_q + d_q - W, a_q - 1) + 1): the window's bound, widened so that q's
+//            own depth-0 element (seen through the rollout clause, d_k = 0 <= d_q) stays inside;
+//   rollout: depth >= 1 keys with anchor a_q and depth <= d_q.
+// Both are runs of sorted key lists: depth-0 keys sorted by (document, anchor) and deeper keys
+// grouped by anchor. A tile (q-block, kv-block) is non-empty when a query of the q-block sees a
+// key of the kv-block, found by walking those runs. Whether a tile is full needs no lists: every
+// key of the kv-block must be seen by every query of the q-block, which reduces to comparing a
+// few extremes of the two blocks (tile_is_full).
 //
 // Everything here is plain arithmetic on values the caller passes in; no allocation, no I/O.
 #pragma once
@@ -39,42 +38,63 @@ PEAGLE_HD int64_t clamp_field(int64_t v) { return v < 0 ? 0 : (v > kFieldMax ? k
 PEAGLE_HD int64_t pack(int64_t high, int64_t low) { return (clamp_field(high) << kFieldBits) | clamp_field(low); }
 PEAGLE_HD int64_t low_field(int64_t key) { return key & kFieldMax; }
 
-// Everything the builder needs to know about one element, as sort keys and search bounds.
-// A query's context interval is [lower_bound(context_lo), upper_bound(context_hi)) in the sorted
-// context keys; its rollout interval likewise in the sorted rollout keys. A padding element has
-// no keys and empty intervals.
+// What the rule needs to know about one element, as a query and as a key.
+struct ElementInfo {
+  bool real;              // anchor and depth in range and the anchor in a document (not padding)
+  int64_t doc;            // its document as the sort keys hold it (clamped), -1 when not real
+  int64_t anchor;         // meaningful only when real
+  int64_t depth;          // clamped like the sort keys' fields
+  int64_t context_first;  // first_q above: the lowest anchor of the depth-0 keys it sees
+};
+
+// window <= 0 means no sliding window.
+PEAGLE_HD ElementInfo element_info(int64_t anchor, int64_t depth, const int64_t* doc_of_position,
+                                   int64_t num_positions, int64_t window) {
+  ElementInfo e;
+  const bool in_range = anchor >= 0 && anchor < num_positions && depth >= 0;
+  const int64_t doc = in_range ? doc_of_position[anchor] : -1;
+  e.real = doc >= 0;
+  e.doc = e.real ? clamp_field(doc) : -1;
+  e.anchor = anchor;
+  e.depth = clamp_field(depth);
+  int64_t lowest_excluded = -1;
+  if (e.real && window > 0) lowest_excluded = anchor + depth - window < anchor - 1 ? anchor + depth - window : anchor - 1;
+  e.context_first = lowest_excluded + 1 > 0 ? lowest_excluded + 1 : 0;
+  return e;
+}
+
+// The CPU kernel's sort keys and search bounds for one element. A query's context interval is
+// [lower_bound(context_lo), upper_bound(context_hi)) in the sorted context keys; its rollout
+// interval likewise in the sorted rollout keys. A padding element has no keys and empty intervals.
 struct ElementKeys {
   int64_t context_key;  // (doc, anchor) for a real depth-0 element, else kNotListed
   int64_t rollout_key;  // (anchor, depth) for a real deeper element, else kNotListed
   int64_t context_lo, context_hi;
   int64_t rollout_lo, rollout_hi;
-  bool real;  // anchor in a document (not padding, not out of range)
+  bool real;
 };
 
-// window <= 0 means no sliding window.
-PEAGLE_HD ElementKeys element_keys(int64_t anchor, int64_t depth, const int64_t* doc_of_position,
-                                   int64_t num_positions, int64_t window) {
+PEAGLE_HD ElementKeys element_keys(const ElementInfo& e) {
   ElementKeys k;
-  const bool in_range = anchor >= 0 && anchor < num_positions && depth >= 0;
-  const int64_t doc = in_range ? doc_of_position[anchor] : -1;
-  k.real = doc >= 0;
-  if (!k.real) {
+  k.real = e.real;
+  if (!e.real) {
     k.context_key = k.rollout_key = kNotListed;
     k.context_lo = k.rollout_lo = kNotListed;  // lower_bound lands past every real key...
     k.context_hi = k.rollout_hi = -1;          // ...and upper_bound at 0: an empty interval.
     return k;
   }
-  k.context_key = depth == 0 ? pack(doc, anchor) : kNotListed;
-  k.rollout_key = depth > 0 ? pack(anchor, depth) : kNotListed;
-  // Widen the window's exclusive bound to a_q - 1 so q's own depth-0 element (seen through the
-  // rollout clause, d_k = 0 <= d_q) stays inside the context interval.
-  int64_t lowest_excluded = -1;
-  if (window > 0) lowest_excluded = anchor + depth - window < anchor - 1 ? anchor + depth - window : anchor - 1;
-  k.context_lo = pack(doc, lowest_excluded + 1);
-  k.context_hi = pack(doc, anchor);
-  k.rollout_lo = pack(anchor, 1);
-  k.rollout_hi = depth > 0 ? pack(anchor, depth) : pack(anchor, 0);  // depth 0: hi < lo, empty
+  k.context_key = e.depth == 0 ? pack(e.doc, e.anchor) : kNotListed;
+  k.rollout_key = e.depth > 0 ? pack(e.anchor, e.depth) : kNotListed;
+  k.context_lo = pack(e.doc, e.context_first);
+  k.context_hi = pack(e.doc, e.anchor);
+  k.rollout_lo = pack(e.anchor, 1);
+  k.rollout_hi = pack(e.anchor, e.depth);  // depth 0: hi < lo, empty
   return k;
+}
+
+PEAGLE_HD ElementKeys element_keys(int64_t anchor, int64_t depth, const int64_t* doc_of_position,
+                                   int64_t num_positions, int64_t window) {
+  return element_keys(element_info(anchor, depth, doc_of_position, num_positions, window));
 }
 
 // Mark the kv-blocks of the ranks in [start, end): walk run by run, a run being consecutive
@@ -86,55 +106,173 @@ PEAGLE_HD void mark_interval(int64_t start, int64_t end, const int64_t* run_of_r
   for (int64_t run = run_of_rank[start]; run <= last_run; ++run) row_marks[tile_of_run[run]] = 1;
 }
 
-// The tightest interval bounds over the queries of one q-block. A key set is inside every query's
-// interval exactly when it starts at or after the latest start and ends before the earliest end.
-struct RowBounds {
-  int64_t context_start_max, context_end_min;
-  int64_t rollout_start_max, rollout_end_min;
-  bool all_real;  // the q-block holds Q_BLOCK_SIZE real queries (so it is no tail block)
+// The full-tile test needs extremes over a q-block's queries and over a kv-block's keys. They
+// are gathered as maxima of uint32 cells, 0 meaning "nothing seen", so that contributions combine
+// in any order (atomicMax on the GPU): a maximum of v is kept as v + 1, a minimum of v as 2^31 - v
+// (every value lies in [0, 2^31)).
+enum RowCell { kRowRealMin, kRowDocMin, kRowDocMax, kRowAnchorMin, kRowAnchorMax, kRowFirstMax, kRowDepthMin, kRowCells };
+enum ColumnCell {
+  kColumnRealMin,
+  kColumnContextDocMin,
+  kColumnContextDocMax,
+  kColumnContextAnchorMin,
+  kColumnContextAnchorMax,
+  kColumnRolloutAnchorMin,
+  kColumnRolloutAnchorMax,
+  kColumnRolloutDepthMax,
+  kColumnCells
 };
 
-// The rank extremes of the keys of one kv-block in each list (high < low when it has none there).
-struct ColumnExtent {
-  int64_t context_low, context_high;
-  int64_t rollout_low, rollout_high;
-  bool complete;  // the kv-block holds KV_BLOCK_SIZE listed keys (so it is no tail block)
+constexpr int64_t kCellBase = int64_t{1} << kFieldBits;
+PEAGLE_HD uint32_t max_cell(int64_t v) { return static_cast<uint32_t>(v + 1); }
+PEAGLE_HD uint32_t min_cell(int64_t v) { return static_cast<uint32_t>(kCellBase - v); }
+PEAGLE_HD int64_t max_of(uint32_t cell) { return static_cast<int64_t>(cell) - 1; }
+PEAGLE_HD int64_t min_of(uint32_t cell) { return kCellBase - static_cast<int64_t>(cell); }
+
+PEAGLE_HD int64_t min_value(int64_t a, int64_t b) { return a < b ? a : b; }
+PEAGLE_HD int64_t max_value(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// A block's extremes as plain values, added element by element and written as cells once. Minima
+// start at kCellBase and maxima at -1, which the cells encode as 0 ("nothing seen"). A block
+// holding any padding element is never full, so only the real-min cell counts padding elements.
+struct QueryExtremes {  // over a q-block's queries
+  int64_t real_min = kCellBase, doc_min = kCellBase, doc_max = -1, anchor_min = kCellBase, anchor_max = -1,
+          first_max = -1, depth_min = kCellBase;
+  PEAGLE_HD void add(const ElementInfo& e) {
+    real_min = min_value(real_min, e.real ? 1 : 0);
+    if (!e.real) return;
+    doc_min = min_value(doc_min, e.doc);
+    doc_max = max_value(doc_max, e.doc);
+    anchor_min = min_value(anchor_min, e.anchor);
+    anchor_max = max_value(anchor_max, e.anchor);
+    first_max = max_value(first_max, e.context_first);
+    depth_min = min_value(depth_min, e.depth);
+  }
+  PEAGLE_HD void write_cells(uint32_t* cells) const {
+    cells[kRowRealMin] = min_cell(real_min);
+    cells[kRowDocMin] = min_cell(doc_min);
+    cells[kRowDocMax] = max_cell(doc_max);
+    cells[kRowAnchorMin] = min_cell(anchor_min);
+    cells[kRowAnchorMax] = max_cell(anchor_max);
+    cells[kRowFirstMax] = max_cell(first_max);
+    cells[kRowDepthMin] = min_cell(depth_min);
+  }
 };
 
-PEAGLE_HD bool covered(int64_t start_max, int64_t end_min, int64_t low, int64_t high) {
-  return high < low || (start_max <= low && high < end_min);
+struct KeyExtremes {  // over a kv-block's keys: depth-0 (context) and deeper (rollout) keys apart
+  int64_t real_min = kCellBase, context_doc_min = kCellBase, context_doc_max = -1, context_anchor_min = kCellBase,
+          context_anchor_max = -1, rollout_anchor_min = kCellBase, rollout_anchor_max = -1, rollout_depth_max = -1;
+  PEAGLE_HD void add(const ElementInfo& e) {
+    real_min = min_value(real_min, e.real ? 1 : 0);
+    if (!e.real) return;
+    if (e.depth == 0) {
+      context_doc_min = min_value(context_doc_min, e.doc);
+      context_doc_max = max_value(context_doc_max, e.doc);
+      context_anchor_min = min_value(context_anchor_min, e.anchor);
+      context_anchor_max = max_value(context_anchor_max, e.anchor);
+    } else {
+      rollout_anchor_min = min_value(rollout_anchor_min, e.anchor);
+      rollout_anchor_max = max_value(rollout_anchor_max, e.anchor);
+      rollout_depth_max = max_value(rollout_depth_max, e.depth);
+    }
+  }
+  PEAGLE_HD void write_cells(uint32_t* cells) const {
+    cells[kColumnRealMin] = min_cell(real_min);
+    cells[kColumnContextDocMin] = min_cell(context_doc_min);
+    cells[kColumnContextDocMax] = max_cell(context_doc_max);
+    cells[kColumnContextAnchorMin] = min_cell(context_anchor_min);
+    cells[kColumnContextAnchorMax] = max_cell(context_anchor_max);
+    cells[kColumnRolloutAnchorMin] = min_cell(rollout_anchor_min);
+    cells[kColumnRolloutAnchorMax] = max_cell(rollout_anchor_max);
+    cells[kColumnRolloutDepthMax] = max_cell(rollout_depth_max);
+  }
+};
+
+// What one element contributes to its q-block's cells (as a query) and to its kv-block's cells
+// (as a key); 0 means nothing.
+PEAGLE_HD void query_cells(const ElementInfo& e, uint32_t* cells) {
+  QueryExtremes extremes;
+  extremes.add(e);
+  extremes.write_cells(cells);
 }
 
-PEAGLE_HD uint8_t classify_tile(bool nonempty, const RowBounds& row, const ColumnExtent& column) {
+PEAGLE_HD void key_cells(const ElementInfo& e, uint32_t* cells) {
+  KeyExtremes extremes;
+  extremes.add(e);
+  extremes.write_cells(cells);
+}
+
+// The q-block side of the full-tile test. `whole`: the block holds Q_BLOCK_SIZE queries (no tail).
+struct RowSummary {
+  bool all_real;
+  int64_t doc_min, doc_max, anchor_min, anchor_max, first_max, depth_min;
+};
+
+PEAGLE_HD RowSummary row_summary(const uint32_t* cells, bool whole) {
+  return RowSummary{whole && min_of(cells[kRowRealMin]) == 1, min_of(cells[kRowDocMin]), max_of(cells[kRowDocMax]),
+                    min_of(cells[kRowAnchorMin]), max_of(cells[kRowAnchorMax]), max_of(cells[kRowFirstMax]),
+                    min_of(cells[kRowDepthMin])};
+}
+
+// The kv-block side. `whole`: the block holds KV_BLOCK_SIZE keys (no tail).
+struct ColumnSummary {
+  bool complete, has_context, has_rollout;
+  int64_t context_doc_min, context_doc_max, context_anchor_min, context_anchor_max;
+  int64_t rollout_anchor_min, rollout_anchor_max, rollout_depth_max;
+};
+
+PEAGLE_HD ColumnSummary column_summary(const uint32_t* cells, bool whole) {
+  return ColumnSummary{whole && min_of(cells[kColumnRealMin]) == 1,
+                       cells[kColumnContextAnchorMax] != 0,
+                       cells[kColumnRolloutAnchorMax] != 0,
+                       min_of(cells[kColumnContextDocMin]),
+                       max_of(cells[kColumnContextDocMax]),
+                       min_of(cells[kColumnContextAnchorMin]),
+                       max_of(cells[kColumnContextAnchorMax]),
+                       min_of(cells[kColumnRolloutAnchorMin]),
+                       max_of(cells[kColumnRolloutAnchorMax]),
+                       max_of(cells[kColumnRolloutDepthMax])};
+}
+
+// Every key of the kv-block seen by every query of the q-block (all real, no tail on either side):
+// its depth-0 keys share the queries' one document and lie in [max first_q, min a_q]; its deeper
+// keys all sit on the one anchor every query has, no deeper than the shallowest query.
+PEAGLE_HD bool tile_is_full(const RowSummary& row, const ColumnSummary& column) {
+  if (!row.all_real || !column.complete) return false;
+  const bool context_seen = !column.has_context ||
+                            (row.doc_min == row.doc_max && column.context_doc_min == row.doc_min &&
+                             column.context_doc_max == row.doc_min && row.first_max <= column.context_anchor_min &&
+                             column.context_anchor_max <= row.anchor_min);
+  const bool rollout_seen = !column.has_rollout ||
+                            (row.anchor_min == row.anchor_max && column.rollout_anchor_min == row.anchor_min &&
+                             column.rollout_anchor_max == row.anchor_min && column.rollout_depth_max <= row.depth_min);
+  return context_seen && rollout_seen;
+}
+
+PEAGLE_HD uint8_t classify_tile(bool nonempty, const RowSummary& row, const ColumnSummary& column) {
   if (!nonempty) return kEmpty;
-  const bool full = row.all_real && column.complete &&
-                    covered(row.context_start_max, row.context_end_min, column.context_low, column.context_high) &&
-                    covered(row.rollout_start_max, row.rollout_end_min, column.rollout_low, column.rollout_high);
-  return full ? kFull : kPartial;
+  return tile_is_full(row, column) ? kFull : kPartial;
+}
+
+// Where entry i of a line goes in its BlockMask list, create_block_mask's layout: the entries in
+// the list (`listed`) ascending, then the others ascending. listed_before: listed entries before i.
+PEAGLE_HD int64_t list_position(bool listed, int64_t i, int64_t listed_before, int64_t listed_total) {
+  return listed ? listed_before : listed_total + (i - listed_before);
 }
 
 // One BlockMask list from a line of tile states (a row, or a column when stride is the row
-// length): the indices whose state is `wanted` ascending, then the others ascending, which is
-// create_block_mask's layout. Returns the count.
+// length), laid out by list_position. Returns the count.
 PEAGLE_HD int32_t write_ordered(const uint8_t* states, int64_t stride, int64_t length, uint8_t wanted,
                                 int32_t* indices) {
-  // One pass: wanted indices from the front, the others from the back (descending), then the
-  // back part is reversed into ascending order.
-  int32_t count = 0;
-  int64_t back = length;
+  int64_t total = 0;
+  for (int64_t i = 0; i < length; ++i) total += states[i * stride] == wanted;
+  int64_t before = 0;
   for (int64_t i = 0; i < length; ++i) {
-    if (states[i * stride] == wanted) {
-      indices[count++] = static_cast<int32_t>(i);
-    } else {
-      indices[--back] = static_cast<int32_t>(i);
-    }
+    const bool listed = states[i * stride] == wanted;
+    indices[list_position(listed, i, before, total)] = static_cast<int32_t>(i);
+    before += listed;
   }
-  for (int64_t lo = count, hi = length - 1; lo < hi; ++lo, --hi) {
-    const int32_t swap = indices[lo];
-    indices[lo] = indices[hi];
-    indices[hi] = swap;
-  }
-  return count;
+  return static_cast<int32_t>(total);
 }
 
 // The four BlockMask lists of a [rows, cols] state grid, as 2 * (rows + cols) lines: row lists

@@ -2,7 +2,9 @@
 
 The library is the top-level module ``peagle_ext_C`` (see setup.py), so a source checkout on
 ``sys.path`` still finds the installed kernels. Loading it registers
-``torch.ops.peagle_ext.build_block_index`` (CPU and CUDA kernels) and ``build_info``. A missing or
+``torch.ops.peagle_ext.build_block_index`` (CPU and CUDA kernels),
+``torch.ops.peagle_ext.build_block_index_emulated`` (the CUDA pipeline's code run on CPU tensors by
+a sequential launcher: a test aid, the backend "cuda_emulated") and ``build_info``. A missing or
 broken extension never breaks ``import peagle_ext``: the python backend serves and
 :func:`native_status` says why the native ones are unavailable.
 """
@@ -16,24 +18,31 @@ import torch
 from ._block_index import BlockIndex
 
 
+OPS = ("build_block_index", "build_block_index_emulated")
+
+
 def _register_fake() -> None:
-    """Output shapes depend only on N and the block sizes, so the op traces under torch.compile."""
+    """Output shapes depend only on N and the block sizes, so the ops trace under torch.compile."""
+    for op in OPS:
+        if hasattr(torch.ops.peagle_ext, op):  # a library built from older sources may lack one
+            torch.library.register_fake(f"peagle_ext::{op}")(_build_block_index_fake)
 
-    @torch.library.register_fake("peagle_ext::build_block_index")
-    def _build_block_index_fake(anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size):
-        n = anchor_pos.shape[0]
-        num_q_blocks = (n + q_block_size - 1) // q_block_size
-        num_kv_blocks = (n + kv_block_size - 1) // kv_block_size
 
-        def ints(*shape):
-            return anchor_pos.new_empty((1, 1, *shape), dtype=torch.int32)
+def _build_block_index_fake(anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size):
+    """The eight int32 outputs, shaped as the kernels shape them."""
+    n = anchor_pos.shape[0]
+    num_q_blocks = (n + q_block_size - 1) // q_block_size
+    num_kv_blocks = (n + kv_block_size - 1) // kv_block_size
 
-        return (
-            ints(num_q_blocks), ints(num_q_blocks, num_kv_blocks),
-            ints(num_q_blocks), ints(num_q_blocks, num_kv_blocks),
-            ints(num_kv_blocks), ints(num_kv_blocks, num_q_blocks),
-            ints(num_kv_blocks), ints(num_kv_blocks, num_q_blocks),
-        )
+    def ints(*shape):
+        return anchor_pos.new_empty((1, 1, *shape), dtype=torch.int32)
+
+    return (
+        ints(num_q_blocks), ints(num_q_blocks, num_kv_blocks),
+        ints(num_q_blocks), ints(num_q_blocks, num_kv_blocks),
+        ints(num_kv_blocks), ints(num_kv_blocks, num_q_blocks),
+        ints(num_kv_blocks), ints(num_kv_blocks, num_q_blocks),
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,13 +56,12 @@ def _load() -> tuple[str | None, str | None]:
     return torch.ops.peagle_ext.build_info(), None
 
 
-def build_native(anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size) -> BlockIndex:
-    """Run the compiled op (CPU or CUDA kernel, by the tensors' device); the library must have loaded."""
-    return BlockIndex(
-        *torch.ops.peagle_ext.build_block_index(
-            anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size
-        )
-    )
+def build_native(anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size,
+                 emulated: bool = False) -> BlockIndex:
+    """Run the compiled op: the CPU or CUDA kernel, by the tensors' device, or with ``emulated`` the
+    CUDA pipeline run on CPU tensors. The library must have loaded."""
+    op = torch.ops.peagle_ext.build_block_index_emulated if emulated else torch.ops.peagle_ext.build_block_index
+    return BlockIndex(*op(anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size))
 
 
 def compiled_kernels() -> list[str]:
@@ -84,7 +92,8 @@ def library_path() -> str | None:
 
 
 def native_status() -> dict[str, str | None]:
-    """For each native backend: None when it can run here, else the reason it cannot."""
+    """For each native backend ("cpu", "cuda", "cuda_emulated"): None when it can run here, else
+    the reason it cannot. "cuda_emulated" (CPU tensors) is in every build that has the CPU kernel."""
     info, error = _load()
     status: dict[str, str | None] = {}
     for backend in ("cpu", "cuda"):
@@ -96,4 +105,7 @@ def native_status() -> dict[str, str | None]:
             status[backend] = "no CUDA device is available"
         else:
             status[backend] = None
+    status["cuda_emulated"] = status["cpu"]
+    if error is None and not hasattr(torch.ops.peagle_ext, "build_block_index_emulated"):
+        status["cuda_emulated"] = "the extension was built without the emulated CUDA pipeline"
     return status

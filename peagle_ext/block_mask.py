@@ -11,7 +11,10 @@ from ._block_index import BlockIndex
 from ._python_builder import build_python
 from .mask_mod import mask_mod_from_inputs
 
-BACKENDS = ("python", "cpu", "cuda")
+# "cuda_emulated" is a test aid: the CUDA pipeline's code run on CPU tensors by a sequential
+# launcher, slow and exact. "auto" never picks it and available_backends() does not list it.
+BACKENDS = ("python", "cpu", "cuda", "cuda_emulated")
+BACKEND_DEVICE = {"cpu": "cpu", "cuda": "cuda", "cuda_emulated": "cpu"}  # the native backends' devices
 
 
 def available_backends() -> list[str]:
@@ -26,14 +29,16 @@ def _choose_backend(backend: str, device: torch.device) -> str:
     status = _native.native_status()
     if backend == "auto":
         native = "cuda" if device.type == "cuda" else "cpu"
-        return native if native in status and status[native] is None else "python"
+        return native if status[native] is None else "python"
     if backend != "python":
         if status[backend] is not None:
             raise RuntimeError(
                 f"backend {backend!r} is not available: {status[backend]}; available: {available_backends()}"
             )
-        if device.type != backend:
-            raise ValueError(f"backend {backend!r} needs {backend} tensors, but anchor_pos is on {device}")
+        if device.type != BACKEND_DEVICE[backend]:
+            raise ValueError(
+                f"backend {backend!r} needs {BACKEND_DEVICE[backend]} tensors, but anchor_pos is on {device}"
+            )
     return backend
 
 
@@ -42,7 +47,8 @@ def _block_index(inputs: MaskInputs, backend: str) -> BlockIndex:
         return build_python(inputs)
     # The kernels read the window as int64; a window past every sequence means "no window" anyway.
     window = None if inputs.sliding_window is None else min(inputs.sliding_window, 2**62)
-    return _native.build_native(inputs.anchor_pos, inputs.depth, inputs.doc_of_position, window, *inputs.block_size)
+    return _native.build_native(inputs.anchor_pos, inputs.depth, inputs.doc_of_position, window, *inputs.block_size,
+                                emulated=backend == "cuda_emulated")
 
 
 def build_block_mask(
@@ -69,7 +75,9 @@ def build_block_mask(
         lengths, total_seq_len / document_ids / sliding_window: the documents and window, as in
             :func:`create_peagle_mask_mod`.
         BLOCK_SIZE: int or (Q_BLOCK_SIZE, KV_BLOCK_SIZE).
-        backend: "auto" (the fastest available for the tensors' device), "python", "cpu", "cuda".
+        backend: "auto" (the fastest available for the tensors' device), "python", "cpu", "cuda",
+            or "cuda_emulated" (a test aid: the CUDA kernels' code run on CPU tensors, one thread
+            at a time; exact and slow, never picked by "auto").
         validate: check argument values (one device sync on CUDA). ``False`` keeps the CUDA path
             free of host syncs and capturable in a CUDA graph; unchecked out-of-range values then
             give a wrong mask but never an out-of-bounds read.

@@ -21,7 +21,9 @@ settings.register_profile(
 )
 settings.load_profile("ci")
 
-BACKEND_DEVICE = {"python": "cpu", "cpu": "cpu", "cuda": "cuda"}
+# Every backend and the device its tensors live on; "cuda_emulated" is the CUDA pipeline's code run
+# on CPU tensors by a sequential launcher, so the CPU suite covers what the GPU runs.
+BACKEND_DEVICE = {"python": "cpu", "cpu": "cpu", "cuda_emulated": "cpu", "cuda": "cuda"}
 
 
 def pytest_report_header(config):
@@ -39,11 +41,13 @@ def pytest_sessionstart(session):
             raise pytest.UsageError(f"PEAGLE_EXT_REQUIRE_NATIVE=1 but the cpu kernel is unavailable: {status['cpu']}")
         if torch.version.cuda and "cuda" not in _native.compiled_kernels():
             raise pytest.UsageError("PEAGLE_EXT_REQUIRE_NATIVE=1 but the CUDA kernels were not compiled in")
+        if status["cuda_emulated"] is not None:
+            raise pytest.UsageError(f"PEAGLE_EXT_REQUIRE_NATIVE=1 but cuda_emulated is unavailable: {status['cuda_emulated']}")
 
 
 def backends_here() -> list[str]:
     """Every backend that runs here (the python one always), for tests that compare them all."""
-    return [backend for backend in ("python", "cpu", "cuda") if backend == "python" or _native.native_status()[backend] is None]
+    return [backend for backend in BACKEND_DEVICE if backend == "python" or _native.native_status()[backend] is None]
 
 
 def skip_unless_backend(backend: str) -> None:
@@ -54,14 +58,14 @@ def skip_unless_backend(backend: str) -> None:
         pytest.skip(f"backend {backend!r} unavailable: {reason}")
 
 
-@pytest.fixture(params=["python", "cpu", "cuda"])
+@pytest.fixture(params=list(BACKEND_DEVICE))
 def backend(request) -> str:
     """Each builder backend; the native ones skip, saying why, where they cannot run."""
     skip_unless_backend(request.param)
     return request.param
 
 
-@pytest.fixture(params=["python", "cpu"])
+@pytest.fixture(params=[b for b, device in BACKEND_DEVICE.items() if device == "cpu"])
 def cpu_backend(request) -> str:
     skip_unless_backend(request.param)
     return request.param

@@ -23,7 +23,7 @@ struct Elements {
   const int64_t* depth;
   const int64_t* doc_of_position;
   int64_t n, num_positions, window;
-  ElementKeys keys(int64_t i) const { return element_keys(anchor[i], depth[i], doc_of_position, num_positions, window); }
+  ElementInfo info(int64_t i) const { return element_info(anchor[i], depth[i], doc_of_position, num_positions, window); }
   // The document as the sort keys hold it (pack clamps the field); -1 for padding.
   int64_t doc_field(int64_t position) const {
     const int64_t doc = doc_of_position[position];
@@ -107,62 +107,71 @@ RolloutList build_rollout_list(const std::vector<int64_t>& key_of_element, const
   return r;
 }
 
-// Per element, its context and rollout rank intervals (rollout ranks follow the context ranks).
+// Per element, its context and rollout rank intervals (rollout ranks follow the context ranks),
+// and per q-block the full-tile test's cells ([nQ, kRowCells]).
 struct Intervals {
   std::vector<int64_t> context_start, context_end, rollout_start, rollout_end;
+  std::vector<uint32_t> row_cells;
 };
 
 // The bounds are element_keys' search keys, answered through the lists' tables: each equals the
 // lower_bound / upper_bound of that key in the sorted list. element_keys is recomputed here rather
 // than stored from the first pass: a few arithmetic ops are cheaper than N structs of memory.
-Intervals find_intervals(const Elements& el, const ContextList& context, const RolloutList& rollout) {
+// Runs over whole q-blocks, so each q-block's cells are gathered on the way.
+Intervals find_intervals(const Elements& el, const ContextList& context, const RolloutList& rollout,
+                         int64_t q_block_size, int64_t num_q_blocks) {
   const int64_t n = el.n;
   const int64_t offset = static_cast<int64_t>(context.list.keys.size());
   const std::vector<int64_t>& context_keys = context.list.keys;
   const std::vector<int64_t>& rollout_keys = rollout.list.keys;
-  Intervals iv{std::vector<int64_t>(n), std::vector<int64_t>(n), std::vector<int64_t>(n), std::vector<int64_t>(n)};
-  at::parallel_for(0, n, 8192, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const ElementKeys k = el.keys(i);
-      if (!k.real) {  // padding sees nothing
-        iv.context_start[i] = iv.context_end[i] = 0;
-        iv.rollout_start[i] = iv.rollout_end[i] = offset;
-        continue;
+  Intervals iv{std::vector<int64_t>(n), std::vector<int64_t>(n), std::vector<int64_t>(n), std::vector<int64_t>(n),
+               std::vector<uint32_t>(num_q_blocks * kRowCells)};
+  const int64_t rows_per_task = std::max<int64_t>(1, 8192 / q_block_size);
+  at::parallel_for(0, num_q_blocks, rows_per_task, [&](int64_t row_begin, int64_t row_end) {
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      QueryExtremes extremes;
+      for (int64_t i = row * q_block_size; i < std::min(n, (row + 1) * q_block_size); ++i) {
+        const ElementInfo info = el.info(i);
+        extremes.add(info);
+        const ElementKeys k = element_keys(info);
+        if (!k.real) {  // padding sees nothing
+          iv.context_start[i] = iv.context_end[i] = 0;
+          iv.rollout_start[i] = iv.rollout_end[i] = offset;
+          continue;
+        }
+        const int64_t a = el.anchor[i];
+        // upper_bound(context_hi = (doc_q, a)): every key of doc_q at or before a.
+        iv.context_end[i] = context.rank_before[a] + context.count_at[a];
+        // lower_bound(context_lo = (doc_q, x)): by table where position x is in doc_q, else search.
+        const int64_t x = low_field(k.context_lo);
+        if (x == 0) {
+          iv.context_start[i] = context.doc_begin[a];
+        } else if (el.doc_field(x) == el.doc_field(a)) {
+          iv.context_start[i] = context.rank_before[x];
+        } else {
+          iv.context_start[i] = std::lower_bound(context_keys.begin() + context.doc_begin[a],
+                                                 context_keys.begin() + iv.context_end[i], k.context_lo) -
+                                context_keys.begin();
+        }
+        // Rollout: anchor a's chain holds every deeper key with anchor a; keep depths <= d_q.
+        const int64_t chain_begin = rollout.bucket_begin[a], chain_end = rollout.bucket_begin[a + 1];
+        iv.rollout_start[i] = offset + chain_begin;
+        iv.rollout_end[i] = offset + (std::upper_bound(rollout_keys.begin() + chain_begin,
+                                                       rollout_keys.begin() + chain_end, k.rollout_hi) -
+                                      rollout_keys.begin());
       }
-      const int64_t a = el.anchor[i];
-      // upper_bound(context_hi = (doc_q, a)): every key of doc_q at or before a.
-      iv.context_end[i] = context.rank_before[a] + context.count_at[a];
-      // lower_bound(context_lo = (doc_q, x)): by table where position x is in doc_q, else search.
-      const int64_t x = low_field(k.context_lo);
-      if (x == 0) {
-        iv.context_start[i] = context.doc_begin[a];
-      } else if (el.doc_field(x) == el.doc_field(a)) {
-        iv.context_start[i] = context.rank_before[x];
-      } else {
-        iv.context_start[i] = std::lower_bound(context_keys.begin() + context.doc_begin[a],
-                                               context_keys.begin() + iv.context_end[i], k.context_lo) -
-                              context_keys.begin();
-      }
-      // Rollout: anchor a's chain holds every deeper key with anchor a; keep depths <= d_q.
-      const int64_t chain_begin = rollout.bucket_begin[a], chain_end = rollout.bucket_begin[a + 1];
-      iv.rollout_start[i] = offset + chain_begin;
-      iv.rollout_end[i] = offset + (std::upper_bound(rollout_keys.begin() + chain_begin,
-                                                     rollout_keys.begin() + chain_end, k.rollout_hi) -
-                                    rollout_keys.begin());
+      extremes.write_cells(&iv.row_cells[row * kRowCells]);
     }
   });
   return iv;
 }
 
-// Ranks grouped into runs of consecutive ranks whose keys share a kv-block, with each kv-block's
-// rank extremes and whether it holds KV_BLOCK_SIZE listed keys.
-struct Columns {
+// Ranks grouped into runs of consecutive ranks whose keys share a kv-block.
+struct Runs {
   std::vector<int64_t> run_of_rank, tile_of_run;
-  std::vector<ColumnExtent> extent;
 };
 
-Columns describe_columns(const SortedList& context, const SortedList& rollout, int64_t kv_block_size,
-                         int64_t num_kv_blocks, int64_t n) {
+Runs find_runs(const SortedList& context, const SortedList& rollout, int64_t kv_block_size, int64_t n) {
   // Each element's kv-block, counted out rather than divided (64-bit division is slow).
   std::vector<int64_t> tile_of_element(n);
   for (int64_t i = 0, tile = 0, left = kv_block_size; i < n; ++i, --left) {
@@ -172,40 +181,30 @@ Columns describe_columns(const SortedList& context, const SortedList& rollout, i
     }
     tile_of_element[i] = tile;
   }
-  Columns c;
-  c.run_of_rank.resize(context.elements.size() + rollout.elements.size());
-  c.extent.assign(num_kv_blocks, ColumnExtent{kNotListed, -1, kNotListed, -1, false});
-  std::vector<int64_t> listed(num_kv_blocks, 0);
+  Runs r;
+  r.run_of_rank.resize(context.elements.size() + rollout.elements.size());
   int64_t rank = 0, run = -1, run_tile = -1;
   for (const SortedList* list : {&context, &rollout}) {
-    const bool in_context = list == &context;
     for (int64_t element : list->elements) {
       const int64_t tile = tile_of_element[element];
       if (tile != run_tile) {
-        c.tile_of_run.push_back(tile);
+        r.tile_of_run.push_back(tile);
         run_tile = tile;
         ++run;
       }
-      c.run_of_rank[rank] = run;
-      ColumnExtent& e = c.extent[tile];
-      int64_t& low = in_context ? e.context_low : e.rollout_low;
-      if (low == kNotListed) low = rank;  // ranks only grow: the first is the lowest
-      (in_context ? e.context_high : e.rollout_high) = rank;
-      ++listed[tile];
-      ++rank;
+      r.run_of_rank[rank++] = run;
     }
   }
-  for (int64_t t = 0; t < num_kv_blocks; ++t) c.extent[t].complete = listed[t] == kv_block_size;
-  return c;
+  return r;
 }
 
 // Mark the kv-blocks held by the intervals [starts[q], ends[q]) of queries q_begin..q_end-1.
 // Overlapping intervals are merged first so each run is walked once per row rather than once
 // per query: on the fly when they come sorted by start (the COD layout), else after a sort.
 void mark_row(const std::vector<int64_t>& starts, const std::vector<int64_t>& ends, int64_t q_begin, int64_t q_end,
-              const Columns& columns, std::vector<std::pair<int64_t, int64_t>>& scratch, uint8_t* marks) {
+              const Runs& runs, std::vector<std::pair<int64_t, int64_t>>& scratch, uint8_t* marks) {
   auto mark = [&](int64_t start, int64_t end) {
-    mark_interval(start, end, columns.run_of_rank.data(), columns.tile_of_run.data(), marks);
+    mark_interval(start, end, runs.run_of_rank.data(), runs.tile_of_run.data(), marks);
   };
   int64_t start = 0, end = 0;  // the merged interval so far
   int64_t q = q_begin;
@@ -234,29 +233,24 @@ void mark_row(const std::vector<int64_t>& starts, const std::vector<int64_t>& en
 
 // Tile states [nQ, nKV]: each row marks the kv-blocks its queries' intervals hold, then
 // classifies every tile of the row.
-at::Tensor classify_rows(const std::vector<uint8_t>& real, const Intervals& iv, const Columns& columns,
-                         int64_t q_block_size, int64_t num_q_blocks, int64_t num_kv_blocks) {
+at::Tensor classify_rows(int64_t n, const Intervals& iv, const Runs& runs,
+                         const std::vector<uint32_t>& columns, int64_t q_block_size, int64_t kv_block_size,
+                         int64_t num_q_blocks, int64_t num_kv_blocks) {
   at::Tensor states = at::empty({num_q_blocks, num_kv_blocks}, at::TensorOptions().dtype(at::kByte));
   uint8_t* out = states.data_ptr<uint8_t>();
-  const int64_t n = static_cast<int64_t>(real.size());
   at::parallel_for(0, num_q_blocks, 1, [&](int64_t row_begin, int64_t row_end) {
     std::vector<std::pair<int64_t, int64_t>> scratch;
     for (int64_t row = row_begin; row < row_end; ++row) {
       uint8_t* marks = out + row * num_kv_blocks;
       std::fill(marks, marks + num_kv_blocks, uint8_t{0});
       const int64_t q_begin = row * q_block_size, q_end = std::min(n, q_begin + q_block_size);
-      RowBounds bounds{0, kNotListed, 0, kNotListed, q_end - q_begin == q_block_size};
-      for (int64_t q = q_begin; q < q_end; ++q) {
-        bounds.all_real = bounds.all_real && real[q];
-        bounds.context_start_max = std::max(bounds.context_start_max, iv.context_start[q]);
-        bounds.context_end_min = std::min(bounds.context_end_min, iv.context_end[q]);
-        bounds.rollout_start_max = std::max(bounds.rollout_start_max, iv.rollout_start[q]);
-        bounds.rollout_end_min = std::min(bounds.rollout_end_min, iv.rollout_end[q]);
+      const RowSummary summary = row_summary(&iv.row_cells[row * kRowCells], q_end - q_begin == q_block_size);
+      mark_row(iv.context_start, iv.context_end, q_begin, q_end, runs, scratch, marks);
+      mark_row(iv.rollout_start, iv.rollout_end, q_begin, q_end, runs, scratch, marks);
+      for (int64_t tile = 0; tile < num_kv_blocks; ++tile) {
+        const bool whole = (tile + 1) * kv_block_size <= n;
+        marks[tile] = classify_tile(marks[tile] != 0, summary, column_summary(&columns[tile * kColumnCells], whole));
       }
-      mark_row(iv.context_start, iv.context_end, q_begin, q_end, columns, scratch, marks);
-      mark_row(iv.rollout_start, iv.rollout_end, q_begin, q_end, columns, scratch, marks);
-      for (int64_t tile = 0; tile < num_kv_blocks; ++tile)
-        marks[tile] = classify_tile(marks[tile] != 0, bounds, columns.extent[tile]);
     }
   });
   return states;
@@ -273,21 +267,29 @@ BlockIndexTensors build_block_index_cpu(const at::Tensor& anchor_pos_in, const a
   const Elements el{anchor_pos.data_ptr<int64_t>(), depth.data_ptr<int64_t>(), doc_of_position.data_ptr<int64_t>(),
                     n, num_positions, sliding_window.value_or(0)};
 
+  // Each element's sort keys, and per kv-block the full-tile test's cells ([nKV, kColumnCells]).
   std::vector<int64_t> context_key(n), rollout_key(n);
-  std::vector<uint8_t> real(n);
-  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const ElementKeys k = el.keys(i);
-      context_key[i] = k.context_key;
-      rollout_key[i] = k.rollout_key;
-      real[i] = k.real;
+  std::vector<uint32_t> column_cells(num_kv_blocks * kColumnCells);
+  const int64_t columns_per_task = std::max<int64_t>(1, 4096 / kv_block_size);
+  at::parallel_for(0, num_kv_blocks, columns_per_task, [&](int64_t column_begin, int64_t column_end) {
+    for (int64_t column = column_begin; column < column_end; ++column) {
+      KeyExtremes extremes;
+      for (int64_t i = column * kv_block_size; i < std::min(n, (column + 1) * kv_block_size); ++i) {
+        const ElementInfo info = el.info(i);
+        extremes.add(info);
+        const ElementKeys k = element_keys(info);
+        context_key[i] = k.context_key;
+        rollout_key[i] = k.rollout_key;
+      }
+      extremes.write_cells(&column_cells[column * kColumnCells]);
     }
   });
   const ContextList context = build_context_list(context_key, el);
   const RolloutList rollout = build_rollout_list(rollout_key, el);
-  const Intervals intervals = find_intervals(el, context, rollout);
-  const Columns columns = describe_columns(context.list, rollout.list, kv_block_size, num_kv_blocks, n);
-  const at::Tensor states = classify_rows(real, intervals, columns, q_block_size, num_q_blocks, num_kv_blocks);
+  const Intervals intervals = find_intervals(el, context, rollout, q_block_size, num_q_blocks);
+  const Runs runs = find_runs(context.list, rollout.list, kv_block_size, n);
+  const at::Tensor states =
+      classify_rows(n, intervals, runs, column_cells, q_block_size, kv_block_size, num_q_blocks, num_kv_blocks);
 
   BlockIndexTensors out = allocate_outputs(num_q_blocks, num_kv_blocks, anchor_pos.options());
   const ListOutputs lists = list_outputs(out);

@@ -85,6 +85,40 @@ def test_bench_peak_memory_tells_the_dense_builder_from_ours():
     assert dense > 10 * max(ours, 2**20)
 
 
+def test_bench_gpu_table_and_targets_from_figures(tmp_path, monkeypatch):
+    """What gpu_check.sh writes to benchmarks/results/h200.md, from figures given here (the GPU
+    measurement itself runs on a GPU only): the host-sync column, the notes, each target met or
+    missed from the measured numbers."""
+    from peagle_ext.cli import bench
+
+    def row(seq_len, ours_s, compiled_s, syncs, matches):
+        return {"seq_len": seq_len, "num_elements": 3 * seq_len, "tiles": "1x1", "methods": {
+            "cuda": {"median_s": ours_s, "runs": 50, "host_syncs": syncs, "matches_cpu": matches, "peak_bytes": 2**20},
+            "compiled_create_block_mask": {"median_s": compiled_s, "runs": 5, "host_syncs": 1, "compile_s": 9.5},
+            "create_block_mask": {"skipped": "needs ~500 GiB for the dense mask"}}}
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    path = tmp_path / "h200.md"
+    bench.write_markdown([row(8192, 80e-6, 2e-3, 0, True), row(65536, 3e-3, 50e-3, 0, True)], ["cuda"], str(path),
+                         "cuda", "python -m peagle_ext bench --device cuda")
+    text = path.read_text()
+    assert text.startswith("# `python -m peagle_ext bench` on NVIDIA H200")
+    assert "| 8192 | 24576 | 1x1 | cuda | 0.080 | 1.0 |  | 25.0 | 0 | (same blocks as the CPU kernel) |" in text
+    assert "| compiled_create_block_mask | 2.000 | - |  |  | 1 | (compile 9.5 s) |" in text
+    assert "- S = 8192 in <= 100 us per build: 80.0 us -> met" in text
+    assert "- >= 10x faster than compiled create_block_mask at S = 8192: 25.0x -> met" in text
+    assert "- S = 65536 in <= 2 ms: 3.000 ms -> MISSED" in text
+    assert "- zero host syncs (validate=False): 0 over 2 lengths -> met" in text
+    assert "- the CPU kernel's blocks at every length: 2 of 2 lengths -> met" in text
+    slow_and_syncing = [row(8192, 150e-6, 1e-3, 1, False)]
+    assert bench.gpu_targets(slow_and_syncing) == [
+        "- S = 8192 in <= 100 us per build: 150.0 us -> MISSED",
+        "- >= 10x faster than compiled create_block_mask at S = 8192: 6.7x -> MISSED",
+        "- zero host syncs (validate=False): 1 over 1 lengths -> MISSED",
+        "- the CPU kernel's blocks at every length: 0 of 1 lengths -> MISSED",
+    ]
+
+
 def test_train_demo_runs_and_saves_a_loadable_checkpoint(tmp_path, capsys):
     from peagle_ext.draft_llama import LlamaEagle3DraftModel
 

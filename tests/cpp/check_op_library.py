@@ -1,4 +1,5 @@
-"""ctest: the op library built by CMake loads into torch and agrees with the python backend.
+"""ctest: the op library built by CMake loads into torch, and its two CPU ops (the CPU kernel and the
+emulated CUDA pipeline) agree with the python backend.
 
 Usage: python check_op_library.py path/to/libpeagle_ext_ops.so
 """
@@ -20,11 +21,11 @@ def main(library: str) -> int:
         depth = torch.randint(0, 6, (3 * seq_len,), generator=generator)
         inputs = normalize_mask_inputs(anchor_pos, depth, torch.tensor([seq_len // 2, seq_len // 3]), seq_len,
                                        sliding_window=window, BLOCK_SIZE=block)
-        native = torch.ops.peagle_ext.build_block_index(inputs.anchor_pos, inputs.depth, inputs.doc_of_position,
-                                                        window, *block)
         expected = build_python(inputs)
-        mismatches += sum(not torch.equal(a, b) for a, b in zip(native, expected))
-    print(f"op library {library}: {mismatches} mismatching tensors against the python backend")
+        for op in (torch.ops.peagle_ext.build_block_index, torch.ops.peagle_ext.build_block_index_emulated):
+            native = op(inputs.anchor_pos, inputs.depth, inputs.doc_of_position, window, *block)
+            mismatches += sum(not torch.equal(a, b) for a, b in zip(native, expected))
+    print(f"op library {library}: {mismatches} mismatching tensors of its two CPU ops against the python backend")
     return 1 if mismatches else 0
 
 

@@ -1,7 +1,8 @@
 """CMakeLists.txt builds the same csrc/ into the op library, and its ctest suite passes.
 
-Builds the CPU library with torch's CMake prefix and Ninja and runs ctest: the tile-rule C++
-test and the op library checked against the python backend. The CUDA kernel is compiled once
+Builds the CPU library with torch's CMake prefix and Ninja and runs ctest: the tile-rule and
+CUDA-pipeline C++ tests (the pipeline's kernels run by the sequential launcher) and the op library
+checked against the python backend. The CUDA kernel is compiled once
 per CI run already (by `pip install .`), so here CMake only configures the CUDA build and the
 test checks that it compiles the CUDA sources that csrc/build_settings.cmake lists.
 """
@@ -67,7 +68,7 @@ def test_cmake_cpu_build_and_ctest(tmp_path):
     run_step(configure_command(cmake, tmp_path, "-DPEAGLE_WITH_CUDA=OFF"))
     run_step([cmake, "--build", str(tmp_path), "-j", str(os.cpu_count() or 1)])
     out = run_step([ctest, "--test-dir", str(tmp_path), "--output-on-failure"])
-    assert "100% tests passed out of 2" in out, out
+    assert "100% tests passed out of 3" in out, out
 
 
 @pytest.mark.skipif(os.environ.get("PEAGLE_EXT_SKIP_CMAKE") == "1", reason="PEAGLE_EXT_SKIP_CMAKE=1")

@@ -8,8 +8,10 @@
 #include <vector>
 
 #include "peagle_tile_rule.h"
+#include "rule_reference.h"
 
 using namespace peagle;
+using reference::brute_states;
 
 static int failures = 0;
 #define CHECK(cond)                                                  \
@@ -20,16 +22,8 @@ static int failures = 0;
     }                                                                \
   } while (0)
 
-// The rule, element by element.
-static bool visible(int64_t aq, int64_t dq, int64_t ak, int64_t dk, const std::vector<int64_t>& doc, int64_t window) {
-  const int64_t doc_q = doc[aq];
-  if (doc_q == -1 || doc_q != doc[ak]) return false;
-  bool context = dk == 0 && ak <= aq;
-  if (window > 0) context = context && ak > aq + dq - window;
-  return context || (ak == aq && dk <= dq);
-}
-
-// Tile states through the header: sort keys, search bounds, runs, marks, classification.
+// Tile states through the header as the CPU kernel uses it: sort keys, search bounds, runs, marks,
+// then the full-tile test on the blocks' cells.
 static std::vector<uint8_t> header_states(const std::vector<int64_t>& anchor, const std::vector<int64_t>& depth,
                                           const std::vector<int64_t>& doc, int64_t window, int64_t qb, int64_t kvb) {
   const int64_t n = static_cast<int64_t>(anchor.size());
@@ -37,7 +31,7 @@ static std::vector<uint8_t> header_states(const std::vector<int64_t>& anchor, co
   std::vector<ElementKeys> keys;
   for (int64_t i = 0; i < n; ++i)
     keys.push_back(element_keys(anchor[i], depth[i], doc.data(), static_cast<int64_t>(doc.size()), window));
-  // Both lists over all n elements, unlisted ones last (as the CUDA path lays them out).
+  // Both lists over all n elements, unlisted ones last.
   std::vector<int64_t> order[2];
   std::vector<int64_t> sorted[2];
   for (int list = 0; list < 2; ++list) {
@@ -53,21 +47,15 @@ static std::vector<uint8_t> header_states(const std::vector<int64_t>& anchor, co
     if (r == 0 || tile_of_rank[r] != tile_of_rank[r - 1]) tile_of_run.push_back(tile_of_rank[r]);
     run_of_rank.push_back(static_cast<int64_t>(tile_of_run.size()) - 1);
   }
-  std::vector<ColumnExtent> columns(nkv, ColumnExtent{kNotListed, -1, kNotListed, -1, false});
-  std::vector<int64_t> listed(nkv, 0);
-  for (int64_t r = 0; r < 2 * n; ++r) {
-    if (sorted[r / n][r % n] == kNotListed) continue;
-    ColumnExtent& c = columns[tile_of_rank[r]];
-    int64_t& low = r < n ? c.context_low : c.rollout_low;
-    int64_t& high = r < n ? c.context_high : c.rollout_high;
-    low = std::min(low, r);
-    high = std::max(high, r);
-    ++listed[tile_of_rank[r]];
+  std::vector<uint32_t> column_cells(nkv * kColumnCells, 0), contribution(kColumnCells);
+  for (int64_t k = 0; k < n; ++k) {
+    key_cells(element_info(anchor[k], depth[k], doc.data(), static_cast<int64_t>(doc.size()), window), contribution.data());
+    for (int c = 0; c < kColumnCells; ++c)
+      column_cells[(k / kvb) * kColumnCells + c] = std::max(column_cells[(k / kvb) * kColumnCells + c], contribution[c]);
   }
-  for (int64_t t = 0; t < nkv; ++t) columns[t].complete = listed[t] == kvb;
   std::vector<uint8_t> states(nq * nkv, 0);
   for (int64_t row = 0; row < nq; ++row) {
-    RowBounds bounds{0, kNotListed, 0, kNotListed, std::min(n, (row + 1) * qb) - row * qb == qb};
+    uint32_t row_cells[kRowCells] = {}, query[kRowCells];
     for (int64_t q = row * qb; q < std::min(n, (row + 1) * qb); ++q) {
       const ElementKeys& k = keys[q];
       const auto& c = sorted[0];
@@ -78,27 +66,14 @@ static std::vector<uint8_t> header_states(const std::vector<int64_t>& anchor, co
       const int64_t re = n + (std::upper_bound(o.begin(), o.end(), k.rollout_hi) - o.begin());
       mark_interval(cs, ce, run_of_rank.data(), tile_of_run.data(), &states[row * nkv]);
       mark_interval(rs, re, run_of_rank.data(), tile_of_run.data(), &states[row * nkv]);
-      bounds = RowBounds{std::max(bounds.context_start_max, cs), std::min(bounds.context_end_min, ce),
-                         std::max(bounds.rollout_start_max, rs), std::min(bounds.rollout_end_min, re),
-                         bounds.all_real && k.real};
+      query_cells(element_info(anchor[q], depth[q], doc.data(), static_cast<int64_t>(doc.size()), window), query);
+      for (int cell = 0; cell < kRowCells; ++cell) row_cells[cell] = std::max(row_cells[cell], query[cell]);
     }
-    for (int64_t t = 0; t < nkv; ++t) states[row * nkv + t] = classify_tile(states[row * nkv + t] != 0, bounds, columns[t]);
+    const RowSummary summary = row_summary(row_cells, (row + 1) * qb <= n);
+    for (int64_t t = 0; t < nkv; ++t)
+      states[row * nkv + t] = classify_tile(states[row * nkv + t] != 0, summary,
+                                            column_summary(&column_cells[t * kColumnCells], (t + 1) * kvb <= n));
   }
-  return states;
-}
-
-// Tile states from the rule, pair by pair, with create_block_mask's padding (tail tiles never full).
-static std::vector<uint8_t> brute_states(const std::vector<int64_t>& anchor, const std::vector<int64_t>& depth,
-                                         const std::vector<int64_t>& doc, int64_t window, int64_t qb, int64_t kvb) {
-  const int64_t n = static_cast<int64_t>(anchor.size());
-  const int64_t nq = (n + qb - 1) / qb, nkv = (n + kvb - 1) / kvb;
-  std::vector<int64_t> count(nq * nkv, 0);
-  for (int64_t q = 0; q < n; ++q)
-    for (int64_t k = 0; k < n; ++k)
-      count[(q / qb) * nkv + k / kvb] += visible(anchor[q], depth[q], anchor[k], depth[k], doc, window);
-  std::vector<uint8_t> states(nq * nkv);
-  for (size_t t = 0; t < states.size(); ++t)
-    states[t] = count[t] == 0 ? kEmpty : (count[t] == qb * kvb ? kFull : kPartial);
   return states;
 }
 
@@ -123,13 +98,37 @@ static void unit_checks() {
   CHECK(element_keys(2, 0, doc.data(), 4, 100).context_lo == pack(0, 0));  // clamped at 0
   // Packing clamps, so no field spills into its neighbour.
   CHECK(pack(1, kFieldMax + 5) == pack(1, kFieldMax) && pack(0, -3) == 0);
-  // Coverage and classification.
-  CHECK(covered(2, 10, 5, 4));   // no keys: vacuously covered
-  CHECK(covered(2, 10, 2, 9) && !covered(3, 10, 2, 9) && !covered(2, 9, 2, 9));
-  const RowBounds row{0, 10, 20, 30, true};
-  const ColumnExtent inside{1, 9, 21, 29, true}, partial_col{1, 10, 21, 29, true}, tail{1, 9, 21, 29, false};
-  CHECK(classify_tile(true, row, inside) == kFull && classify_tile(false, row, inside) == kEmpty);
-  CHECK(classify_tile(true, row, partial_col) == kPartial && classify_tile(true, row, tail) == kPartial);
+  // Element info: padding and out-of-range input are not real; the window's first position.
+  CHECK(!element_info(3, 0, doc.data(), 4, 0).real && element_info(3, 0, doc.data(), 4, 0).doc == -1);
+  CHECK(!element_info(1, -1, doc.data(), 4, 0).real);
+  CHECK(element_info(2, 3, doc.data(), 4, 2).context_first == 2 && element_info(2, 0, doc.data(), 4, 0).context_first == 0);
+  // Cells keep maxima and minima as maxima; 0 is "nothing seen".
+  CHECK(max_of(std::max(max_cell(3), max_cell(7))) == 7 && min_of(std::max(min_cell(3), min_cell(7))) == 3);
+  CHECK(max_cell(0) != 0 && min_cell(kFieldMax) != 0);
+  // Full tiles: one document, keys inside every query's context, deeper keys on the queries' one anchor.
+  uint32_t row_cells[kRowCells] = {}, column_cells[kColumnCells] = {}, cells[kColumnCells];
+  auto add_query = [&](int64_t a, int64_t d) {
+    query_cells(element_info(a, d, doc.data(), 4, 0), cells);
+    for (int c = 0; c < kRowCells; ++c) row_cells[c] = std::max(row_cells[c], cells[c]);
+  };
+  auto add_key = [&](int64_t a, int64_t d) {
+    key_cells(element_info(a, d, doc.data(), 4, 0), cells);
+    for (int c = 0; c < kColumnCells; ++c) column_cells[c] = std::max(column_cells[c], cells[c]);
+  };
+  add_query(2, 1);
+  add_query(2, 3);
+  add_key(0, 0);
+  add_key(2, 1);
+  CHECK(tile_is_full(row_summary(row_cells, true), column_summary(column_cells, true)));
+  CHECK(!tile_is_full(row_summary(row_cells, false), column_summary(column_cells, true)));  // tail row
+  CHECK(!tile_is_full(row_summary(row_cells, true), column_summary(column_cells, false)));  // tail column
+  CHECK(classify_tile(false, row_summary(row_cells, true), column_summary(column_cells, true)) == kEmpty);
+  add_key(2, 2);  // deeper than the shallowest query (depth 1)
+  CHECK(classify_tile(true, row_summary(row_cells, true), column_summary(column_cells, true)) == kPartial);
+  add_query(1, 3);  // a second anchor: no deeper key is seen by both
+  CHECK(!tile_is_full(row_summary(row_cells, true), column_summary(column_cells, true)));
+  // List positions: listed entries first, then the rest, each ascending.
+  CHECK(list_position(true, 5, 2, 3) == 2 && list_position(false, 5, 2, 3) == 6);
   // Runs: ranks 0..5 in tiles 0,0,1,1,0,2 are runs 0,0,1,1,2,3.
   const int64_t run_of_rank[] = {0, 0, 1, 1, 2, 3}, tile_of_run[] = {0, 1, 0, 2};
   uint8_t marks[3] = {0, 0, 0};

@@ -83,3 +83,29 @@ def test_compiled_training_step_backward_in_bf16():
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
     assert model.mask_hidden.grad.abs().sum() > 0
+
+
+def test_compiled_forward_and_backward_in_bf16_with_our_mask_equal_to_the_oracles():
+    """The P-EAGLE forward and backward through compiled flex_attention in bf16: the CUDA kernel's
+    BlockMask holds create_block_mask's blocks, and gives its outputs and gradients."""
+    anchor_pos, depth, ids, aux = _inputs(_gpu_model())
+    lengths = torch.tensor([180, 110], device="cuda")
+    n = anchor_pos.numel()
+    ours = peagle_ext.build_block_mask(anchor_pos, depth, lengths, SEQ, backend="cuda")
+    rule = peagle_ext.create_peagle_mask_mod(anchor_pos, depth, lengths, SEQ)
+    oracle = create_block_mask(rule, None, None, n, n, device="cuda")
+    peagle_ext.assert_block_masks_equal(ours, oracle)
+    results = {}
+    for name, mask in (("ours", ours), ("oracle", oracle)):
+        model = _gpu_model().train()  # the same seed: the same weights each time
+        flat = build_peagle_inputs(model, ids, aux, anchor_pos, depth)
+        hidden = model.forward_peagle(*flat, mask)
+        hidden.float().square().mean().backward()
+        grads = {key: parameter.grad for key, parameter in model.named_parameters() if parameter.grad is not None}
+        results[name] = (hidden.detach(), grads)
+    assert peagle_draft._peagle_flex_attention_compile_failed is False
+    (hidden, grads), (expected_hidden, expected_grads) = results["ours"], results["oracle"]
+    assert hidden.dtype == torch.bfloat16 and grads.keys() == expected_grads.keys() and grads
+    torch.testing.assert_close(hidden, expected_hidden)
+    for key in grads:
+        torch.testing.assert_close(grads[key], expected_grads[key], msg=key)

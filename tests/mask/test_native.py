@@ -1,5 +1,7 @@
-"""The compiled op: registration, opcheck, its own checks, and agreement with the python backend
-at sizes create_block_mask cannot reach."""
+"""The compiled ops: registration, opcheck, their own checks, and agreement between the backends at
+sizes create_block_mask cannot reach. Each op-level test runs on both CPU ops: the CPU kernel
+(build_block_index) and the CUDA pipeline's code run by the sequential launcher
+(build_block_index_emulated)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,13 @@ def needs_native_cpu():
     skip_unless_backend("cpu")
 
 
+OPS = pytest.mark.parametrize("op", ["build_block_index", "build_block_index_emulated"])
+
+
+def run_op(op, *args):
+    return getattr(torch.ops.peagle_ext, op)(*args)
+
+
 def op_args(seq_len=300, window=None, block=(64, 32), seed=0):
     generator = torch.Generator().manual_seed(seed)
     anchor_pos, depth = peagle_ext.generate_cod_sample_indices(seq_len, torch.ones(seq_len), generator=generator)
@@ -32,15 +41,17 @@ def test_build_info_names_compiled_kernels():
         assert _native.cuda_archs()
 
 
+@OPS
 @pytest.mark.parametrize("window", [None, 7])
-def test_opcheck(window):
-    torch.library.opcheck(torch.ops.peagle_ext.build_block_index.default, op_args(window=window))
+def test_opcheck(op, window):
+    torch.library.opcheck(getattr(torch.ops.peagle_ext, op).default, op_args(window=window))
 
 
-def test_op_traces_under_torch_compile():
+@OPS
+def test_op_traces_under_torch_compile(op):
     args = op_args()
-    compiled = torch.compile(lambda *a: torch.ops.peagle_ext.build_block_index(*a), fullgraph=True, dynamic=True)
-    for got, expected in zip(compiled(*args), torch.ops.peagle_ext.build_block_index(*args)):
+    compiled = torch.compile(lambda *a: run_op(op, *a), fullgraph=True, dynamic=True)
+    for got, expected in zip(compiled(*args), run_op(op, *args)):
         assert torch.equal(got, expected)
 
 
@@ -56,9 +67,10 @@ def test_op_traces_under_torch_compile():
         (lambda a: (a[0], a[1], a[2][:0], *a[3:]), "doc_of_position must not be empty"),
     ],
 )
-def test_op_checks_its_preconditions(change, message):
+@OPS
+def test_op_checks_its_preconditions(op, change, message):
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.peagle_ext.build_block_index(*change(op_args()))
+        run_op(op, *change(op_args()))
 
 
 def assert_well_formed(index, num_q_blocks: int, num_kv_blocks: int) -> None:
@@ -72,17 +84,23 @@ def assert_well_formed(index, num_q_blocks: int, num_kv_blocks: int) -> None:
         assert torch.equal(indices.sort(dim=-1).values, torch.arange(cols, dtype=torch.int32).expand(1, 1, rows, cols))
 
 
-def test_garbage_values_give_a_well_formed_index():
-    """Unvalidated garbage (validate=False, or a direct op call) gives some mask, never a crash."""
+@OPS
+def test_garbage_values_give_a_well_formed_index(op):
+    """Unvalidated garbage (validate=False, or a direct op call) gives some mask, never a crash;
+    both ops give the same one."""
     anchor_pos = torch.tensor([0, 5, -3, 2**40, 1, 2, -(2**62)], dtype=torch.int64)
     depth = torch.tensor([0, 0, 1, 2, -1, 2**40, 3], dtype=torch.int64)
     doc = torch.tensor([0, 0, -7, 2**40], dtype=torch.int64)
     for window in (None, 1, 2**62):
-        assert_well_formed(torch.ops.peagle_ext.build_block_index(anchor_pos, depth, doc, window, 2, 3), 4, 3)
+        index = run_op(op, anchor_pos, depth, doc, window, 2, 3)
+        assert_well_formed(index, 4, 3)
+        for got, expected in zip(index, run_op("build_block_index", anchor_pos, depth, doc, window, 2, 3)):
+            assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "cuda_emulated"])
 @pytest.mark.parametrize("bad_anchor", [-1, -(2**40), "P", 2**40])
-def test_out_of_range_anchors_are_read_as_padding(bad_anchor):
+def test_out_of_range_anchors_are_read_as_padding(backend, bad_anchor):
     """With validate=False an anchor outside the sequence is padding: the mask equals the checked
     one in which those elements sit on an extra padding position."""
     seq_len = 120
@@ -93,7 +111,7 @@ def test_out_of_range_anchors_are_read_as_padding(bad_anchor):
     garbage = anchor_pos.clone()
     garbage[bad] = seq_len if bad_anchor == "P" else bad_anchor
     got = peagle_ext.build_block_mask(garbage, depth, document_ids=document_ids, sliding_window=9, BLOCK_SIZE=16,
-                                      validate=False, backend="cpu")
+                                      validate=False, backend=backend)
     on_padding = anchor_pos.clone()
     on_padding[bad] = seq_len
     expected = peagle_ext.build_block_mask(on_padding, depth, document_ids=torch.cat([document_ids, torch.tensor([-1])]),
@@ -109,25 +127,46 @@ def test_out_of_range_anchors_are_read_as_padding(bad_anchor):
         (60000, {"BLOCK_SIZE": 256}),  # N ~ 200K
     ],
 )
-def test_cpu_equals_python_beyond_create_block_mask(seq_len, kwargs):
+def test_backends_agree_beyond_create_block_mask(seq_len, kwargs):
+    """cpu == cuda_emulated == python, byte for byte: all lay rows out as create_block_mask does,
+    so even the unread tails agree."""
     generator = torch.Generator().manual_seed(seq_len)
     anchor_pos, depth = peagle_ext.generate_cod_sample_indices(seq_len, torch.ones(seq_len), generator=generator)
     lengths = torch.tensor([seq_len // 3, seq_len // 3, seq_len // 4])
-    native = peagle_ext.build_block_mask(anchor_pos, depth, lengths, seq_len, backend="cpu", **kwargs)
-    python = peagle_ext.build_block_mask(anchor_pos, depth, lengths, seq_len, backend="python", **kwargs)
-    peagle_ext.assert_block_masks_equal(native, python)
-    # Both lay rows out as create_block_mask does, so even the unread tails agree.
-    assert torch.equal(native.kv_indices, python.kv_indices) and torch.equal(native.full_q_indices, python.full_q_indices)
+    masks = {backend: peagle_ext.build_block_mask(anchor_pos, depth, lengths, seq_len, backend=backend, **kwargs)
+             for backend in ("cpu", "cuda_emulated", "python")}
+    assert_same_bytes(masks)
 
 
-def test_cpu_equals_python_on_shuffled_noncontiguous_documents():
-    """The general path (no sorted layout to exploit) at a size the oracle cannot reach."""
+def assert_same_bytes(masks: dict) -> None:
+    """Every mask's eight index tensors equal the first's (the set comparison first, for its message)."""
+    (first_name, first), *others = masks.items()
+    for name, mask in others:
+        peagle_ext.assert_block_masks_equal(mask, first)
+        for tensor_name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                            "q_indices", "full_q_num_blocks", "full_q_indices"):
+            assert torch.equal(getattr(mask, tensor_name), getattr(first, tensor_name)), (name, first_name, tensor_name)
+
+
+def test_emulated_pipeline_keeps_marks_in_global_memory_past_32k_kv_blocks():
+    """Past 32K kv-blocks the row kernel's marks leave shared memory for its row of the states."""
+    generator = torch.Generator().manual_seed(9)
+    anchor_pos, depth = peagle_ext.generate_cod_sample_indices(12000, torch.ones(12000), generator=generator)
+    assert anchor_pos.numel() > 32 * 1024
+    args = (anchor_pos, depth, torch.tensor([5000, 6000]), 12000)
+    assert_same_bytes({backend: peagle_ext.build_block_mask(*args, BLOCK_SIZE=(512, 1), backend=backend)
+                       for backend in ("cpu", "cuda_emulated")})
+
+
+def test_backends_agree_on_shuffled_noncontiguous_documents():
+    """The general paths (documents out of position order, chains out of depth order, unsorted
+    q-blocks) at a size the oracle cannot reach."""
     generator = torch.Generator().manual_seed(3)
     seq_len = 20000
     anchor_pos, depth = peagle_ext.generate_cod_sample_indices(seq_len, torch.ones(seq_len), generator=generator)
     order = torch.randperm(anchor_pos.numel(), generator=generator)
     document_ids = torch.randint(-1, 6, (seq_len,), generator=generator)
     args = (anchor_pos[order], depth[order])
-    native = peagle_ext.build_block_mask(*args, document_ids=document_ids, sliding_window=300, backend="cpu")
-    python = peagle_ext.build_block_mask(*args, document_ids=document_ids, sliding_window=300, backend="python")
-    peagle_ext.assert_block_masks_equal(native, python)
+    assert_same_bytes({backend: peagle_ext.build_block_mask(*args, document_ids=document_ids, sliding_window=300,
+                                                            backend=backend)
+                       for backend in ("cpu", "cuda_emulated", "python")})

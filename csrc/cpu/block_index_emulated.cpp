@@ -1,0 +1,25 @@
+// The CUDA pipeline run on CPU tensors by the sequential launcher: the op
+// peagle_ext::build_block_index_emulated, a test aid (backend="cuda_emulated"), so that the code
+// the GPU runs (csrc/gpu_pipeline/) is exercised by the CPU test suite. Built in every build,
+// with or without CUDA.
+#include <torch/library.h>
+
+#include "../gpu_pipeline/block_index_pipeline.h"
+#include "../gpu_pipeline/sequential_launcher.h"
+
+namespace peagle {
+namespace {
+
+BlockIndexTensors build_block_index_emulated(const at::Tensor& anchor_pos, const at::Tensor& depth,
+                                             const at::Tensor& doc_of_position, std::optional<int64_t> sliding_window,
+                                             int64_t q_block_size, int64_t kv_block_size) {
+  pipeline::SequentialLauncher launcher;
+  return build_block_index_pipeline(launcher, anchor_pos, depth, doc_of_position, sliding_window, q_block_size,
+                                    kv_block_size);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(peagle_ext, CPU, m) { m.impl("build_block_index_emulated", &build_block_index_emulated); }
+
+}  // namespace peagle

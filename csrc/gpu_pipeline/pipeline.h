@@ -1,0 +1,99 @@
+// The CUDA pipeline's host side, free of torch: where each buffer lies in one workspace, and the
+// launch sequence. `Launcher` is the CUDA launcher (cuda/block_index_cuda.cu) or the sequential
+// one (sequential_launcher.h); block_index_pipeline.h wraps this for torch tensors.
+#pragma once
+
+#include <cstddef>
+
+#include "kernels.h"
+
+namespace peagle {
+namespace pipeline {
+
+// Marks of a q-block live in shared memory up to this many kv-blocks (N = 4M at KV_BLOCK_SIZE
+// 128), else in its row of the states, so the row kernel stays under the 48 KB of shared memory
+// a launch gets without opting in.
+constexpr int64_t kMaxSharedMarks = 32 * 1024;
+
+// Byte offsets in the workspace. The first `zeroed_bytes` must be zero before the launches.
+struct Layout {
+  size_t buckets, doc_first, column_cells, blocks_done, zeroed_bytes;
+  size_t slot, rank_key, context_start, context_end, rollout_start, rollout_end, walk_start, walk_rollout, query_doc,
+      query_depth, walk_offset, states, total_bytes;
+  bool marks_in_shared;
+};
+
+inline Layout plan(const Sizes& s) {
+  Layout l{};
+  size_t at = 0;
+  auto take = [&](size_t bytes) {
+    const size_t offset = at;
+    at += (bytes + 15) / 16 * 16;  // 16-byte aligned, like cudaMalloc'd memory
+    return offset;
+  };
+  const size_t n = static_cast<size_t>(s.n), positions = static_cast<size_t>(s.num_positions);
+  l.buckets = take((2 * positions + 1) * sizeof(int32_t));
+  l.doc_first = take(positions * sizeof(uint32_t));
+  l.column_cells = take(static_cast<size_t>(s.num_kv_blocks) * kColumnCells * sizeof(uint32_t));
+  l.blocks_done = take(sizeof(int32_t));
+  l.zeroed_bytes = at;
+  l.slot = take(n * sizeof(int32_t));
+  l.rank_key = take(n * sizeof(int64_t));
+  l.context_start = take(n * sizeof(int32_t));
+  l.context_end = take(n * sizeof(int32_t));
+  l.rollout_start = take(n * sizeof(int32_t));
+  l.rollout_end = take(n * sizeof(int32_t));
+  l.walk_start = take(n * sizeof(int32_t));
+  l.walk_rollout = take(n * sizeof(int32_t));
+  l.query_doc = take(n * sizeof(int32_t));
+  l.query_depth = take(n * sizeof(int32_t));
+  l.walk_offset = take(n * sizeof(int64_t));
+  l.states = take(static_cast<size_t>(s.num_q_blocks * s.num_kv_blocks));
+  l.total_bytes = at;
+  l.marks_in_shared = s.num_kv_blocks <= kMaxSharedMarks;
+  return l;
+}
+
+inline Buffers bind(const Layout& l, uint8_t* workspace, const int64_t* anchor, const int64_t* depth,
+                    const int64_t* doc_of_position, const ListOutputs& lists) {
+  auto at = [&](size_t offset) { return workspace + offset; };
+  Buffers b;
+  b.anchor = anchor;
+  b.depth = depth;
+  b.doc_of_position = doc_of_position;
+  b.buckets = reinterpret_cast<int32_t*>(at(l.buckets));
+  b.doc_first = reinterpret_cast<uint32_t*>(at(l.doc_first));
+  b.column_cells = reinterpret_cast<uint32_t*>(at(l.column_cells));
+  b.blocks_done = reinterpret_cast<int32_t*>(at(l.blocks_done));
+  b.slot = reinterpret_cast<int32_t*>(at(l.slot));
+  b.rank_key = reinterpret_cast<int64_t*>(at(l.rank_key));
+  b.context_start = reinterpret_cast<int32_t*>(at(l.context_start));
+  b.context_end = reinterpret_cast<int32_t*>(at(l.context_end));
+  b.rollout_start = reinterpret_cast<int32_t*>(at(l.rollout_start));
+  b.rollout_end = reinterpret_cast<int32_t*>(at(l.rollout_end));
+  b.walk_start = reinterpret_cast<int32_t*>(at(l.walk_start));
+  b.walk_rollout = reinterpret_cast<int32_t*>(at(l.walk_rollout));
+  b.query_doc = reinterpret_cast<int32_t*>(at(l.query_doc));
+  b.query_depth = reinterpret_cast<int32_t*>(at(l.query_depth));
+  b.walk_offset = reinterpret_cast<int64_t*>(at(l.walk_offset));
+  b.states = at(l.states);
+  b.lists = lists;
+  return b;
+}
+
+inline int64_t blocks_for(int64_t items, int64_t threads) { return (items + threads - 1) / threads; }
+
+// The four kernels, in order, on zeroed counters (the caller zeroes the workspace's first
+// zeroed_bytes: one memset, the pipeline's fifth launch).
+template <class Launcher>
+void launch_pipeline(Launcher& launcher, const Buffers& b, const Sizes& s, const Layout& l) {
+  const int64_t count_items = s.n > s.num_positions ? s.n : s.num_positions;
+  launcher.launch(CountKernel{b, s}, blocks_for(count_items, CountKernel::kThreads), 0);
+  launcher.launch(ScatterKernel{b, s}, blocks_for(s.n, ScatterKernel::kThreads), 0);
+  launcher.launch(RowKernel{b, s, l.marks_in_shared}, s.num_q_blocks,
+                  l.marks_in_shared ? static_cast<size_t>(s.num_kv_blocks) : 0);
+  launcher.launch(ColumnKernel{b, s}, s.num_kv_blocks, 0);
+}
+
+}  // namespace pipeline
+}  // namespace peagle
