@@ -87,3 +87,13 @@ def oracle_block_mask(anchor_pos, depth, lengths=None, total_seq_len=None, *, do
     )
     n = anchor_pos.numel()
     return create_block_mask(mask_mod, None, None, n, n, device=anchor_pos.device, BLOCK_SIZE=BLOCK_SIZE)
+
+
+def shuffled_noncontiguous_case(seq_len: int = 20000, seed: int = 3):
+    """(anchor_pos, depth, document_ids): a COD sample in random element order over documents out of
+    position order, with padding: the builders' general paths, at a size the oracle cannot reach."""
+    generator = torch.Generator().manual_seed(seed)
+    anchor_pos, depth = peagle_ext.generate_cod_sample_indices(seq_len, torch.ones(seq_len), generator=generator)
+    order = torch.randperm(anchor_pos.numel(), generator=generator)
+    document_ids = torch.randint(-1, 6, (seq_len,), generator=generator)
+    return anchor_pos[order], depth[order], document_ids

@@ -99,8 +99,8 @@ def test_bench_gpu_table_and_targets_from_figures(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
     path = tmp_path / "h200.md"
-    bench.write_markdown([row(8192, 80e-6, 2e-3, 0, True), row(65536, 3e-3, 50e-3, 0, True)], ["cuda"], str(path),
-                         "cuda", "python -m peagle_ext bench --device cuda")
+    bench.write_markdown([row(8192, 80e-6, 2e-3, 0, True), row(65536, 3e-3, 50e-3, 0, True)], str(path), "cuda",
+                         "python -m peagle_ext bench --device cuda")
     text = path.read_text()
     assert text.startswith("# `python -m peagle_ext bench` on NVIDIA H200")
     assert "| 8192 | 24576 | 1x1 | cuda | 0.080 | 1.0 |  | 25.0 | 0 | (same blocks as the CPU kernel) |" in text

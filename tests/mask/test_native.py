@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import skip_unless_backend
+from conftest import shuffled_noncontiguous_case, skip_unless_backend
 
 import peagle_ext
 from peagle_ext import _native
@@ -161,12 +161,7 @@ def test_emulated_pipeline_keeps_marks_in_global_memory_past_32k_kv_blocks():
 def test_backends_agree_on_shuffled_noncontiguous_documents():
     """The general paths (documents out of position order, chains out of depth order, unsorted
     q-blocks) at a size the oracle cannot reach."""
-    generator = torch.Generator().manual_seed(3)
-    seq_len = 20000
-    anchor_pos, depth = peagle_ext.generate_cod_sample_indices(seq_len, torch.ones(seq_len), generator=generator)
-    order = torch.randperm(anchor_pos.numel(), generator=generator)
-    document_ids = torch.randint(-1, 6, (seq_len,), generator=generator)
-    args = (anchor_pos[order], depth[order])
-    assert_same_bytes({backend: peagle_ext.build_block_mask(*args, document_ids=document_ids, sliding_window=300,
-                                                            backend=backend)
+    anchor_pos, depth, document_ids = shuffled_noncontiguous_case()
+    assert_same_bytes({backend: peagle_ext.build_block_mask(anchor_pos, depth, document_ids=document_ids,
+                                                            sliding_window=300, backend=backend)
                        for backend in ("cpu", "cuda_emulated", "python")})
