@@ -32,6 +32,7 @@ struct CudaLauncher {
     run_phases<Kernel><<<static_cast<unsigned>(grid), Kernel::kThreads, dynamic_shared_bytes, stream>>>(kernel);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  void zero(uint8_t* data, size_t bytes) { C10_CUDA_CHECK(cudaMemsetAsync(data, 0, bytes, stream)); }
 };
 
 BlockIndexTensors build_block_index_cuda(const at::Tensor& anchor_pos, const at::Tensor& depth,

@@ -1,6 +1,6 @@
 // The block-index op through the CUDA pipeline, for torch tensors on any device: the allocations
-// and the memset are ATen calls, which run on CPU and CUDA tensors alike, and the kernels go
-// through `launcher` (CUDA launches, or the sequential CPU launcher of the emulated op).
+// are ATen calls, which run on CPU and CUDA tensors alike, and the memset and the kernels go
+// through `launcher` (the CUDA stream, or the sequential CPU launcher of the emulated op).
 #pragma once
 
 #include "../block_index.h"
@@ -27,12 +27,12 @@ BlockIndexTensors build_block_index_pipeline(Launcher& launcher, const at::Tenso
   const pipeline::Layout layout = pipeline::plan(sizes);
   at::Tensor workspace =
       at::empty({static_cast<int64_t>(layout.total_bytes)}, anchor_pos.options().dtype(at::kByte));
-  workspace.narrow(0, 0, static_cast<int64_t>(layout.zeroed_bytes)).zero_();
   BlockIndexTensors out = allocate_outputs(sizes.num_q_blocks, sizes.num_kv_blocks, anchor_pos.options());
-  const pipeline::Buffers buffers =
-      pipeline::bind(layout, workspace.data_ptr<uint8_t>(), anchor_pos.data_ptr<int64_t>(), depth.data_ptr<int64_t>(),
-                     doc_of_position.data_ptr<int64_t>(), list_outputs(out));
-  pipeline::launch_pipeline(launcher, buffers, sizes, layout);
+  uint8_t* base = workspace.data_ptr<uint8_t>();
+  const pipeline::Buffers buffers = pipeline::bind(layout, base, anchor_pos.data_ptr<int64_t>(),
+                                                   depth.data_ptr<int64_t>(), doc_of_position.data_ptr<int64_t>(),
+                                                   list_outputs(out));
+  pipeline::launch_pipeline(launcher, base, buffers, sizes, layout);
   return out;  // the workspace goes back to the allocator, on this stream, after the kernels
 }
 

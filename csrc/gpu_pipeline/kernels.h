@@ -7,7 +7,7 @@
 // that make both give the same result are in primitives.h.
 //
 // The pipeline (pipeline.h launches it; README "How the CUDA kernel works" has the picture):
-//   0. (memset)  the counters are zeroed.
+//   0. memset    the counters are zeroed.
 //   1. count     per element: its bucket (a depth-0 key by its position, a deeper key by its anchor:
 //                2P buckets) and its slot in it (atomicAdd); per kv-block the cells of the
 //                full-tile test; per document the first position. The last block to finish

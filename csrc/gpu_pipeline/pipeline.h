@@ -15,7 +15,7 @@ namespace pipeline {
 // a launch gets without opting in.
 constexpr int64_t kMaxSharedMarks = 32 * 1024;
 
-// Byte offsets in the workspace. The first `zeroed_bytes` must be zero before the launches.
+// Byte offsets in the workspace. The first `zeroed_bytes` are zeroed by the pipeline's memset.
 struct Layout {
   size_t buckets, doc_first, column_cells, blocks_done, zeroed_bytes;
   size_t slot, rank_key, context_start, context_end, rollout_start, rollout_end, walk_start, walk_rollout, query_doc,
@@ -83,10 +83,10 @@ inline Buffers bind(const Layout& l, uint8_t* workspace, const int64_t* anchor, 
 
 inline int64_t blocks_for(int64_t items, int64_t threads) { return (items + threads - 1) / threads; }
 
-// The four kernels, in order, on zeroed counters (the caller zeroes the workspace's first
-// zeroed_bytes: one memset, the pipeline's fifth launch).
+// The pipeline: a memset of the workspace's counters, then the four kernels, in order.
 template <class Launcher>
-void launch_pipeline(Launcher& launcher, const Buffers& b, const Sizes& s, const Layout& l) {
+void launch_pipeline(Launcher& launcher, uint8_t* workspace, const Buffers& b, const Sizes& s, const Layout& l) {
+  launcher.zero(workspace, l.zeroed_bytes);
   const int64_t count_items = s.n > s.num_positions ? s.n : s.num_positions;
   launcher.launch(CountKernel{b, s}, blocks_for(count_items, CountKernel::kThreads), 0);
   launcher.launch(ScatterKernel{b, s}, blocks_for(s.n, ScatterKernel::kThreads), 0);

@@ -30,7 +30,8 @@ struct SequentialLauncher {
     }
     ++launches;
   }
-  int launches = 0;
+  void zero(uint8_t* data, size_t bytes) { std::memset(data, 0, bytes); }
+  int launches = 0;  // kernels launched
 };
 
 }  // namespace pipeline

@@ -96,3 +96,14 @@ def test_backend_for_another_device_is_refused():
         pytest.skip("needs the cuda backend to be runnable")
     with pytest.raises(ValueError, match="backend 'cuda' needs cuda tensors"):
         call(backend="cuda")
+
+
+def test_cuda_emulated_is_a_test_aid_on_cpu_tensors_never_picked_by_auto():
+    from conftest import skip_unless_backend
+
+    skip_unless_backend("cuda_emulated")
+    assert "cuda_emulated" not in peagle_ext.available_backends()
+    peagle_ext.assert_block_masks_equal(call(backend="cuda_emulated"), call(backend="python"))
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="backend 'cuda_emulated' needs cpu tensors"):
+            call(anchor_pos=A.cuda(), depth=D.cuda(), lengths=L.cuda(), backend="cuda_emulated")
