@@ -224,6 +224,9 @@ def save_checkpoint(directory, config_json: dict, tensors: dict) -> None:
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    readable = _readable_directory(directory)
+    if readable != directory:  # a fallback save was killed between its renames: put the copy back first
+        readable.rename(directory)
     _remove_stale_siblings(directory)
     staging = _sibling(directory, "tmp")
     staging.mkdir()

@@ -287,3 +287,27 @@ def test_next_save_removes_only_dead_processes_temporaries(tmp_path):
         sibling.mkdir()
     checkpoint.save_checkpoint(tmp_path / "draft", {"version": "A"}, _version_tensors("A"))
     assert not stale.exists() and live.exists()
+
+
+def test_a_copy_left_aside_by_a_killed_save_survives_the_next_save(tmp_path, monkeypatch):
+    """The fallback's window: killed between renaming the old checkpoint aside and renaming the new
+    one in. Loading reads the aside copy, and the next save puts it back before anything else, so
+    that save failing (or being killed) too still leaves the old version loadable."""
+    import subprocess
+    import sys
+
+    directory = tmp_path / "draft"
+    checkpoint.save_checkpoint(directory, {"version": "A"}, _version_tensors("A"))
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                                  capture_output=True, text=True).stdout)
+    directory.rename(tmp_path / f".draft.old-{dead_pid}-0123456789ab")
+    assert _assert_loads_as_one_version(directory) == "A"
+
+    def killed(tensors, path):
+        raise KeyboardInterrupt  # stands for a kill during the write
+
+    monkeypatch.setattr(checkpoint, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(directory, {"version": "B"}, _version_tensors("B"))
+    assert _assert_loads_as_one_version(directory) == "A"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["draft"]
