@@ -75,6 +75,8 @@ def parse_args(argv: list[str]):
     parser.add_argument("--hidden-size", type=int_at_least(1), default=64,
                         help=f"draft hidden size, a multiple of {2 * DEMO_HEADS} (default 64)")
     parser.add_argument("--layers", type=int_at_least(1), default=2, help="draft layers (default 2)")
+    parser.add_argument("--sequence-partitions", type=int_at_least(1), default=1,
+                        help="segments per sequence, each with its own forward and backward (default 1: flat)")
     args = parser.parse_args(argv)
     if args.hidden_size % (2 * DEMO_HEADS):
         raise UsageError(f"argument --hidden-size: must be a multiple of {2 * DEMO_HEADS} ({DEMO_HEADS} attention "
@@ -90,16 +92,32 @@ def parse_args(argv: list[str]):
     return args
 
 
+def start_distributed(device: str) -> tuple[int, int, str]:
+    """(rank, world size, device) under torchrun (WORLD_SIZE > 1): joins the process group, gloo on
+    CPU and nccl on GPU, one GPU per local rank; (0, 1, device) otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, device
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return torch.distributed.get_rank(), world_size, device
+
+
 def main(argv: list[str]) -> int:
     """Train a tiny draft on CPU or GPU with a progress bar (stderr) of loss and per-depth accuracy,
     print a summary, save a checkpoint. Returns 0."""
     args = parse_args(argv)
+    from torch.nn.parallel import DistributedDataParallel
+
     from ..draft.llama import Eagle3DraftConfig, LlamaEagle3DraftModel
     from ..draft.training import eagle_pairs, peagle_training_step
 
-    device = torch.device(args.device)
-    torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
+    rank, world_size, device = start_distributed(args.device)
+    device = torch.device(device)
+    torch.manual_seed(args.seed)  # the same target and initial draft on every rank
+    generator = torch.Generator().manual_seed(args.seed + rank)  # each rank its own sequences and layouts
     target_hidden = 32
     target = TinyTarget(args.vocab, target_hidden).to(device).eval()
     config = Eagle3DraftConfig(
@@ -116,25 +134,43 @@ def main(argv: list[str]) -> int:
         max_position_embeddings=args.seq_len,
     )
     model = LlamaEagle3DraftModel(config).to(device).train()
+    trained = DistributedDataParallel(model) if world_size > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     loss_mask = torch.ones(args.seq_len, device=device)
-    interactive = sys.stderr.isatty()
-    print(f"train-demo: {args.steps} steps on {device}, seq-len {args.seq_len}, {args.depths} depths", file=sys.stderr)
+    report = rank == 0  # rank 0 alone prints and saves
+    interactive = report and sys.stderr.isatty()
+    if report:
+        print(f"train-demo: {args.steps} steps on {device}"
+              + (f" x {world_size} processes (DistributedDataParallel)" if world_size > 1 else "")
+              + f", seq-len {args.seq_len}, {args.depths} depths, {args.sequence_partitions} segment(s) per sequence",
+              file=sys.stderr)
     losses, started = [], time.perf_counter()
     for step in range(1, args.steps + 1):
         with torch.no_grad():
             tokens = target.sample(args.seq_len + 1, generator)
             input_ids, aux, logits, _ = eagle_pairs(tokens, *target(tokens))
-        out = peagle_training_step(model, input_ids, aux, loss_mask, target_logits=logits, generator=generator)
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        out = peagle_training_step(trained, input_ids, aux, loss_mask, target_logits=logits, generator=generator,
+                                   sequence_partitions=args.sequence_partitions)
+        if out.loss.requires_grad:  # a partitioned step has run its backward already
+            out.loss.backward()
         optimizer.step()
-        losses.append(out.loss.item())
-        if interactive or step % max(1, args.steps // 10) == 0 or step == args.steps:
+        loss = out.loss.detach()
+        if world_size > 1:  # the global batch's loss is the mean of the ranks' losses
+            torch.distributed.all_reduce(loss)
+            loss /= world_size
+        losses.append(loss.item())
+        if report and (interactive or step % max(1, args.steps // 10) == 0 or step == args.steps):
             line = _progress(step, args.steps, losses[-1], out.depth_accuracy)
             print(("\r" + line) if interactive else line, end="" if interactive else "\n", file=sys.stderr, flush=True)
     if interactive:
         print(file=sys.stderr)
+    if world_size > 1:
+        del trained  # the reducer's gloo/nccl work goes before the group
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if not report:
+        return 0
     window = max(1, min(5, len(losses) // 4))
     model.save_pretrained(args.out)
     accuracy = " ".join(f"d{d}={a:.2f}" for d, a in enumerate(out.depth_accuracy.tolist()))

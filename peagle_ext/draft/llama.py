@@ -290,9 +290,16 @@ class LlamaEagle3DraftModel(_PeagleDraftMixin, nn.Module):
     def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False
 
-    def forward(self, sampled_input_ids, sampled_projected_hidden, position_ids, block_mask) -> torch.Tensor:
-        """Same as :meth:`forward_peagle`."""
-        return self.forward_peagle(sampled_input_ids, sampled_projected_hidden, position_ids, block_mask)
+    def forward(self, *args, peagle_training_inputs: dict | None = None, **kwargs) -> torch.Tensor:
+        """:meth:`forward_peagle` (same arguments). With ``peagle_training_inputs`` (the keyword
+        arguments of :func:`peagle_ext.training.supervised_draft_logits`), the draft logits of one
+        training step or segment: ``peagle_training_step`` calls it so, so that a
+        DistributedDataParallel wrapper sees the whole forward of the step."""
+        if peagle_training_inputs is not None:
+            from .training import supervised_draft_logits
+
+            return supervised_draft_logits(self, **peagle_training_inputs)
+        return self.forward_peagle(*args, **kwargs)
 
     def save_pretrained(self, directory) -> None:
         """Write ``config.json`` and ``model.safetensors`` in the speculators P-EAGLE layout, atomically."""

@@ -234,11 +234,12 @@ class _PeagleDraftMixin:
             return torch.utils.checkpoint.checkpoint(layer_fn, *args, use_reentrant=False, **kwargs)
         return layer_fn(*args, **kwargs)
 
-    def build_peagle_block_mask(self, anchor_pos, depth, lengths, total_seq_len):
+    def build_peagle_block_mask(self, anchor_pos, depth, lengths, total_seq_len, *, sliding_window=None):
         """The COD flex_attention BlockMask for one packed sequence, from ``peagle_ext.build_block_mask``
         with the fastest available backend (anchor_pos, depth: int [N]; lengths: document lengths
-        packed from position 0; total_seq_len: the original sequence length)."""
-        return build_block_mask(anchor_pos, depth, lengths, total_seq_len)
+        packed from position 0; total_seq_len: the original sequence length; sliding_window: the
+        optional window W of the depth-0 context, a keyword beyond the seed's signature)."""
+        return build_block_mask(anchor_pos, depth, lengths, total_seq_len, sliding_window=sliding_window)
 
     def forward_peagle(
         self,

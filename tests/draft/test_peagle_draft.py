@@ -349,7 +349,8 @@ def test_module_exports_the_seed_names():
     assert params(mixin._init_peagle_parameters) == ["self", "config"]
     assert params(mixin.masked_projected_hidden) == ["self"]
     assert params(mixin._run_draft_layer) == ["self", "layer_fn", "args", "kwargs"]
-    assert params(mixin.build_peagle_block_mask) == ["self", "anchor_pos", "depth", "lengths", "total_seq_len"]
+    assert params(mixin.build_peagle_block_mask) == ["self", "anchor_pos", "depth", "lengths", "total_seq_len",
+                                                     "sliding_window"]  # the last one keyword-only, beyond the seed
     assert params(peagle_draft._peagle_compile_supported) == ["q", "k", "v"]
     assert params(peagle_draft._peagle_flex_attention) == ["q", "k", "v", "block_mask", "scale"]
     assert peagle_draft._peagle_flex_attention_compile_failed is False
