@@ -44,8 +44,8 @@ class Eagle3DraftConfig:
     NeMo Automodel and vLLM, under the same names:
 
     * ``norm_before_fc``: one RMSNorm over the concatenated auxiliary states (``input_norm``);
-    * ``fc_norm``: one RMSNorm per auxiliary state (``fc_norm.{i}``, over ``target_hidden_size``),
-      after ``input_norm`` when both were set (they are mutually exclusive, as in speculators);
+    * ``fc_norm``: one RMSNorm per auxiliary state (``fc_norm.{i}``, over ``target_hidden_size``);
+      exclusive with ``norm_before_fc``, as in speculators;
     * ``norm_before_residual``: the first layer's residual is ``hidden_norm(hidden)``, not ``hidden``;
     * ``norm_output``: ``forward_peagle`` returns post-``norm`` states (else ``compute_logits``
       applies the norm); the logits are the same;

@@ -27,6 +27,8 @@ ROPES = {
     "yarn-options": (10000.0, {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 512,
                                "beta_fast": 16, "beta_slow": 2, "mscale": 0.707, "mscale_all_dim": 1.0,
                                "truncate": False}),
+    "yarn-untruncated": (10000.0, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
+                                   "truncate": False}),
     "yarn-attention-factor": (10000.0, {"rope_type": "yarn", "factor": 2.0, "attention_factor": 0.9,
                                         "original_max_position_embeddings": 2048}),
     "yarn-no-factor": (10000.0, {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 1024}),

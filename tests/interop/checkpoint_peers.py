@@ -145,6 +145,25 @@ def assert_logits_close(ours: torch.Tensor, theirs: torch.Tensor, record: dict |
     return difference
 
 
+def transformers_llama_config(config: Eagle3DraftConfig):
+    """A transformers LlamaConfig with our draft's layer shape and rope (how peers describe the layer)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim, num_hidden_layers=config.num_hidden_layers, vocab_size=config.vocab_size,
+        rms_norm_eps=config.rms_norm_eps, max_position_embeddings=config.max_position_embeddings,
+        rope_parameters=dict(config.rope_parameters), attention_bias=config.attention_bias, mlp_bias=config.mlp_bias,
+    )
+
+
+def print_measured(peer: str, measured: dict) -> None:
+    """The max |logits difference| per (direction, variant), one line each (pytest -s shows them)."""
+    for (direction, name), difference in sorted(measured.items()):
+        print(f"{peer} {direction:<26} {name:<58} max|logits diff| {difference:.2e}")
+
+
 def write_verifier(directory: Path, hidden_size: int, vocab_size: int, num_layers: int = 8, seed: int = 1) -> Path:
     """A tiny local verifier as speculators resolves one: config.json (a Llama of this hidden size)
     and model.safetensors holding the three weights speculators reads (embeddings, lm_head, final norm)."""

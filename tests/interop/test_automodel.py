@@ -19,8 +19,10 @@ from checkpoint_peers import (
     draft_vocab,
     our_logits,
     our_model,
+    print_measured,
     randomize_,
     require,
+    transformers_llama_config,
     variant_config,
 )
 from draft_helpers import single_thread  # noqa: F401 (autouse fixture)
@@ -41,8 +43,7 @@ VARIANTS = {
 @pytest.fixture(scope="module", autouse=True)
 def report_measured():
     yield
-    for (direction, name), difference in sorted(MEASURED.items()):
-        print(f"automodel {direction:<26} {name:<56} max|logits diff| {difference:.2e}")
+    print_measured("automodel", MEASURED)
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +53,7 @@ def draft_llama():
 
 def automodel_draft(draft_llama, config: Eagle3DraftConfig):
     """Automodel's draft for our config: an HF LlamaConfig plus the attributes its recipe sets."""
-    from transformers import LlamaConfig
-
-    hf = LlamaConfig(
-        hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
-        head_dim=config.head_dim, num_hidden_layers=config.num_hidden_layers, vocab_size=config.vocab_size,
-        rms_norm_eps=config.rms_norm_eps, max_position_embeddings=config.max_position_embeddings,
-        rope_parameters=dict(config.rope_parameters), attention_bias=config.attention_bias, mlp_bias=config.mlp_bias,
-    )
+    hf = transformers_llama_config(config)
     for name in ("parallel_drafting", "num_aux_hidden_states", "target_hidden_size", "draft_vocab_size", "fc_norm",
                  "norm_output", "mask_token_id", "num_depths"):
         setattr(hf, name, getattr(config, name))

@@ -22,8 +22,10 @@ from checkpoint_peers import (
     draft_vocab,
     our_logits,
     our_model,
+    print_measured,
     randomize_,
     require,
+    transformers_llama_config,
     variant_config,
     write_verifier,
 )
@@ -36,8 +38,7 @@ MEASURED: dict = {}
 @pytest.fixture(scope="module", autouse=True)
 def report_measured():
     yield
-    for (direction, name), difference in sorted(MEASURED.items()):
-        print(f"speculators {direction:<22} {name:<58} max|logits diff| {difference:.2e}")
+    print_measured("speculators", MEASURED)
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +58,7 @@ def speculators():
 
 def speculators_model(spec, config, seed: int = 0):
     """speculators' own draft (P-EAGLE or EAGLE-3) for our config, with random weights."""
-    from transformers import LlamaConfig
-
-    layer = LlamaConfig(
-        hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
-        head_dim=config.head_dim, num_hidden_layers=config.num_hidden_layers, vocab_size=config.vocab_size,
-        rms_norm_eps=config.rms_norm_eps, max_position_embeddings=config.max_position_embeddings,
-        rope_parameters=dict(config.rope_parameters), attention_bias=config.attention_bias, mlp_bias=config.mlp_bias,
-    )
+    layer = transformers_llama_config(config)
     kind = "peagle" if config.parallel_drafting else "eagle3"
     fields = dict(
         transformer_layer_config=layer, draft_vocab_size=config.draft_vocab_size,
