@@ -3,10 +3,12 @@ random target, with a progress bar, then save a checkpoint."""
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import sys
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -61,6 +63,21 @@ def _progress(step: int, total: int, loss: float, accuracy: torch.Tensor, width:
     return f"[{'#' * filled}{'.' * (width - filled)}] {step}/{total} loss {loss:.4f} acc/depth {depths}"
 
 
+def _save_noting_interop(model, out: str, verifier: str | None) -> None:
+    """Save the checkpoint; what a peer will lack to load it (InteropWarning) becomes one
+    ``note:`` line on stderr instead of a Python warning."""
+    from ..draft.checkpoint import InteropWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InteropWarning)
+        model.save_pretrained(out, verifier=verifier)
+    for warning in caught:
+        if issubclass(warning.category, InteropWarning):
+            print(f"note: {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
 def parse_args(argv: list[str]):
     parser = parser_for("train-demo")
     parser.add_argument("--steps", type=int_at_least(1), default=200, help="optimizer steps (default 200)")
@@ -69,6 +86,9 @@ def parse_args(argv: list[str]):
     add_device_option(parser)
     parser.add_argument("--out", default="peagle_demo_checkpoint", help="checkpoint directory to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+    parser.add_argument("--verifier", metavar="NAME_OR_PATH", default=None,
+                        help="the target model's hub id or local directory, recorded in the checkpoint as "
+                             "speculators' verifier (speculators' from_pretrained needs it)")
     parser.add_argument("--seed", type=int_at_least(0), default=0, help="random seed (default 0)")
     parser.add_argument("--lr", type=positive_float, default=3e-3, help="AdamW learning rate (default 3e-3)")
     parser.add_argument("--vocab", type=int_at_least(2), default=128, help="vocabulary size (default 128)")
@@ -166,13 +186,14 @@ def main(argv: list[str]) -> int:
     if interactive:
         print(file=sys.stderr)
     if world_size > 1:
-        del trained  # the reducer's gloo/nccl work goes before the group
+        del trained  # the reducer (and its hold on the group) goes first: gloo threads left at exit abort
+        gc.collect()
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if not report:
         return 0
     window = max(1, min(5, len(losses) // 4))
-    model.save_pretrained(args.out)
+    _save_noting_interop(model, args.out, args.verifier)
     accuracy = " ".join(f"d{d}={a:.2f}" for d, a in enumerate(out.depth_accuracy.tolist()))
     print(f"loss: first {window} steps {sum(losses[:window]) / window:.4f}, last {window} steps {sum(losses[-window:]) / window:.4f}")
     print(f"last-step accuracy per depth: {accuracy}")

@@ -189,10 +189,13 @@ class _PeagleDecoderLayerMixin:
         """Fused first layer: attention over ``[input_layernorm(embeds), hidden_norm(hidden)]``.
 
         input_embeds: [B, N, H] token embeddings; hidden_states: [B, N, H] projected target
-        hidden states (the residual stream); returns [B, N, H].
+        hidden states (the residual stream; its ``hidden_norm`` when the host sets
+        ``norm_before_residual``); returns [B, N, H].
         """
-        combined = torch.cat([self.input_layernorm(input_embeds), self.hidden_norm(hidden_states)], dim=-1)
-        return _attention_then_mlp(self, combined, hidden_states, position_ids, block_mask)
+        normed_hidden = self.hidden_norm(hidden_states)
+        combined = torch.cat([self.input_layernorm(input_embeds), normed_hidden], dim=-1)
+        residual = normed_hidden if getattr(self, "norm_before_residual", False) else hidden_states
+        return _attention_then_mlp(self, combined, residual, position_ids, block_mask)
 
 
 class _PeagleVanillaLayerMixin:
@@ -211,7 +214,7 @@ class _PeagleDraftMixin:
 
         It substitutes for the target's concatenated auxiliary hidden states at every masked
         COD position (depth >= 1), at the pre-``fc`` width, so it flows through
-        ``project_hidden_states`` (``fc_norm`` when set, then ``fc``) like a real vector.
+        ``project_hidden_states`` (``input_norm``/``fc_norm`` when set, then ``fc``) like a real vector.
         Shape and on-disk key ``mask_hidden`` follow speculators. Call it only when
         ``parallel_drafting`` is set, so EAGLE-3 checkpoints carry no extra key.
         """

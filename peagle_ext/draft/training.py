@@ -63,13 +63,17 @@ def build_peagle_inputs(model, input_ids, aux_hidden_states, anchor_pos, depth):
     input_ids: [S]; aux_hidden_states: [S, num_aux * target_hidden]; anchor_pos, depth: int [N].
     Returns (ids [1, N]: real ids at depth 0, ``mask_token_id`` deeper; projected [1, N, H]:
     ``fc``-projected aux states at depth 0, the projected ``mask_hidden`` deeper;
-    position_ids [1, N]: ``anchor_pos + depth``).
+    position_ids [1, N]: ``anchor_pos + depth``). A draft without parallel drafting (EAGLE-3: no
+    ``mask_hidden``) takes depth-0 elements only.
     """
     real = (depth == 0).unsqueeze(-1)
     mask_id = torch.full_like(anchor_pos, model.config.mask_token_id)
     ids = torch.where(real.squeeze(-1), input_ids[anchor_pos], mask_id)
     projected = model.project_hidden_states(aux_hidden_states)[anchor_pos]
-    projected = torch.where(real, projected, model.masked_projected_hidden().to(projected.dtype))
+    if model.config.parallel_drafting:
+        projected = torch.where(real, projected, model.masked_projected_hidden().to(projected.dtype))
+    elif not bool(real.all()):
+        raise ValueError("depth must be 0 everywhere for a draft without parallel_drafting (it has no mask_hidden)")
     return ids.unsqueeze(0), projected.unsqueeze(0), (anchor_pos + depth).unsqueeze(0)
 
 

@@ -6,6 +6,7 @@ batch's loss (both sequences, normalized by their total supervised count). Print
 check and exits non-zero on a mismatch.
 """
 
+import gc
 import os
 import sys
 
@@ -73,7 +74,8 @@ def main() -> int:
         if rank == 0:
             print(f"partitions {partitions}: max gradient difference {worst:.2e}, loss difference {loss_error:.2e}: "
                   f"{'ok' if ok else 'MISMATCH'}", flush=True)
-    del ddp  # the reducer's gloo work goes before the group
+    del ddp  # the reducer (and its hold on the group) goes first: gloo threads left at exit abort
+    gc.collect()
     dist.barrier()  # nobody tears gloo down while a peer still talks to it
     dist.destroy_process_group()
     return 1 if failures else 0

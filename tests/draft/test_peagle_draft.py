@@ -61,14 +61,28 @@ def test_mask_hidden_absent_without_parallel_drafting():
     assert not hasattr(model, "mask_hidden")
 
 
-@pytest.mark.parametrize("fc_norm", [False, True])
-def test_masked_projected_hidden_shape_and_path(fc_norm):
-    model = tiny_model(fc_norm=fc_norm)
+@pytest.mark.parametrize(
+    "overrides", [{}, {"fc_norm": True}, {"fc_norm": True, "num_aux_hidden_states": 2}, {"norm_before_fc": True}]
+)
+def test_masked_projected_hidden_shape_and_path(overrides):
+    """mask_hidden goes through input_norm (one norm over all states) or fc_norm (one per state) then fc."""
+    model = tiny_model(**overrides)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.add_(0.3 * torch.randn_like(parameter))
     projected = model.masked_projected_hidden()
     assert projected.shape == (1, model.config.hidden_size)
     flat = model.mask_hidden.reshape(1, -1)
-    if fc_norm:
-        flat = torch.nn.functional.rms_norm(flat, (flat.shape[-1],), model.model.fc_norm.weight, model.config.rms_norm_eps)
+
+    def rms(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps) * weight
+
+    if model.config.norm_before_fc:
+        flat = rms(flat, model.model.input_norm.weight)
+    if model.config.fc_norm:
+        width = model.config.target_hidden_size
+        flat = torch.cat([rms(flat[:, i * width : (i + 1) * width], norm.weight) for i, norm in enumerate(model.model.fc_norm)], -1)
     torch.testing.assert_close(projected, flat @ model.model.fc.weight.T)
 
 
