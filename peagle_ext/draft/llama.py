@@ -170,13 +170,19 @@ class LlamaRotaryEmbedding(nn.Module):
                                                                     max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor):
-        """Rotate q: [B, Hq, N, D] and k: [B, Hk, N, D] by position_ids: [B, N] or [N] (any order,
-        gaps allowed). Computed in float32, returned in q's and k's dtypes."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor,
+                query_position_ids: torch.Tensor | None = None):
+        """Rotate q: [B, Hq, Q, D] and k: [B, Hk, N, D] by position_ids: [B, N] or [N] (any order,
+        gaps allowed); q by ``query_position_ids`` ([B, Q] or [Q]) when the queries are not the
+        keys' elements. Computed in float32, returned in q's and k's dtypes."""
+        query_position_ids = position_ids if query_position_ids is None else query_position_ids
+        return self._rotate(q, query_position_ids), self._rotate(k, position_ids)
+
+    def _rotate(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         freqs = position_ids.to(torch.float32)[..., None] * self.inv_freq  # [(B,) N, D/2]
         angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(-3)  # [(B,) 1, N, D]
         cos, sin = angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
-        return tuple((x.float() * cos + _rotate_half(x.float()) * sin).to(x.dtype) for x in (q, k))
+        return (x.float() * cos + _rotate_half(x.float()) * sin).to(x.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -203,14 +209,15 @@ class Eagle3LlamaAttention(_PeagleAttentionMixin, nn.Module):
             self.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings
         )
 
-    def _project_qkv(self, hidden_states: torch.Tensor):
-        """[B, N, input_size] -> q [B, heads, N, D], k and v [B, kv_heads, N, D]."""
-        batch, length, _ = hidden_states.shape
+    def _project_qkv(self, hidden_states: torch.Tensor, query_rows: torch.Tensor | None = None):
+        """[B, N, input_size] -> q [B, heads, Q, D], k and v [B, kv_heads, N, D]; the queries are
+        the elements ``query_rows`` (int [Q]) when given, else all N."""
+        queries = hidden_states if query_rows is None else hidden_states[:, query_rows]
 
-        def heads(proj):
-            return proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        def heads(proj, states):
+            return proj(states).view(states.shape[0], states.shape[1], -1, self.head_dim).transpose(1, 2)
 
-        return heads(self.q_proj), heads(self.k_proj), heads(self.v_proj)
+        return heads(self.q_proj, queries), heads(self.k_proj, hidden_states), heads(self.v_proj, hidden_states)
 
     def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
         """[B, kv_heads, N, D] -> [B, heads, N, D], each KV head repeated for its query group."""

@@ -89,15 +89,19 @@ def _target_draft_logits(model, rows, target_logits, target_last_hidden, target_
     return F.linear(target_last_hidden[rows], weight[vocab], None if bias is None else bias[vocab])
 
 
-def supervised_draft_logits(model, input_ids, aux_hidden_states, anchor_pos, depth, block_mask, rows) -> torch.Tensor:
+def supervised_draft_logits(model, input_ids, aux_hidden_states, anchor_pos, depth, block_mask, rows,
+                            query_rows=None, query_block_mask=None) -> torch.Tensor:
     """One flat P-EAGLE forward over the N elements (anchor_pos, depth: int [N]) of a sequence,
-    and the draft's logits at the elements ``rows`` (int [M]): [M, draft_vocab].
+    and the draft's logits at the elements ``rows`` (int [M]): [M, draft_vocab]. With
+    ``query_rows`` (int [Q]) only those elements are queries in the last layer (see
+    ``forward_peagle``) and ``rows`` index them.
 
     This is what ``LlamaEagle3DraftModel.forward(peagle_training_inputs=...)`` runs, so that a
     DistributedDataParallel wrapper around the draft sees the whole step's forward.
     """
     ids, projected, position_ids = build_peagle_inputs(model, input_ids, aux_hidden_states, anchor_pos, depth)
-    hidden = model.forward_peagle(ids, projected, position_ids, block_mask)[0]
+    hidden = model.forward_peagle(ids, projected, position_ids, block_mask, query_rows=query_rows,
+                                  query_block_mask=query_block_mask)[0]
     return model.compute_logits(hidden[rows])
 
 
@@ -128,6 +132,7 @@ def peagle_training_step(
     depth: torch.Tensor | None = None,
     sliding_window: int | None = None,
     sequence_partitions: int = 1,
+    keys_only_completion: bool = True,
 ) -> PeagleStepOutput:
     """Forward one packed sequence through the draft's P-EAGLE pass and compute the loss.
 
@@ -142,7 +147,10 @@ def peagle_training_step(
     (:func:`peagle_ext.cod_segments`: each segment's own elements plus the depth-0 elements before
     them) and each segment runs its own forward and backward, so only one segment's activations
     are alive at a time; the gradients accumulated in ``.grad`` equal those of the flat step's
-    ``loss.backward()``, and the returned loss is detached.
+    ``loss.backward()``, and the returned loss is detached. ``keys_only_completion`` (the default):
+    in the draft's last layer (its only one, for one-layer drafts) a segment's completion elements
+    are keys only, through a mask whose queries are the segment's own elements (Q_LEN < KV_LEN);
+    they need states of their own only for the layers before it.
 
     ``model`` may be the draft or a ``DistributedDataParallel`` wrapping it (each rank passes its
     own sequence and samples its own layout). The loss is then normalized by the supervised count
@@ -181,19 +189,30 @@ def peagle_training_step(
     hits = torch.zeros(num_depths, device=device)
     count = torch.zeros(num_depths, dtype=torch.int64, device=device)
     total_kl = torch.zeros((), device=device)
+    num_layers = len(draft.model.layers)
     for index, (elements, own) in enumerate(parts):
-        rows = torch.nonzero(own & supervised[elements]).flatten()
         part_anchor, part_depth = anchor_pos[elements], depth[elements]
+        # The queries: the segment's own elements when its completion is keys only, else all.
+        query_rows = torch.nonzero(own).flatten() if sequence_partitions > 1 and keys_only_completion else None
+        queries = elements if query_rows is None else elements[query_rows]
+        rows = torch.nonzero((own if query_rows is None else own[query_rows]) & supervised[queries]).flatten()
         synced_later = world_size > 1 and sequence_partitions > 1 and index < len(parts) - 1
         with model.no_sync() if synced_later else contextlib.nullcontext():
-            block_mask = draft.build_peagle_block_mask(part_anchor, part_depth, lengths, seq_len,
-                                                       sliding_window=sliding_window)
+            masks = {}
+            if query_rows is None or num_layers > 1:
+                masks["block_mask"] = draft.build_peagle_block_mask(part_anchor, part_depth, lengths, seq_len,
+                                                                    sliding_window=sliding_window)
+            if query_rows is not None:
+                masks["query_block_mask"] = draft.build_peagle_block_mask(
+                    anchor_pos[queries], depth[queries], lengths, seq_len, sliding_window=sliding_window,
+                    kv_anchor_pos=part_anchor, kv_depth=part_depth)
             logits = model(peagle_training_inputs=dict(
                 input_ids=input_ids, aux_hidden_states=aux_hidden_states, anchor_pos=part_anchor,
-                depth=part_depth, block_mask=block_mask, rows=rows))
+                depth=part_depth, block_mask=masks.get("block_mask"), rows=rows, query_rows=query_rows,
+                query_block_mask=masks.get("query_block_mask")))
             draft_log_probs = F.log_softmax(logits.float(), dim=-1)
             with torch.no_grad():
-                target = _target_draft_logits(draft, reference[elements[rows]], target_logits, target_last_hidden,
+                target = _target_draft_logits(draft, reference[queries[rows]], target_logits, target_last_hidden,
                                               target_lm_head)
                 target_log_probs = F.log_softmax(target.float(), dim=-1)
             kl = F.kl_div(draft_log_probs, target_log_probs, reduction="sum", log_target=True)
@@ -202,8 +221,8 @@ def peagle_training_step(
         total_kl = total_kl + (kl.detach() if sequence_partitions > 1 else kl)
         with torch.no_grad():
             correct = (draft_log_probs.argmax(-1) == target_log_probs.argmax(-1)).float()
-            count += torch.bincount(part_depth[rows], minlength=num_depths)
-            hits += torch.bincount(part_depth[rows], weights=correct, minlength=num_depths)
+            count += torch.bincount(depth[queries[rows]], minlength=num_depths)
+            hits += torch.bincount(depth[queries[rows]], weights=correct, minlength=num_depths)
 
     accuracy = hits / count.clamp(min=1)
     accuracy[count == 0] = math.nan

@@ -86,8 +86,9 @@ def test_partitioned_step_accumulates_the_flat_gradients(layout, num_layers):
     common = dict(target_logits=target, anchor_pos=anchor_pos, depth=depth, **layout)
     flat, flat_grads = _step_gradients(model, (ids, aux, loss_mask), **common)
     assert flat.loss.requires_grad and flat.num_supervised > 0
-    for num_segments in (2, 3, 7):
-        split, split_grads = _step_gradients(model, (ids, aux, loss_mask), sequence_partitions=num_segments, **common)
+    for num_segments, keys_only in ((2, True), (3, True), (7, True), (3, False), (7, False)):
+        split, split_grads = _step_gradients(model, (ids, aux, loss_mask), sequence_partitions=num_segments,
+                                             keys_only_completion=keys_only, **common)
         assert not split.loss.requires_grad
         torch.testing.assert_close(split.loss, flat.loss.detach(), atol=1e-6, rtol=1e-5)
         assert torch.equal(split.depth_count, flat.depth_count)

@@ -350,22 +350,27 @@ def test_module_exports_the_seed_names():
     for mixin, host in hosts.items():
         assert issubclass(host, getattr(peagle_draft, mixin)), (host, mixin)
 
-    def params(fn):
-        return list(inspect.signature(fn).parameters)
+    def assert_seed_signature(fn, seed_names):
+        """The seed's parameters first, in its order; anything after them optional (our extensions)."""
+        parameters = list(inspect.signature(fn).parameters.values())
+        assert [p.name for p in parameters[: len(seed_names)]] == seed_names, fn
+        extras = parameters[len(seed_names):]
+        assert all(p.default is not inspect.Parameter.empty for p in extras), (fn, extras)
 
-    assert params(peagle_draft._PeagleAttentionMixin.forward_peagle) == ["self", "combined_states", "position_ids", "block_mask"]
-    assert params(peagle_draft._PeagleDecoderLayerMixin.forward_peagle) == [
-        "self", "input_embeds", "hidden_states", "position_ids", "block_mask"]
-    assert params(peagle_draft._PeagleVanillaLayerMixin.forward_peagle) == ["self", "hidden_states", "position_ids", "block_mask"]
+    assert_seed_signature(peagle_draft._PeagleAttentionMixin.forward_peagle,
+                          ["self", "combined_states", "position_ids", "block_mask"])
+    assert_seed_signature(peagle_draft._PeagleDecoderLayerMixin.forward_peagle,
+                          ["self", "input_embeds", "hidden_states", "position_ids", "block_mask"])
+    assert_seed_signature(peagle_draft._PeagleVanillaLayerMixin.forward_peagle,
+                          ["self", "hidden_states", "position_ids", "block_mask"])
     mixin = peagle_draft._PeagleDraftMixin
-    assert params(mixin.forward_peagle) == [
-        "self", "sampled_input_ids", "sampled_projected_hidden", "position_ids", "block_mask"]
-    assert params(mixin._init_peagle_parameters) == ["self", "config"]
-    assert params(mixin.masked_projected_hidden) == ["self"]
-    assert params(mixin._run_draft_layer) == ["self", "layer_fn", "args", "kwargs"]
-    assert params(mixin.build_peagle_block_mask) == ["self", "anchor_pos", "depth", "lengths", "total_seq_len",
-                                                     "sliding_window"]  # the last one keyword-only, beyond the seed
-    assert params(peagle_draft._peagle_compile_supported) == ["q", "k", "v"]
-    assert params(peagle_draft._peagle_flex_attention) == ["q", "k", "v", "block_mask", "scale"]
+    assert_seed_signature(mixin.forward_peagle,
+                          ["self", "sampled_input_ids", "sampled_projected_hidden", "position_ids", "block_mask"])
+    assert_seed_signature(mixin._init_peagle_parameters, ["self", "config"])
+    assert_seed_signature(mixin.masked_projected_hidden, ["self"])
+    assert_seed_signature(mixin._run_draft_layer, ["self", "layer_fn", "args", "kwargs"])
+    assert_seed_signature(mixin.build_peagle_block_mask, ["self", "anchor_pos", "depth", "lengths", "total_seq_len"])
+    assert_seed_signature(peagle_draft._peagle_compile_supported, ["q", "k", "v"])
+    assert_seed_signature(peagle_draft._peagle_flex_attention, ["q", "k", "v", "block_mask", "scale"])
     assert peagle_draft._peagle_flex_attention_compile_failed is False
     assert peagle_draft.logger.name == "peagle_ext.peagle_draft"
