@@ -14,7 +14,7 @@ imported on first use, so building masks does not import the draft model or safe
 """
 
 from .block_mask import available_backends, build_block_mask
-from .cod import generate_cod_sample_indices
+from .cod import assign_cod_segments, cod_segments, generate_cod_sample_indices
 from .mask_mod import create_peagle_mask_mod
 from .testing import assert_block_masks_equal
 
@@ -34,8 +34,10 @@ __all__ = [
     "Eagle3DraftConfig",
     "LlamaEagle3DraftModel",
     "assert_block_masks_equal",
+    "assign_cod_segments",
     "available_backends",
     "build_block_mask",
+    "cod_segments",
     "create_peagle_mask_mod",
     "generate_cod_sample_indices",
 ]

@@ -20,10 +20,12 @@ _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 class MaskInputs:
     """The rule's inputs in one canonical form.
 
-    anchor_pos, depth: int64 [N], the chain start and COD round of each flattened element.
-    doc_of_position:   int64 [P], the document of each original position, -1 for padding.
-    sliding_window:    None (unbounded causal context) or an int >= 1.
-    block_size:        (Q_BLOCK_SIZE, KV_BLOCK_SIZE).
+    anchor_pos, depth:       int64 [N], the chain start and COD round of each query element.
+    kv_anchor_pos, kv_depth: int64 [KV], the same for each key element; the very same tensors as
+                             anchor_pos and depth when queries and keys are one set (Q_LEN == KV_LEN).
+    doc_of_position:         int64 [P], the document of each original position, -1 for padding.
+    sliding_window:          None (unbounded causal context) or an int >= 1.
+    block_size:              (Q_BLOCK_SIZE, KV_BLOCK_SIZE).
     """
 
     anchor_pos: torch.Tensor
@@ -31,10 +33,22 @@ class MaskInputs:
     doc_of_position: torch.Tensor
     sliding_window: int | None
     block_size: tuple[int, int]
+    kv_anchor_pos: torch.Tensor
+    kv_depth: torch.Tensor
 
     @property
     def num_elements(self) -> int:
+        """Q_LEN: the number of query elements."""
         return self.anchor_pos.numel()
+
+    @property
+    def num_keys(self) -> int:
+        """KV_LEN: the number of key elements."""
+        return self.kv_anchor_pos.numel()
+
+    @property
+    def keys_are_queries(self) -> bool:
+        return self.kv_anchor_pos is self.anchor_pos and self.kv_depth is self.depth
 
     @property
     def device(self) -> torch.device:
@@ -82,6 +96,21 @@ def doc_of_position_from_lengths(lengths: torch.Tensor, total_seq_len: int) -> t
     return torch.where(doc < lengths.numel(), doc, torch.full_like(doc, -1))
 
 
+def _check_elements(anchor_name: str, anchor_pos, depth_name: str, depth) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pair of element arrays: integer 1-D tensors of one non-zero length on one device."""
+    anchor_pos = _check_int_tensor(anchor_name, anchor_pos)
+    depth = _check_int_tensor(depth_name, depth)
+    if anchor_pos.numel() != depth.numel():
+        raise ValueError(
+            f"{anchor_name} and {depth_name} must have the same length, got {anchor_pos.numel()} and {depth.numel()}"
+        )
+    if anchor_pos.numel() == 0:
+        raise ValueError(f"{anchor_name} and {depth_name} must not be empty (N == 0)")
+    if depth.device != anchor_pos.device:
+        raise ValueError(f"{depth_name} is on {depth.device} but {anchor_name} is on {anchor_pos.device}")
+    return anchor_pos, depth
+
+
 def normalize_mask_inputs(
     anchor_pos,
     depth,
@@ -92,8 +121,13 @@ def normalize_mask_inputs(
     sliding_window=None,
     BLOCK_SIZE=128,
     validate: bool = True,
+    kv_anchor_pos=None,
+    kv_depth=None,
 ) -> MaskInputs:
     """Check every argument of the P-EAGLE rule and return them in canonical form.
+
+    ``kv_anchor_pos``/``kv_depth`` (given together) make the keys a set of elements of their own
+    (KV_LEN != Q_LEN allowed); otherwise the queries are the keys.
 
     Raises TypeError/ValueError naming the argument. Types, shapes and devices are always
     checked. The checks that read tensor values (negative entries, anchors past the sequence,
@@ -101,17 +135,15 @@ def normalize_mask_inputs(
     the CUDA path stays sync-free and capturable in a CUDA graph. The kernels never read out of
     bounds either way: they treat an out-of-range anchor as padding.
     """
-    anchor_pos = _check_int_tensor("anchor_pos", anchor_pos)
-    depth = _check_int_tensor("depth", depth)
-    if anchor_pos.numel() != depth.numel():
-        raise ValueError(
-            f"anchor_pos and depth must have the same length, got {anchor_pos.numel()} and {depth.numel()}"
-        )
-    if anchor_pos.numel() == 0:
-        raise ValueError("anchor_pos and depth must not be empty (N == 0)")
+    anchor_pos, depth = _check_elements("anchor_pos", anchor_pos, "depth", depth)
     device = anchor_pos.device
-    if depth.device != device:
-        raise ValueError(f"depth is on {depth.device} but anchor_pos is on {device}")
+    if (kv_anchor_pos is None) != (kv_depth is None):
+        raise ValueError("give kv_anchor_pos and kv_depth together (or neither: the queries are the keys)")
+    separate_keys = kv_anchor_pos is not None
+    if separate_keys:
+        kv_anchor_pos, kv_depth = _check_elements("kv_anchor_pos", kv_anchor_pos, "kv_depth", kv_depth)
+        if kv_anchor_pos.device != device:
+            raise ValueError(f"kv_anchor_pos is on {kv_anchor_pos.device} but anchor_pos is on {device}")
     block_size = normalize_block_size(BLOCK_SIZE)
     if sliding_window is not None:
         sliding_window = _check_int("sliding_window", sliding_window, 1)
@@ -140,8 +172,14 @@ def normalize_mask_inputs(
 
     anchor_pos = anchor_pos.to(torch.int64).contiguous()
     depth = depth.to(torch.int64).contiguous()
+    if separate_keys:
+        kv_anchor_pos = kv_anchor_pos.to(torch.int64).contiguous()
+        kv_depth = kv_depth.to(torch.int64).contiguous()
+    else:
+        kv_anchor_pos, kv_depth = anchor_pos, depth
     if validate:
-        _check_values(anchor_pos, depth, lengths, total_seq_len, document_ids, position_bound)
+        _check_values(anchor_pos, depth, lengths, total_seq_len, document_ids, position_bound,
+                      (kv_anchor_pos, kv_depth) if separate_keys else None)
     if lengths is not None:
         doc_of_position = doc_of_position_from_lengths(lengths, total_seq_len)
     else:
@@ -152,13 +190,19 @@ def normalize_mask_inputs(
         doc_of_position=doc_of_position,
         sliding_window=sliding_window,
         block_size=block_size,
+        kv_anchor_pos=kv_anchor_pos,
+        kv_depth=kv_depth,
     )
 
 
-def _check_values(anchor_pos, depth, lengths, total_seq_len, document_ids, position_bound) -> None:
-    """The value checks: one stacked reduction, so one device sync for all of them."""
+def _check_values(anchor_pos, depth, lengths, total_seq_len, document_ids, position_bound, keys=None) -> None:
+    """The value checks: one stacked reduction, so one device sync for all of them. ``keys``:
+    (kv_anchor_pos, kv_depth) when the keys are elements of their own, checked as the queries are."""
     num_positions = total_seq_len if lengths is not None else document_ids.numel()
-    stats = [anchor_pos.min(), anchor_pos.max(), depth.min(), depth.max()]
+    element_stats = [anchor_pos.min(), anchor_pos.max(), depth.min(), depth.max()]
+    if keys is not None:
+        element_stats += [keys[0].min(), keys[0].max(), keys[1].min(), keys[1].max()]
+    stats = list(element_stats)
     if lengths is not None and lengths.numel():
         lengths64 = lengths.to(torch.int64)
         stats += [lengths64.min(), lengths64.sum()]
@@ -166,21 +210,25 @@ def _check_values(anchor_pos, depth, lengths, total_seq_len, document_ids, posit
         document_ids64 = document_ids.to(torch.int64)
         stats += [document_ids64.min(), document_ids64.max()]
     values = torch.stack(stats).tolist()
-    if values[0] < 0:
-        raise ValueError(f"anchor_pos must be non-negative, got a minimum of {values[0]}")
-    if values[2] < 0:
-        raise ValueError(f"depth must be non-negative, got a minimum of {values[2]}")
-    if values[3] > FIELD_MAX:
-        raise ValueError(f"depth must be <= {FIELD_MAX}, got a maximum of {values[3]}")
-    if values[1] >= num_positions:
-        raise ValueError(f"anchor_pos must be < {position_bound}={num_positions}, got a maximum of {values[1]}")
+    element_values, values = values[: len(element_stats)], values[len(element_stats):]
+    pairs = [("anchor_pos", "depth")] + ([("kv_anchor_pos", "kv_depth")] if keys is not None else [])
+    for index, (anchor_name, depth_name) in enumerate(pairs):
+        low_anchor, high_anchor, low_depth, high_depth = element_values[4 * index: 4 * index + 4]
+        if low_anchor < 0:
+            raise ValueError(f"{anchor_name} must be non-negative, got a minimum of {low_anchor}")
+        if low_depth < 0:
+            raise ValueError(f"{depth_name} must be non-negative, got a minimum of {low_depth}")
+        if high_depth > FIELD_MAX:
+            raise ValueError(f"{depth_name} must be <= {FIELD_MAX}, got a maximum of {high_depth}")
+        if high_anchor >= num_positions:
+            raise ValueError(f"{anchor_name} must be < {position_bound}={num_positions}, got a maximum of {high_anchor}")
     if lengths is not None and lengths.numel():
-        if values[4] < 0:
-            raise ValueError(f"lengths must be non-negative, got a minimum of {values[4]}")
-        if values[5] > total_seq_len:
-            raise ValueError(f"lengths sum to {values[5]}, past total_seq_len={total_seq_len}")
+        if values[0] < 0:
+            raise ValueError(f"lengths must be non-negative, got a minimum of {values[0]}")
+        if values[1] > total_seq_len:
+            raise ValueError(f"lengths sum to {values[1]}, past total_seq_len={total_seq_len}")
     if document_ids is not None:
-        if values[4] < -1:
-            raise ValueError(f"document_ids values must be >= -1 (-1 marks padding), got {values[4]}")
-        if values[5] > FIELD_MAX:
-            raise ValueError(f"document_ids values must be <= {FIELD_MAX}, got {values[5]}")
+        if values[0] < -1:
+            raise ValueError(f"document_ids values must be >= -1 (-1 marks padding), got {values[0]}")
+        if values[1] > FIELD_MAX:
+            raise ValueError(f"document_ids values must be <= {FIELD_MAX}, got {values[1]}")

@@ -59,24 +59,34 @@ def _sorted_keys(keys: torch.Tensor, members: torch.Tensor):
     return sorted_keys, element[order]
 
 
-def query_intervals(inputs: MaskInputs):
-    """Per element, its context and rollout rank intervals, and the rank -> element map.
-
-    Returns (context_start, context_end, rollout_start, rollout_end, element_of_rank,
-    num_context_keys); intervals are half-open, rollout ranks follow the context ranks.
-    """
-    anchor, depth, doc_of_position = inputs.anchor_pos, inputs.depth, inputs.doc_of_position
+def _document(anchor: torch.Tensor, doc_of_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(doc, real) of elements: the document of each anchor, -1 for padding and for an anchor
+    outside the sequence (only reachable with validate=False: it is never read)."""
     num_positions = doc_of_position.numel()
-    # An anchor outside the sequence (only reachable with validate=False) is padding: never read.
     in_range = (anchor >= 0) & (anchor < num_positions)
     doc = torch.where(in_range, doc_of_position[anchor.clamp(0, num_positions - 1)], -1)
-    real = doc >= 0
-    context_members = real & (depth == 0)
-    rollout_members = real & (depth > 0)
-    depth_span = int(depth.max()) + 1
+    return doc, doc >= 0
 
-    context_keys, context_elements = _sorted_keys(doc * num_positions + anchor, context_members)
-    rollout_keys, rollout_elements = _sorted_keys(anchor * depth_span + depth, rollout_members)
+
+def query_intervals(inputs: MaskInputs):
+    """Per query, its context and rollout rank intervals over the sorted keys, and the rank ->
+    key element map.
+
+    Returns (context_start, context_end, rollout_start, rollout_end, key_of_rank,
+    num_context_keys, real_query); intervals are half-open, rollout ranks follow the context ranks.
+    """
+    doc_of_position = inputs.doc_of_position
+    num_positions = doc_of_position.numel()
+    anchor, depth = inputs.anchor_pos, inputs.depth
+    kv_anchor, kv_depth = inputs.kv_anchor_pos, inputs.kv_depth
+    doc, real = _document(anchor, doc_of_position)
+    kv_doc, kv_real = _document(kv_anchor, doc_of_position)
+    # Rollout keys are (anchor, depth) packed as anchor * depth_span + depth; a query's bound uses
+    # its own depth, so the span exceeds every depth on either side.
+    depth_span = int(torch.maximum(depth.max(), kv_depth.max())) + 1
+
+    context_keys, context_elements = _sorted_keys(kv_doc * num_positions + kv_anchor, kv_real & (kv_depth == 0))
+    rollout_keys, rollout_elements = _sorted_keys(kv_anchor * depth_span + kv_depth, kv_real & (kv_depth > 0))
     num_context = context_keys.numel()
 
     lowest_excluded = torch.full_like(anchor, -1)
@@ -91,8 +101,8 @@ def query_intervals(inputs: MaskInputs):
     zero = torch.zeros_like(context_start)
     context_start, context_end = torch.where(real, context_start, zero), torch.where(real, context_end, zero)
     rollout_start, rollout_end = torch.where(real, rollout_start, zero), torch.where(real, rollout_end, zero)
-    element_of_rank = torch.cat([context_elements, rollout_elements])
-    return context_start, context_end, rollout_start, rollout_end, element_of_rank, num_context, real
+    key_of_rank = torch.cat([context_elements, rollout_elements])
+    return context_start, context_end, rollout_start, rollout_end, key_of_rank, num_context, real
 
 
 def _nonempty_tiles(starts, ends, q_block, kv_tile_of_rank, num_q_blocks, num_kv_blocks):
@@ -135,15 +145,14 @@ def _nonempty_tiles(starts, ends, q_block, kv_tile_of_rank, num_q_blocks, num_kv
 
 def build_python(inputs: MaskInputs) -> BlockIndex:
     """Exact partial/full kv blocks and their transposes for any input the rule accepts."""
-    n = inputs.num_elements
     q_block_size, kv_block_size = inputs.block_size
-    num_q_blocks = -(-n // q_block_size)
-    num_kv_blocks = -(-n // kv_block_size)
+    num_q_blocks = -(-inputs.num_elements // q_block_size)
+    num_kv_blocks = -(-inputs.num_keys // kv_block_size)
     device = inputs.device
     (context_start, context_end, rollout_start, rollout_end,
-     element_of_rank, num_context, real) = query_intervals(inputs)
-    kv_tile_of_rank = element_of_rank // kv_block_size
-    q_block = torch.arange(n, device=device) // q_block_size
+     key_of_rank, num_context, real) = query_intervals(inputs)
+    kv_tile_of_rank = key_of_rank // kv_block_size
+    q_block = torch.arange(inputs.num_elements, device=device) // q_block_size
 
     nonempty = _nonempty_tiles(
         torch.cat([context_start, rollout_start]),
@@ -155,14 +164,14 @@ def build_python(inputs: MaskInputs) -> BlockIndex:
     )
 
     # Full tiles. Row side: all QB queries real, and the tightest interval bounds over the row.
-    big = element_of_rank.numel() + 1
+    big = key_of_rank.numel() + 1
     row_real = _segment_reduce(real.to(torch.int64), q_block, num_q_blocks, "sum", 0) == q_block_size
     row_context_start = _segment_reduce(context_start, q_block, num_q_blocks, "amax", 0)
     row_context_end = _segment_reduce(context_end, q_block, num_q_blocks, "amin", big)
     row_rollout_start = _segment_reduce(rollout_start, q_block, num_q_blocks, "amax", 0)
     row_rollout_end = _segment_reduce(rollout_end, q_block, num_q_blocks, "amin", big)
     # Column side: all KVB keys visible to someone (in a sorted list), and their rank extremes.
-    rank = torch.arange(element_of_rank.numel(), device=device)
+    rank = torch.arange(key_of_rank.numel(), device=device)
     is_context = rank < num_context
     col_listed = _segment_reduce(torch.ones_like(rank), kv_tile_of_rank, num_kv_blocks, "sum", 0)
     col_complete = col_listed == kv_block_size

@@ -23,13 +23,14 @@ def available_backends() -> list[str]:
     return [backend for backend in ("cuda", "cpu") if status[backend] is None] + ["python"]
 
 
-def _choose_backend(backend: str, device: torch.device) -> str:
+def _choose_backend(backend: str, device: torch.device, keys_are_queries: bool = True) -> str:
     if backend not in BACKENDS + ("auto",):
         raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
     status = _native.native_status()
     if backend == "auto":
+        # The compiled kernels do not take key elements apart from the queries yet.
         native = "cuda" if device.type == "cuda" else "cpu"
-        return native if status[native] is None else "python"
+        return native if status[native] is None and keys_are_queries else "python"
     if backend != "python":
         if status[backend] is not None:
             raise RuntimeError(
@@ -45,6 +46,8 @@ def _choose_backend(backend: str, device: torch.device) -> str:
 def _block_index(inputs: MaskInputs, backend: str) -> BlockIndex:
     if backend == "python":
         return build_python(inputs)
+    if not inputs.keys_are_queries:
+        raise NotImplementedError(f"backend {backend!r} does not take separate key elements yet; use backend='python'")
     # The kernels read the window as int64; a window past every sequence means "no window" anyway.
     window = None if inputs.sliding_window is None else min(inputs.sliding_window, 2**62)
     return _native.build_native(inputs.anchor_pos, inputs.depth, inputs.doc_of_position, window, *inputs.block_size,
@@ -62,13 +65,15 @@ def build_block_mask(
     BLOCK_SIZE: int | tuple[int, int] = 128,
     backend: str = "auto",
     validate: bool = True,
+    kv_anchor_pos: torch.Tensor | None = None,
+    kv_depth: torch.Tensor | None = None,
 ) -> BlockMask:
     """Build the P-EAGLE flex_attention BlockMask over N flattened COD elements.
 
     Describes exactly the partial and full blocks (and their q-side transposes) that
     ``create_block_mask(create_peagle_mask_mod(<same arguments>), None, None, N, N,
     BLOCK_SIZE=BLOCK_SIZE)`` describes, carries the rule's mask_mod, and lives on anchor_pos's
-    device. No tensor with N x N elements is ever allocated.
+    device. No tensor with Q_LEN x KV_LEN elements is ever allocated.
 
     Args:
         anchor_pos, depth: int32/int64 [N] (see :func:`create_peagle_mask_mod`).
@@ -81,13 +86,17 @@ def build_block_mask(
         validate: check argument values (one device sync on CUDA). ``False`` keeps the CUDA path
             free of host syncs and capturable in a CUDA graph; unchecked out-of-range values then
             give a wrong mask but never an out-of-bounds read.
+        kv_anchor_pos, kv_depth: int [KV], the key elements when they differ from the query
+            elements (``anchor_pos``/``depth``), e.g. queries that are a subset of the keys: the mask
+            is then Q_LEN x KV_LEN, ``create_block_mask(create_peagle_mask_mod(..., kv_anchor_pos=,
+            kv_depth=), None, None, Q_LEN, KV_LEN)``'s.
     """
     inputs = normalize_mask_inputs(anchor_pos, depth, lengths, total_seq_len, document_ids=document_ids,
-                                   sliding_window=sliding_window, BLOCK_SIZE=BLOCK_SIZE, validate=validate)
-    index = _block_index(inputs, _choose_backend(backend, inputs.device))
-    n = inputs.num_elements
+                                   sliding_window=sliding_window, BLOCK_SIZE=BLOCK_SIZE, validate=validate,
+                                   kv_anchor_pos=kv_anchor_pos, kv_depth=kv_depth)
+    index = _block_index(inputs, _choose_backend(backend, inputs.device, inputs.keys_are_queries))
     return BlockMask(
-        (n, n),
+        (inputs.num_elements, inputs.num_keys),
         *index,
         BLOCK_SIZE=inputs.block_size,
         mask_mod=mask_mod_from_inputs(inputs),

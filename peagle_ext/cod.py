@@ -72,3 +72,61 @@ def generate_cod_sample_indices(
         depths.append(torch.full((count,), d, dtype=torch.int64))
         previous = chosen
     return torch.cat(anchors).to(device), torch.cat(depths).to(device)
+
+
+def assign_cod_segments(anchor_pos: torch.Tensor, depth: torch.Tensor, seq_length: int, num_segments: int) -> torch.Tensor:
+    """The segment of every COD element under P-EAGLE's sequence partitioning (Algorithm 1 of
+    arXiv:2602.01469, as NeMo Automodel 0.7.0 assigns it).
+
+    The sequence's positions are cut into ``num_segments`` equal stretches (boundaries
+    ``s * seq_length / num_segments``). A depth-0 element belongs to the stretch holding its
+    position ``anchor_pos``; an element of depth >= 1 inherits, link by link, the segment of its
+    depth-1 ancestor, i.e. the stretch holding ``anchor_pos + 1``. So a rollout never straddles two
+    segments, and a segment's queries need, besides their own segment, only depth-0 keys of
+    earlier positions: :func:`cod_segments` adds those (the causal completion).
+
+    Args:
+        anchor_pos, depth: int [N], any values (the rule's arrays, COD layout or not).
+        seq_length: the original sequence length L >= 1.
+        num_segments: K >= 1.
+
+    Returns:
+        int64 [N], each element's segment in [0, K); positions past L fall in the last one.
+    """
+    _check_segment_args(anchor_pos, depth, seq_length, num_segments)
+    position = torch.where(depth == 0, anchor_pos, anchor_pos + 1).to(torch.int64)
+    return torch.div(position * num_segments, seq_length, rounding_mode="floor").clamp(0, num_segments - 1)
+
+
+def cod_segments(anchor_pos: torch.Tensor, depth: torch.Tensor, seq_length: int, num_segments: int):
+    """The elements each segment holds: its own (see :func:`assign_cod_segments`) plus the causal
+    completion, every depth-0 element of an earlier segment.
+
+    With the completion, every element a segment's own queries may see under the P-EAGLE rule
+    (depth-0 context at or before its anchor, its own rollout) is in the segment, and so are,
+    recursively, the keys those context elements see: a forward over the segment gives its own
+    elements exactly the states of the flat forward, at every layer.
+
+    Returns a list of K pairs ``(elements, own)``: ``elements`` int64 [M_k], indices into the
+    flat arrays in their original order; ``own`` bool [M_k], True for the segment's own elements
+    (the rest are completion, needed as keys only). Every element is own in exactly one segment.
+    """
+    segment = assign_cod_segments(anchor_pos, depth, seq_length, num_segments)
+    context = depth == 0
+    pairs = []
+    for k in range(num_segments):
+        own = segment == k
+        elements = torch.nonzero(own | (context & (segment < k))).flatten()
+        pairs.append((elements, own[elements]))
+    return pairs
+
+
+def _check_segment_args(anchor_pos, depth, seq_length, num_segments) -> None:
+    for name, tensor in (("anchor_pos", anchor_pos), ("depth", depth)):
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 1 or tensor.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a 1-D integer tensor")
+    if anchor_pos.shape != depth.shape:
+        raise ValueError(f"anchor_pos and depth must have the same length, got {anchor_pos.numel()} and {depth.numel()}")
+    for name, value in (("seq_length", seq_length), ("num_segments", num_segments)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")

@@ -12,11 +12,12 @@ from ._inputs import MaskInputs, normalize_mask_inputs
 def mask_mod_from_inputs(inputs: MaskInputs):
     """The rule over already-validated inputs (see :func:`create_peagle_mask_mod`)."""
     anchor_pos, depth, doc = inputs.anchor_pos, inputs.depth, inputs.doc_of_position
+    kv_anchor_pos, kv_depth = inputs.kv_anchor_pos, inputs.kv_depth
     window = inputs.sliding_window
 
     def peagle_mask_mod(b, h, q_idx, kv_idx):
-        a_q, a_k = anchor_pos[q_idx], anchor_pos[kv_idx]
-        d_q, d_k = depth[q_idx], depth[kv_idx]
+        a_q, a_k = anchor_pos[q_idx], kv_anchor_pos[kv_idx]
+        d_q, d_k = depth[q_idx], kv_depth[kv_idx]
         doc_q = doc[a_q]
         same_doc = (doc_q != -1) & (doc_q == doc[a_k])
         context = (d_k == 0) & (a_k <= a_q)
@@ -29,7 +30,7 @@ def mask_mod_from_inputs(inputs: MaskInputs):
 
 
 def create_peagle_mask_mod(anchor_pos, depth, lengths=None, total_seq_len=None, *, document_ids=None,
-                           sliding_window=None):
+                           sliding_window=None, kv_anchor_pos=None, kv_depth=None):
     """Return a flex_attention mask_mod for the P-EAGLE rule over N flattened COD elements.
 
     Args:
@@ -41,11 +42,13 @@ def create_peagle_mask_mod(anchor_pos, depth, lengths=None, total_seq_len=None, 
             (speculators' form). Give exactly one of ``lengths`` and ``document_ids``.
         sliding_window: optional W >= 1 bounding the depth-0 context to
             ``a_q + d_q - W < a_k <= a_q``.
+        kv_anchor_pos, kv_depth: int [KV], the key elements when they are not the query elements
+            (queries a subset of the keys, say); ``kv_idx`` then indexes these.
 
     Query q sees key k exactly when both anchors lie in the same (non-padding) document and k
     is either depth-0 context at or before q's anchor (within the window) or an
     earlier-or-equal depth of q's own rollout.
     """
     inputs = normalize_mask_inputs(anchor_pos, depth, lengths, total_seq_len, document_ids=document_ids,
-                                   sliding_window=sliding_window)
+                                   sliding_window=sliding_window, kv_anchor_pos=kv_anchor_pos, kv_depth=kv_depth)
     return mask_mod_from_inputs(inputs)

@@ -80,13 +80,15 @@ def cuda_device():
 
 
 def oracle_block_mask(anchor_pos, depth, lengths=None, total_seq_len=None, *, document_ids=None,
-                      sliding_window=None, BLOCK_SIZE=128):
-    """What create_block_mask finds by evaluating the rule on the dense N x N grid."""
+                      sliding_window=None, BLOCK_SIZE=128, kv_anchor_pos=None, kv_depth=None):
+    """What create_block_mask finds by evaluating the rule on the dense Q_LEN x KV_LEN grid."""
     mask_mod = peagle_ext.create_peagle_mask_mod(
-        anchor_pos, depth, lengths, total_seq_len, document_ids=document_ids, sliding_window=sliding_window
+        anchor_pos, depth, lengths, total_seq_len, document_ids=document_ids, sliding_window=sliding_window,
+        kv_anchor_pos=kv_anchor_pos, kv_depth=kv_depth,
     )
-    n = anchor_pos.numel()
-    return create_block_mask(mask_mod, None, None, n, n, device=anchor_pos.device, BLOCK_SIZE=BLOCK_SIZE)
+    q_len = anchor_pos.numel()
+    kv_len = q_len if kv_anchor_pos is None else kv_anchor_pos.numel()
+    return create_block_mask(mask_mod, None, None, q_len, kv_len, device=anchor_pos.device, BLOCK_SIZE=BLOCK_SIZE)
 
 
 def shuffled_noncontiguous_case(seq_len: int = 20000, seed: int = 3):

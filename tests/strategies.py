@@ -83,3 +83,19 @@ def arbitrary_cases(draw, max_elements: int = 300):
     kwargs = draw(documents(total_seq_len))
     kwargs["sliding_window"] = draw(WINDOWS)
     return Case(anchor_pos.to(dtype), depth.to(dtype), kwargs)
+
+
+@st.composite
+def separate_key_cases(draw):
+    """Queries and keys as element sets of their own: the queries a subset of the keys (a
+    segment's own elements among its keys), or the keys a subset of the queries, in any order."""
+    base = draw(st.one_of(cod_cases(max_seq_len=150), arbitrary_cases(max_elements=200)))
+    n = base.anchor_pos.numel()
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    subset = torch.randperm(n, generator=generator)[: draw(st.integers(1, n))]
+    if draw(st.booleans()):
+        subset = subset.sort().values  # the COD order kept
+    picked = (base.anchor_pos[subset], base.depth[subset])
+    if draw(st.booleans()):  # queries among the keys
+        return Case(*picked, {**base.kwargs, "kv_anchor_pos": base.anchor_pos, "kv_depth": base.depth})
+    return Case(base.anchor_pos, base.depth, {**base.kwargs, "kv_anchor_pos": picked[0], "kv_depth": picked[1]})

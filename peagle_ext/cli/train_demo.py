@@ -3,10 +3,12 @@ random target, with a progress bar, then save a checkpoint."""
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import sys
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -61,6 +63,21 @@ def _progress(step: int, total: int, loss: float, accuracy: torch.Tensor, width:
     return f"[{'#' * filled}{'.' * (width - filled)}] {step}/{total} loss {loss:.4f} acc/depth {depths}"
 
 
+def _save_noting_interop(model, out: str, verifier: str | None) -> None:
+    """Save the checkpoint; what a peer will lack to load it (InteropWarning) becomes one
+    ``note:`` line on stderr instead of a Python warning."""
+    from ..draft.checkpoint import InteropWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InteropWarning)
+        model.save_pretrained(out, verifier=verifier)
+    for warning in caught:
+        if issubclass(warning.category, InteropWarning):
+            print(f"note: {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
 def parse_args(argv: list[str]):
     parser = parser_for("train-demo")
     parser.add_argument("--steps", type=int_at_least(1), default=200, help="optimizer steps (default 200)")
@@ -69,12 +86,17 @@ def parse_args(argv: list[str]):
     add_device_option(parser)
     parser.add_argument("--out", default="peagle_demo_checkpoint", help="checkpoint directory to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+    parser.add_argument("--verifier", metavar="NAME_OR_PATH", default=None,
+                        help="the target model's hub id or local directory, recorded in the checkpoint as "
+                             "speculators' verifier (speculators' from_pretrained needs it)")
     parser.add_argument("--seed", type=int_at_least(0), default=0, help="random seed (default 0)")
     parser.add_argument("--lr", type=positive_float, default=3e-3, help="AdamW learning rate (default 3e-3)")
     parser.add_argument("--vocab", type=int_at_least(2), default=128, help="vocabulary size (default 128)")
     parser.add_argument("--hidden-size", type=int_at_least(1), default=64,
                         help=f"draft hidden size, a multiple of {2 * DEMO_HEADS} (default 64)")
     parser.add_argument("--layers", type=int_at_least(1), default=2, help="draft layers (default 2)")
+    parser.add_argument("--sequence-partitions", type=int_at_least(1), default=1,
+                        help="segments per sequence, each with its own forward and backward (default 1: flat)")
     args = parser.parse_args(argv)
     if args.hidden_size % (2 * DEMO_HEADS):
         raise UsageError(f"argument --hidden-size: must be a multiple of {2 * DEMO_HEADS} ({DEMO_HEADS} attention "
@@ -90,16 +112,32 @@ def parse_args(argv: list[str]):
     return args
 
 
+def start_distributed(device: str) -> tuple[int, int, str]:
+    """(rank, world size, device) under torchrun (WORLD_SIZE > 1): joins the process group, gloo on
+    CPU and nccl on GPU, one GPU per local rank; (0, 1, device) otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, device
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return torch.distributed.get_rank(), world_size, device
+
+
 def main(argv: list[str]) -> int:
     """Train a tiny draft on CPU or GPU with a progress bar (stderr) of loss and per-depth accuracy,
     print a summary, save a checkpoint. Returns 0."""
     args = parse_args(argv)
+    from torch.nn.parallel import DistributedDataParallel
+
     from ..draft.llama import Eagle3DraftConfig, LlamaEagle3DraftModel
     from ..draft.training import eagle_pairs, peagle_training_step
 
-    device = torch.device(args.device)
-    torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
+    rank, world_size, device = start_distributed(args.device)
+    device = torch.device(device)
+    torch.manual_seed(args.seed)  # the same target and initial draft on every rank
+    generator = torch.Generator().manual_seed(args.seed + rank)  # each rank its own sequences and layouts
     target_hidden = 32
     target = TinyTarget(args.vocab, target_hidden).to(device).eval()
     config = Eagle3DraftConfig(
@@ -116,27 +154,46 @@ def main(argv: list[str]) -> int:
         max_position_embeddings=args.seq_len,
     )
     model = LlamaEagle3DraftModel(config).to(device).train()
+    trained = DistributedDataParallel(model) if world_size > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     loss_mask = torch.ones(args.seq_len, device=device)
-    interactive = sys.stderr.isatty()
-    print(f"train-demo: {args.steps} steps on {device}, seq-len {args.seq_len}, {args.depths} depths", file=sys.stderr)
+    report = rank == 0  # rank 0 alone prints and saves
+    interactive = report and sys.stderr.isatty()
+    if report:
+        print(f"train-demo: {args.steps} steps on {device}"
+              + (f" x {world_size} processes (DistributedDataParallel)" if world_size > 1 else "")
+              + f", seq-len {args.seq_len}, {args.depths} depths, {args.sequence_partitions} segment(s) per sequence",
+              file=sys.stderr)
     losses, started = [], time.perf_counter()
     for step in range(1, args.steps + 1):
         with torch.no_grad():
             tokens = target.sample(args.seq_len + 1, generator)
             input_ids, aux, logits, _ = eagle_pairs(tokens, *target(tokens))
-        out = peagle_training_step(model, input_ids, aux, loss_mask, target_logits=logits, generator=generator)
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        out = peagle_training_step(trained, input_ids, aux, loss_mask, target_logits=logits, generator=generator,
+                                   sequence_partitions=args.sequence_partitions)
+        if out.loss.requires_grad:  # a partitioned step has run its backward already
+            out.loss.backward()
         optimizer.step()
-        losses.append(out.loss.item())
-        if interactive or step % max(1, args.steps // 10) == 0 or step == args.steps:
+        loss = out.loss.detach()
+        if world_size > 1:  # the global batch's loss is the mean of the ranks' losses
+            torch.distributed.all_reduce(loss)
+            loss /= world_size
+        losses.append(loss.item())
+        if report and (interactive or step % max(1, args.steps // 10) == 0 or step == args.steps):
             line = _progress(step, args.steps, losses[-1], out.depth_accuracy)
             print(("\r" + line) if interactive else line, end="" if interactive else "\n", file=sys.stderr, flush=True)
     if interactive:
         print(file=sys.stderr)
+    if world_size > 1:
+        del trained  # the reducer (and its hold on the group) goes first: gloo threads left at exit abort
+        gc.collect()
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if not report:
+        return 0
     window = max(1, min(5, len(losses) // 4))
-    model.save_pretrained(args.out)
+    _save_noting_interop(model, args.out, args.verifier)
     accuracy = " ".join(f"d{d}={a:.2f}" for d, a in enumerate(out.depth_accuracy.tolist()))
     print(f"loss: first {window} steps {sum(losses[:window]) / window:.4f}, last {window} steps {sum(losses[-window:]) / window:.4f}")
     print(f"last-step accuracy per depth: {accuracy}")

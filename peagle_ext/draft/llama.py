@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, rope
 from .peagle_draft import (
     _PeagleAttentionMixin,
     _PeagleDecoderLayerMixin,
@@ -36,10 +36,25 @@ class Eagle3DraftConfig:
 
     Defaults describe a one-layer draft for a Llama-3.1-8B target. ``head_dim`` None means
     ``hidden_size // num_attention_heads``; ``target_hidden_size`` None means ``hidden_size``;
-    ``mask_token_id`` None means ``vocab_size - 1``. ``num_depths`` is the number of COD depths
-    trained and the number of tokens proposed (``speculative_tokens`` on disk).
-    ``norm_output``: ``forward_peagle`` returns post-``norm`` states (else ``compute_logits``
-    applies the norm). ``fc_norm``: an RMSNorm over the concatenated auxiliary states before ``fc``.
+    ``mask_token_id`` None means ``vocab_size - 1``; ``num_aux_hidden_states`` None means
+    ``len(eagle_aux_hidden_state_layer_ids)``, or 3 without them (they must agree when both are
+    given). ``num_depths`` is the number of COD depths trained and the number of tokens proposed
+    (``speculative_tokens`` on disk). ``draft_vocab_size < vocab_size`` gives the draft its own
+    vocabulary with the ``d2t``/``t2d`` maps. The options mean what they mean in speculators,
+    NeMo Automodel and vLLM, under the same names:
+
+    * ``norm_before_fc``: one RMSNorm over the concatenated auxiliary states (``input_norm``);
+    * ``fc_norm``: one RMSNorm per auxiliary state (``fc_norm.{i}``, over ``target_hidden_size``);
+      exclusive with ``norm_before_fc``, as in speculators;
+    * ``norm_before_residual``: the first layer's residual is ``hidden_norm(hidden)``, not ``hidden``;
+    * ``norm_output``: ``forward_peagle`` returns post-``norm`` states (else ``compute_logits``
+      applies the norm); the logits are the same;
+    * ``attention_bias``, ``mlp_bias``: biases on the q/k/v/o and gate/up/down projections;
+    * ``rope_theta`` and ``rope_scaling`` (transformers 4's form: ``{"rope_type": "llama3",
+      "factor": 8.0, ...}``, None for plain rope): rope types default, linear, llama3 and yarn,
+      see :mod:`peagle_ext.draft.rope`; ``rope_parameters`` is transformers 5's form of the two.
+
+    ``verifier_name_or_path``: the target model, as speculators records it (a hub id or a path).
     """
 
     hidden_size: int = 4096
@@ -51,13 +66,18 @@ class Eagle3DraftConfig:
     vocab_size: int = 128256
     draft_vocab_size: int = 32000
     target_hidden_size: int | None = None
-    num_aux_hidden_states: int = 3
+    num_aux_hidden_states: int | None = None
     rms_norm_eps: float = 1e-5
     rope_theta: float = 500000.0
+    rope_scaling: dict | None = None
     max_position_embeddings: int = 8192
     parallel_drafting: bool = False
     norm_output: bool = False
+    norm_before_fc: bool = False
     fc_norm: bool = False
+    norm_before_residual: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
     mask_token_id: int | None = None
     num_depths: int = 8
     eagle_aux_hidden_state_layer_ids: list[int] | None = None
@@ -71,8 +91,14 @@ class Eagle3DraftConfig:
             self.target_hidden_size = self.hidden_size
         if self.mask_token_id is None:
             self.mask_token_id = self.vocab_size - 1
-        if self.eagle_aux_hidden_state_layer_ids is not None:
-            self.eagle_aux_hidden_state_layer_ids = list(self.eagle_aux_hidden_state_layer_ids)
+        layer_ids = self.eagle_aux_hidden_state_layer_ids
+        if layer_ids is not None:
+            self.eagle_aux_hidden_state_layer_ids = layer_ids = list(layer_ids)
+        if self.num_aux_hidden_states is None:
+            self.num_aux_hidden_states = len(layer_ids) if layer_ids else 3
+        elif layer_ids and len(layer_ids) != self.num_aux_hidden_states:
+            raise ValueError(f"num_aux_hidden_states ({self.num_aux_hidden_states}) must equal the number of "
+                             f"eagle_aux_hidden_state_layer_ids ({layer_ids})")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -82,6 +108,9 @@ class Eagle3DraftConfig:
             raise ValueError(f"draft_vocab_size must be in [1, vocab_size={self.vocab_size}], got {self.draft_vocab_size}")
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"mask_token_id must be in [0, vocab_size={self.vocab_size}), got {self.mask_token_id}")
+        if self.norm_before_fc and self.fc_norm:
+            raise ValueError("norm_before_fc and fc_norm are mutually exclusive (one norm over the concatenated "
+                             "auxiliary states, or one per state): set one of them")
         for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                      "num_hidden_layers", "vocab_size", "target_hidden_size", "num_aux_hidden_states", "num_depths",
                      "max_position_embeddings"):
@@ -90,6 +119,14 @@ class Eagle3DraftConfig:
         for name in ("rms_norm_eps", "rope_theta"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"field {name!r} must be > 0, got {getattr(self, name)}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        self.rope_scaling = rope.check_rope_scaling(self.rope_scaling, self.max_position_embeddings)
+
+    @property
+    def rope_parameters(self) -> dict:
+        """transformers 5's ``rope_parameters``: ``{"rope_type", "rope_theta", **options}``."""
+        return rope.rope_parameters(self.rope_theta, self.rope_scaling)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -122,20 +159,30 @@ def _check_field_types(config) -> None:
 
 
 class LlamaRotaryEmbedding(nn.Module):
-    """Llama rotary position embedding (rotate-half form) at arbitrary position ids."""
+    """Llama rotary position embedding (rotate-half form) at arbitrary position ids, for the rope
+    types of :mod:`peagle_ext.draft.rope` (``rope_scaling`` None: plain rope)."""
 
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, head_dim: int, theta: float, rope_scaling: dict | None = None,
+                 max_position_embeddings: int | None = None):
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        rope_scaling = rope.check_rope_scaling(rope_scaling, max_position_embeddings)
+        inv_freq, self.attention_scaling = rope.inverse_frequencies(head_dim, theta, rope_scaling,
+                                                                    max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor):
-        """Rotate q: [B, Hq, N, D] and k: [B, Hk, N, D] by position_ids: [B, N] or [N] (any order,
-        gaps allowed). Computed in float32, returned in q's and k's dtypes."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor,
+                query_position_ids: torch.Tensor | None = None):
+        """Rotate q: [B, Hq, Q, D] and k: [B, Hk, N, D] by position_ids: [B, N] or [N] (any order,
+        gaps allowed); q by ``query_position_ids`` ([B, Q] or [Q]) when the queries are not the
+        keys' elements. Computed in float32, returned in q's and k's dtypes."""
+        query_position_ids = position_ids if query_position_ids is None else query_position_ids
+        return self._rotate(q, query_position_ids), self._rotate(k, position_ids)
+
+    def _rotate(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         freqs = position_ids.to(torch.float32)[..., None] * self.inv_freq  # [(B,) N, D/2]
         angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(-3)  # [(B,) 1, N, D]
-        cos, sin = angles.cos(), angles.sin()
-        return tuple((x.float() * cos + _rotate_half(x.float()) * sin).to(x.dtype) for x in (q, k))
+        cos, sin = angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
+        return (x.float() * cos + _rotate_half(x.float()) * sin).to(x.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -153,20 +200,24 @@ class Eagle3LlamaAttention(_PeagleAttentionMixin, nn.Module):
         self.head_dim = config.head_dim
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads
         self.scaling = self.head_dim**-0.5
-        self.q_proj = nn.Linear(input_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(input_size, self.num_key_value_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(input_size, self.num_key_value_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
-        self.rotary_emb = LlamaRotaryEmbedding(self.head_dim, config.rope_theta)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(input_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(input_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(input_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.rotary_emb = LlamaRotaryEmbedding(
+            self.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings
+        )
 
-    def _project_qkv(self, hidden_states: torch.Tensor):
-        """[B, N, input_size] -> q [B, heads, N, D], k and v [B, kv_heads, N, D]."""
-        batch, length, _ = hidden_states.shape
+    def _project_qkv(self, hidden_states: torch.Tensor, query_rows: torch.Tensor | None = None):
+        """[B, N, input_size] -> q [B, heads, Q, D], k and v [B, kv_heads, N, D]; the queries are
+        the elements ``query_rows`` (int [Q]) when given, else all N."""
+        queries = hidden_states if query_rows is None else hidden_states[:, query_rows]
 
-        def heads(proj):
-            return proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        def heads(proj, states):
+            return proj(states).view(states.shape[0], states.shape[1], -1, self.head_dim).transpose(1, 2)
 
-        return heads(self.q_proj), heads(self.k_proj), heads(self.v_proj)
+        return heads(self.q_proj, queries), heads(self.k_proj, hidden_states), heads(self.v_proj, hidden_states)
 
     def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
         """[B, kv_heads, N, D] -> [B, heads, N, D], each KV head repeated for its query group."""
@@ -178,9 +229,10 @@ class Eagle3LlamaMLP(nn.Module):
 
     def __init__(self, config: Eagle3DraftConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        bias = config.mlp_bias
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -199,11 +251,13 @@ class _LlamaBlock(nn.Module):
 
 class Eagle3LlamaDecoderLayer(_PeagleDecoderLayerMixin, _LlamaBlock):
     """The fused first layer: ``input_layernorm`` on embeddings, ``hidden_norm`` on the hidden
-    state, concatenated to 2H features for attention; residual is the hidden state."""
+    state, concatenated to 2H features for attention; the residual is the hidden state, or its
+    ``hidden_norm`` with ``norm_before_residual``."""
 
     def __init__(self, config: Eagle3DraftConfig):
         super().__init__(config, 2 * config.hidden_size)
         self.hidden_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm_before_residual = config.norm_before_residual
 
 
 class Eagle3LlamaPeagleLayer(_PeagleVanillaLayerMixin, _LlamaBlock):
@@ -214,13 +268,20 @@ class Eagle3LlamaPeagleLayer(_PeagleVanillaLayerMixin, _LlamaBlock):
 
 
 class Eagle3LlamaModel(nn.Module):
-    """The draft's body: embeddings, the ``fc`` projection of the target's states, layers, norm."""
+    """The draft's body: embeddings, the ``fc`` projection of the target's states (after
+    ``input_norm`` and/or ``fc_norm`` when configured), layers, norm."""
 
     def __init__(self, config: Eagle3DraftConfig):
         super().__init__()
         aux_width = config.num_aux_hidden_states * config.target_hidden_size
+        eps = config.rms_norm_eps
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.fc_norm = nn.RMSNorm(aux_width, eps=config.rms_norm_eps) if config.fc_norm else None
+        self.input_norm = nn.RMSNorm(aux_width, eps=eps) if config.norm_before_fc else None
+        self.fc_norm = None
+        if config.fc_norm:
+            self.fc_norm = nn.ModuleList(
+                nn.RMSNorm(config.target_hidden_size, eps=eps) for _ in range(config.num_aux_hidden_states)
+            )
         self.fc = nn.Linear(aux_width, config.hidden_size, bias=False)
         deep = [Eagle3LlamaPeagleLayer(config) for _ in range(config.num_hidden_layers - 1)]
         self.layers = nn.ModuleList([Eagle3LlamaDecoderLayer(config), *deep])
@@ -254,11 +315,16 @@ class LlamaEagle3DraftModel(_PeagleDraftMixin, nn.Module):
         return self.model.embed_tokens(input_ids)
 
     def project_hidden_states(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Concatenated target auxiliary states [..., num_aux * target_hidden] -> [..., H]
-        (``fc_norm`` when configured, then ``fc``)."""
-        if self.model.fc_norm is not None:
-            hidden_states = self.model.fc_norm(hidden_states)
-        return self.model.fc(hidden_states)
+        """Concatenated target auxiliary states [..., num_aux * target_hidden] -> [..., H]:
+        ``input_norm`` over the whole (``norm_before_fc``), ``fc_norm.{i}`` on the i-th state
+        (``fc_norm``), then ``fc``."""
+        body = self.model
+        if body.input_norm is not None:
+            hidden_states = body.input_norm(hidden_states)
+        if body.fc_norm is not None:
+            chunks = hidden_states.chunk(len(body.fc_norm), dim=-1)
+            hidden_states = torch.cat([norm(chunk) for norm, chunk in zip(body.fc_norm, chunks)], dim=-1)
+        return body.fc(hidden_states)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Draft hidden states [..., H] from :meth:`forward_peagle` -> logits [..., draft_vocab]."""
@@ -290,20 +356,40 @@ class LlamaEagle3DraftModel(_PeagleDraftMixin, nn.Module):
     def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False
 
-    def forward(self, sampled_input_ids, sampled_projected_hidden, position_ids, block_mask) -> torch.Tensor:
-        """Same as :meth:`forward_peagle`."""
-        return self.forward_peagle(sampled_input_ids, sampled_projected_hidden, position_ids, block_mask)
+    def forward(self, *args, peagle_training_inputs: dict | None = None, **kwargs) -> torch.Tensor:
+        """:meth:`forward_peagle` (same arguments). With ``peagle_training_inputs`` (the keyword
+        arguments of :func:`peagle_ext.training.supervised_draft_logits`), the draft logits of one
+        training step or segment: ``peagle_training_step`` calls it so, so that a
+        DistributedDataParallel wrapper sees the whole forward of the step."""
+        if peagle_training_inputs is not None:
+            from .training import supervised_draft_logits
 
-    def save_pretrained(self, directory) -> None:
-        """Write ``config.json`` and ``model.safetensors`` in the speculators P-EAGLE layout, atomically."""
+            return supervised_draft_logits(self, **peagle_training_inputs)
+        return self.forward_peagle(*args, **kwargs)
+
+    def save_pretrained(self, directory, verifier: str | None = None) -> None:
+        """Write ``config.json`` and ``model.safetensors`` in the layout speculators saves, atomically.
+
+        ``verifier``: the target model's hub id or path, recorded as speculators'
+        ``verifier.name_or_path`` (default: ``config.verifier_name_or_path``). When a peer will
+        lack something to load or serve the checkpoint (no verifier for speculators, for one), the
+        checkpoint is still written and one :class:`~peagle_ext.draft.checkpoint.InteropWarning`
+        says what.
+        """
+        fields = self.config.to_dict()
+        if verifier is not None:
+            fields["verifier_name_or_path"] = str(verifier)
         state = {checkpoint.disk_key(name): tensor for name, tensor in self.state_dict().items()}
-        config_json = checkpoint.speculators_config(self.config.to_dict(), self.lm_head.weight.dtype)
+        verifier_entry = checkpoint.verifier_record(fields["verifier_name_or_path"])
+        config_json = checkpoint.speculators_config(fields, self.lm_head.weight.dtype, verifier_entry)
         checkpoint.save_checkpoint(directory, config_json, state)
+        checkpoint.warn_interop(directory, checkpoint.interop_notes(fields))
 
     @classmethod
     def from_pretrained(cls, directory, device="cpu", dtype: torch.dtype | None = None) -> LlamaEagle3DraftModel:
-        """Load a checkpoint in the layout :meth:`save_pretrained` writes, onto ``device`` (floating
-        weights cast to ``dtype`` when given). An error names any missing, unexpected or misshapen key."""
+        """Load a checkpoint that speculators (P-EAGLE or EAGLE-3, Llama) or :meth:`save_pretrained`
+        wrote, onto ``device`` (floating weights cast to ``dtype`` when given). An error names the
+        config field or any missing, unexpected or misshapen key."""
         config_json, tensors = checkpoint.load_checkpoint(directory)
         try:
             config = Eagle3DraftConfig(**checkpoint.config_fields(config_json))

@@ -146,20 +146,24 @@ def _peagle_flex_attention(q, k, v, block_mask, scale):
     return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
 
 
-def _attention_then_mlp(layer, attn_input, residual, position_ids, block_mask) -> torch.Tensor:
+def _attention_then_mlp(layer, attn_input, residual, position_ids, block_mask, query_rows=None) -> torch.Tensor:
     """``residual + attn(attn_input)``, then the post-attention-norm MLP with its residual.
 
     The shared tail of both P-EAGLE layer kinds; ``layer`` provides ``self_attn``,
-    ``post_attention_layernorm`` and ``mlp``. Returns [B, N, H].
+    ``post_attention_layernorm`` and ``mlp``. Returns [B, N, H], or [B, Q, H] for the elements
+    ``query_rows`` only (keys and values still come from all N).
     """
-    hidden = residual + layer.self_attn.forward_peagle(attn_input, position_ids, block_mask)
+    if query_rows is not None:
+        residual = residual[:, query_rows]
+    hidden = residual + layer.self_attn.forward_peagle(attn_input, position_ids, block_mask, query_rows=query_rows)
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
 class _PeagleAttentionMixin:
     """P-EAGLE single parallel-group attention for ``Eagle3LlamaAttention``."""
 
-    def forward_peagle(self, combined_states: torch.Tensor, position_ids: torch.Tensor, block_mask) -> torch.Tensor:
+    def forward_peagle(self, combined_states: torch.Tensor, position_ids: torch.Tensor, block_mask,
+                       query_rows: torch.Tensor | None = None) -> torch.Tensor:
         """P-EAGLE single parallel-group attention.
 
         All COD depths are flattened into one sequence and attend in a single pass: the depth
@@ -168,12 +172,15 @@ class _PeagleAttentionMixin:
 
         combined_states: [B, N, in_features] (2H for the fused first layer, H otherwise);
         position_ids: [B, N] or [N] reference positions; returns [B, N, hidden_size].
+        ``query_rows`` (int [Q], beyond the seed's signature): only these elements are queries
+        (``block_mask`` is then Q x N); returns [B, Q, hidden_size].
         """
-        batch, length, _ = combined_states.shape
-        q, k, v = self._project_qkv(combined_states)
-        q, k = self.rotary_emb(q, k, position_ids)
+        batch = combined_states.shape[0]
+        q, k, v = self._project_qkv(combined_states, query_rows)
+        query_positions = None if query_rows is None else position_ids[..., query_rows]
+        q, k = self.rotary_emb(q, k, position_ids, query_positions)
         out = _peagle_flex_attention(q, self._repeat_kv(k), self._repeat_kv(v), block_mask, self.scaling)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, q.shape[-2], -1))
 
 
 class _PeagleDecoderLayerMixin:
@@ -185,22 +192,30 @@ class _PeagleDecoderLayerMixin:
         hidden_states: torch.Tensor,
         position_ids: torch.Tensor,
         block_mask,
+        query_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Fused first layer: attention over ``[input_layernorm(embeds), hidden_norm(hidden)]``.
 
         input_embeds: [B, N, H] token embeddings; hidden_states: [B, N, H] projected target
-        hidden states (the residual stream); returns [B, N, H].
+        hidden states (the residual stream; its ``hidden_norm`` when the host sets
+        ``norm_before_residual``); returns [B, N, H] ([B, Q, H] with ``query_rows``, see
+        :meth:`_PeagleAttentionMixin.forward_peagle`).
         """
-        combined = torch.cat([self.input_layernorm(input_embeds), self.hidden_norm(hidden_states)], dim=-1)
-        return _attention_then_mlp(self, combined, hidden_states, position_ids, block_mask)
+        normed_hidden = self.hidden_norm(hidden_states)
+        combined = torch.cat([self.input_layernorm(input_embeds), normed_hidden], dim=-1)
+        residual = normed_hidden if getattr(self, "norm_before_residual", False) else hidden_states
+        return _attention_then_mlp(self, combined, residual, position_ids, block_mask, query_rows)
 
 
 class _PeagleVanillaLayerMixin:
     """P-EAGLE forward for the vanilla deep layer ``Eagle3LlamaPeagleLayer``."""
 
-    def forward_peagle(self, hidden_states: torch.Tensor, position_ids: torch.Tensor, block_mask) -> torch.Tensor:
-        """Standard pre-norm Llama block over [B, N, H] hidden states with the COD mask."""
-        return _attention_then_mlp(self, self.input_layernorm(hidden_states), hidden_states, position_ids, block_mask)
+    def forward_peagle(self, hidden_states: torch.Tensor, position_ids: torch.Tensor, block_mask,
+                       query_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Standard pre-norm Llama block over [B, N, H] hidden states with the COD mask ([B, Q, H]
+        out with ``query_rows``)."""
+        return _attention_then_mlp(self, self.input_layernorm(hidden_states), hidden_states, position_ids, block_mask,
+                                   query_rows)
 
 
 class _PeagleDraftMixin:
@@ -211,7 +226,7 @@ class _PeagleDraftMixin:
 
         It substitutes for the target's concatenated auxiliary hidden states at every masked
         COD position (depth >= 1), at the pre-``fc`` width, so it flows through
-        ``project_hidden_states`` (``fc_norm`` when set, then ``fc``) like a real vector.
+        ``project_hidden_states`` (``input_norm``/``fc_norm`` when set, then ``fc``) like a real vector.
         Shape and on-disk key ``mask_hidden`` follow speculators. Call it only when
         ``parallel_drafting`` is set, so EAGLE-3 checkpoints carry no extra key.
         """
@@ -234,11 +249,15 @@ class _PeagleDraftMixin:
             return torch.utils.checkpoint.checkpoint(layer_fn, *args, use_reentrant=False, **kwargs)
         return layer_fn(*args, **kwargs)
 
-    def build_peagle_block_mask(self, anchor_pos, depth, lengths, total_seq_len):
+    def build_peagle_block_mask(self, anchor_pos, depth, lengths, total_seq_len, *, sliding_window=None,
+                                kv_anchor_pos=None, kv_depth=None):
         """The COD flex_attention BlockMask for one packed sequence, from ``peagle_ext.build_block_mask``
         with the fastest available backend (anchor_pos, depth: int [N]; lengths: document lengths
-        packed from position 0; total_seq_len: the original sequence length)."""
-        return build_block_mask(anchor_pos, depth, lengths, total_seq_len)
+        packed from position 0; total_seq_len: the original sequence length). Keywords beyond the
+        seed's signature: ``sliding_window``, the window W of the depth-0 context; ``kv_anchor_pos``
+        and ``kv_depth``, the key elements when only some elements are queries (a Q x KV mask)."""
+        return build_block_mask(anchor_pos, depth, lengths, total_seq_len, sliding_window=sliding_window,
+                                kv_anchor_pos=kv_anchor_pos, kv_depth=kv_depth)
 
     def forward_peagle(
         self,
@@ -246,6 +265,9 @@ class _PeagleDraftMixin:
         sampled_projected_hidden: torch.Tensor,
         position_ids: torch.Tensor,
         block_mask,
+        *,
+        query_rows: torch.Tensor | None = None,
+        query_block_mask=None,
     ) -> torch.Tensor:
         """Run the P-EAGLE single parallel-group forward over N flattened COD elements.
 
@@ -255,12 +277,25 @@ class _PeagleDraftMixin:
         block_mask: the COD visibility mask.
 
         Returns [1, N, H] pre-logits hidden states, post-``norm`` when ``config.norm_output``.
+
+        Keywords beyond the seed's signature: with ``query_rows`` (int [Q]) only those elements'
+        states are wanted, the others serving as keys only (a segment's completion): every layer
+        but the last runs over all N with ``block_mask`` (unused with one layer), the last one
+        runs queries ``query_rows`` against keys N with ``query_block_mask`` (Q x N), and the
+        result is [1, Q, H].
         """
         layers = self.model.layers
+        last = len(layers) - 1
         embeds = self.embed_input_ids(sampled_input_ids)
+
+        def layer_masks(index):
+            if query_rows is None or index < last:
+                return (block_mask,)
+            return (query_block_mask, query_rows)
+
         hidden = self._run_draft_layer(
-            layers[0].forward_peagle, (embeds, sampled_projected_hidden, position_ids, block_mask)
+            layers[0].forward_peagle, (embeds, sampled_projected_hidden, position_ids, *layer_masks(0))
         )
-        for layer in layers[1:]:
-            hidden = self._run_draft_layer(layer.forward_peagle, (hidden, position_ids, block_mask))
+        for index, layer in enumerate(layers[1:], start=1):
+            hidden = self._run_draft_layer(layer.forward_peagle, (hidden, position_ids, *layer_masks(index)))
         return self.model.norm(hidden) if self.config.norm_output else hidden

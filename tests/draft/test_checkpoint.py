@@ -1,4 +1,5 @@
-"""Checkpoints in the speculators P-EAGLE layout: round trip, on-disk layout, bad keys, atomic writes."""
+"""Checkpoints in the layout speculators saves: round trip, on-disk layout, older forms, the verifier
+and the interop warning, bad keys, atomic writes. (Loading by the peers themselves: tests/interop.)"""
 
 from __future__ import annotations
 
@@ -15,6 +16,12 @@ from peagle_ext import checkpoint
 from peagle_ext.draft_llama import LlamaEagle3DraftModel
 from peagle_ext.training import build_peagle_inputs
 from draft_helpers import cod_indices, random_sequence, tiny_model, single_thread  # noqa: F401 (autouse fixture)
+
+# Most saves here have no verifier and a target hidden size unlike the draft's; the tests of the
+# warning itself catch it with pytest.warns, which sees it regardless of this filter.
+pytestmark = pytest.mark.filterwarnings("ignore::peagle_ext.draft.checkpoint.InteropWarning")
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
 
 LAYER_KEYS = {
     "self_attn.q_proj.weight",
@@ -46,8 +53,17 @@ def _saved(tmp_path, **overrides):
     return model, tmp_path / "draft"
 
 
-def test_round_trip_gives_identical_outputs(tmp_path):
-    model, directory = _saved(tmp_path, draft_vocab_size=40, fc_norm=True, norm_output=True, eagle_aux_hidden_state_layer_ids=[1, 5, 9])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(draft_vocab_size=40, fc_norm=True, norm_output=True, eagle_aux_hidden_state_layer_ids=[1, 5, 9, 11]),
+        dict(draft_vocab_size=40, norm_before_fc=True, norm_before_residual=True, attention_bias=True, mlp_bias=True,
+             num_hidden_layers=1, rope_scaling=LLAMA3_ROPE, num_aux_hidden_states=1),
+    ],
+    ids=["fc_norm", "norm_before_fc"],
+)
+def test_round_trip_gives_identical_outputs(tmp_path, overrides):
+    model, directory = _saved(tmp_path, **overrides)
     model.set_draft_vocab(torch.arange(0, 80, 2))
     model.save_pretrained(directory)  # overwrite in place
     loaded = LlamaEagle3DraftModel.from_pretrained(directory)
@@ -74,13 +90,19 @@ def test_on_disk_layout(tmp_path):
 
     config = json.loads((directory / "config.json").read_text())
     assert config["speculators_model_type"] == "peagle"
-    assert config["architectures"] == ["PEagleSpeculator"]
-    for key, value in {"mask_token_id": 95, "draft_vocab_size": 50, "target_hidden_size": 16, "norm_output": False, "fc_norm": False}.items():
+    assert config["architectures"] == ["PEagleDraftModel"]
+    expected = {"mask_token_id": 95, "draft_vocab_size": 50, "target_hidden_size": 16, "norm_output": False,
+                "fc_norm": False, "norm_before_fc": False, "norm_before_residual": False, "dtype": "float32"}
+    for key, value in expected.items():
         assert config[key] == value, key
     assert "eagle_aux_hidden_state_layer_ids" in config
     layer = config["transformer_layer_config"]
     assert (layer["model_type"], layer["hidden_size"], layer["num_hidden_layers"], layer["vocab_size"]) == ("llama", 32, 2, 96)
     assert (layer["num_attention_heads"], layer["num_key_value_heads"], layer["head_dim"]) == (4, 2, 8)
+    # transformers 5's rope form only; the keys vLLM's draft reads from the layer config.
+    assert layer["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}
+    assert "rope_theta" not in layer and "rope_scaling" not in layer
+    assert (layer["num_aux_hidden_states"], layer["fc_norm"], layer["norm_output"]) == (3, False, False)
     spec = config["speculators_config"]
     assert spec["algorithm"] == "peagle" and spec["default_proposal_method"] == "greedy"
     assert spec["proposal_methods"][0]["proposal_type"] == "greedy"
@@ -94,6 +116,102 @@ def test_eagle3_checkpoint_without_parallel_drafting(tmp_path):
     assert json.loads((directory / "config.json").read_text())["speculators_model_type"] == "eagle3"
     loaded = LlamaEagle3DraftModel.from_pretrained(directory)
     assert not loaded.config.parallel_drafting and not hasattr(loaded, "mask_hidden")
+
+
+def test_norm_keys_on_disk(tmp_path):
+    """fc_norm: one weight per auxiliary state, fc_norm.{i}; norm_before_fc: one input_norm over all."""
+    _, directory = _saved(tmp_path, fc_norm=True, eagle_aux_hidden_state_layer_ids=[2, 4, 6, 8])
+    tensors = load_file(directory / "model.safetensors")
+    assert {key: tuple(t.shape) for key, t in tensors.items() if "norm" in key and "layers" not in key} == {
+        **{f"fc_norm.{i}.weight": (16,) for i in range(4)}, "norm.weight": (32,)}
+    layer = json.loads((directory / "config.json").read_text())["transformer_layer_config"]
+    assert (layer["num_aux_hidden_states"], layer["fc_norm"]) == (4, True)
+    _, directory = _saved(tmp_path, norm_before_fc=True, draft_vocab_size=50, rope_scaling=LLAMA3_ROPE)
+    tensors = load_file(directory / "model.safetensors")
+    assert tensors["input_norm.weight"].shape == (3 * 16,) and not any(k.startswith("fc_norm") for k in tensors)
+    layer = json.loads((directory / "config.json").read_text())["transformer_layer_config"]
+    assert layer["rope_parameters"] == {"rope_theta": 10000.0, **LLAMA3_ROPE}
+
+
+def _verifier_dir(tmp_path):
+    directory = tmp_path / "verifier"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    return directory
+
+
+def test_verifier_is_recorded_and_only_missing_needs_are_warned(tmp_path):
+    verifier = _verifier_dir(tmp_path)
+    model = tiny_model(target_hidden_size=32)
+    with pytest.warns(checkpoint.InteropWarning) as caught:
+        model.save_pretrained(tmp_path / "bare")
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "No verifier recorded" in message and "verifier=" in message and "embed_tokens, lm_head" in message
+    assert (tmp_path / "bare" / "model.safetensors").is_file()
+    spec = json.loads((tmp_path / "bare" / "config.json").read_text())["speculators_config"]
+    assert spec["verifier"] == {"name_or_path": None, "architectures": []}
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", checkpoint.InteropWarning)
+        model.save_pretrained(tmp_path / "recorded", verifier=verifier)
+    spec = json.loads((tmp_path / "recorded" / "config.json").read_text())["speculators_config"]
+    assert spec["verifier"] == {"name_or_path": str(verifier), "architectures": ["LlamaForCausalLM"]}
+    loaded = LlamaEagle3DraftModel.from_pretrained(tmp_path / "recorded")
+    assert loaded.config.verifier_name_or_path == str(verifier)
+    with warnings.catch_warnings():  # the loaded config remembers it; a hub id has no local architectures
+        warnings.simplefilter("error", checkpoint.InteropWarning)
+        loaded.save_pretrained(tmp_path / "again")
+        loaded.save_pretrained(tmp_path / "hub", verifier="meta-llama/Llama-3.1-8B")
+    spec = json.loads((tmp_path / "hub" / "config.json").read_text())["speculators_config"]
+    assert spec["verifier"] == {"name_or_path": "meta-llama/Llama-3.1-8B", "architectures": []}
+
+
+def test_warning_names_what_each_peer_lacks(tmp_path):
+    with pytest.warns(checkpoint.InteropWarning) as caught:
+        tiny_model(num_aux_hidden_states=2).save_pretrained(tmp_path / "draft", verifier="org/model")
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "verifier" not in message.split(":", 1)[1].split("(")[0]
+    assert "target_hidden_size (16) differs from hidden_size (32)" in message
+    assert "num_aux_hidden_states is 2 but eagle_aux_hidden_state_layer_ids is not set" in message
+
+
+def _edit_layer(directory, edit):
+    config = json.loads((directory / "config.json").read_text())
+    edit(config["transformer_layer_config"])
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "older",
+    [
+        # transformers 4 wrote rope_theta and rope_scaling (the legacy "type" key too).
+        lambda layer: layer.update(rope_theta=layer["rope_parameters"].pop("rope_theta"),
+                                   rope_scaling={"type": "llama3", **{k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"}},
+                                   rope_parameters=None),
+        # earlier peagle_ext: top-level num_aux_hidden_states and parallel_drafting, no layer-level copies.
+        "earlier-peagle_ext",
+    ],
+    ids=["rope_theta+rope_scaling", "earlier-peagle_ext"],
+)
+def test_older_config_forms_load(tmp_path, older):
+    model, directory = _saved(tmp_path, rope_scaling=LLAMA3_ROPE, eagle_aux_hidden_state_layer_ids=[1, 2])
+    config = json.loads((directory / "config.json").read_text())
+    if older == "earlier-peagle_ext":
+        layer = config["transformer_layer_config"]
+        config.update(num_aux_hidden_states=layer.pop("num_aux_hidden_states"), parallel_drafting=True)
+        del layer["fc_norm"], layer["norm_output"], config["norm_before_fc"], config["norm_before_residual"]
+        layer["rope_theta"] = layer.pop("rope_parameters")["rope_theta"]
+        layer["rope_scaling"] = LLAMA3_ROPE
+    else:
+        older(config["transformer_layer_config"])
+    (directory / "config.json").write_text(json.dumps(config))
+    loaded = LlamaEagle3DraftModel.from_pretrained(directory)
+    assert loaded.config == model.config
+    assert torch.equal(_outputs(loaded), _outputs(model))
 
 
 def _rewrite(directory, edit):
@@ -177,10 +295,22 @@ def _edit_config(directory, edit):
         (lambda c: c.update(transformer_layer_config=[]), TypeError, "transformer_layer_config must be a JSON object"),
         (lambda c: c["speculators_config"].update(proposal_methods=[]), TypeError, "proposal_methods must hold an object"),
         (lambda c: c.update(speculators_model_type="medusa"), ValueError, "speculators_model_type is 'medusa'"),
+        (lambda c: c.update(norm_before_fc=1), TypeError, "'norm_before_fc' must be bool, got int"),
+        (lambda c: c.update(fc_norm=True, norm_before_fc=True), ValueError, "mutually exclusive"),
+        (lambda c: c.update(speculators_model_type="eagle3", parallel_drafting=True), ValueError, "parallel_drafting is True but speculators_model_type is 'eagle3'"),
+        (lambda c: c["transformer_layer_config"].update(model_type="qwen3"), ValueError, "model_type is 'qwen3'"),
+        (lambda c: c["transformer_layer_config"].pop("model_type"), ValueError, "model_type is None"),
+        (lambda c: c["transformer_layer_config"].update(hidden_act="gelu"), ValueError, "hidden_act is 'gelu'"),
+        (lambda c: c["transformer_layer_config"].update(layer_types=["sliding_attention", "full_attention"]), ValueError, "sliding_attention"),
+        (lambda c: c["transformer_layer_config"].update(num_aux_hidden_states=2), ValueError, "num_aux_hidden_states \\(2\\)"),
+        (lambda c: c["transformer_layer_config"]["rope_parameters"].update(rope_type="dynamic", factor=2.0), ValueError, "unsupported rope_type 'dynamic'"),
+        (lambda c: c["transformer_layer_config"]["rope_parameters"].update(rope_type="linear", factor=2.0, low_freq_factor=1.0), ValueError, "unknown rope option 'low_freq_factor'"),
+        (lambda c: c["transformer_layer_config"]["rope_parameters"].update(rope_theta="1e4"), TypeError, "'rope_theta' must be float"),
+        (lambda c: c["transformer_layer_config"].update(rope_parameters={"full_attention": {"rope_type": "default"}}), ValueError, "per-layer-type"),
     ],
 )
 def test_config_values_are_type_checked_naming_field_and_file(tmp_path, edit, error, pattern):
-    _, directory = _saved(tmp_path)
+    _, directory = _saved(tmp_path, eagle_aux_hidden_state_layer_ids=[1, 2, 3])
     _edit_config(directory, edit)
     with pytest.raises(error, match=pattern) as raised:
         LlamaEagle3DraftModel.from_pretrained(directory)
@@ -273,6 +403,27 @@ def test_save_survives_sigkill_at_random_moments(tmp_path, exchange):
     checkpoint.save_checkpoint(directory, {"version": "A"}, _version_tensors("A"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["draft"]
     assert _assert_loads_as_one_version(directory) == "A"
+
+
+def test_next_save_restores_a_checkpoint_left_renamed_aside(tmp_path, monkeypatch):
+    """A save killed between the fallback's two renames leaves only the renamed-aside copy (named
+    for a dead process); the next save, even one that fails, must not delete it."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    checkpoint.save_checkpoint(tmp_path / "draft", {"version": "A"}, _version_tensors("A"))
+    (tmp_path / "draft").rename(tmp_path / f".draft.old-{int(dead.stdout)}-0123456789ab")
+    assert _assert_loads_as_one_version(tmp_path / "draft") == "A"
+
+    def failing_save(tensors, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", failing_save)
+    with pytest.raises(OSError):
+        checkpoint.save_checkpoint(tmp_path / "draft", {"version": "B"}, _version_tensors("B"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["draft"]
+    assert _assert_loads_as_one_version(tmp_path / "draft") == "A"
 
 
 def test_next_save_removes_only_dead_processes_temporaries(tmp_path):

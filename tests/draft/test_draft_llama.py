@@ -30,11 +30,35 @@ def test_config_defaults_and_derived_fields():
         ({"draft_vocab_size": 97}, "draft_vocab_size"),
         ({"mask_token_id": 96}, "mask_token_id"),
         ({"num_depths": 0}, "num_depths"),
+        ({"norm_before_fc": True, "fc_norm": True}, "norm_before_fc and fc_norm are mutually exclusive"),
+        ({"num_aux_hidden_states": 3, "eagle_aux_hidden_state_layer_ids": [1, 2]}, "num_aux_hidden_states \\(3\\)"),
+        ({"head_dim": 7}, "head_dim must be even"),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "unsupported rope_type 'dynamic'"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "beta_fast": 4}}, "unknown rope option 'beta_fast'"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "needs the rope option 'low_freq_factor'"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
+        ({"rope_scaling": {"rope_type": "yarn", "type": "linear", "factor": 2.0}}, "two types"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "rope_theta"),
     ],
 )
 def test_config_rejects_bad_values(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**overrides)
+
+
+def test_config_derived_aux_count_and_rope_forms():
+    assert tiny_config(eagle_aux_hidden_state_layer_ids=[1, 4, 7, 9]).num_aux_hidden_states == 4
+    assert tiny_config(num_aux_hidden_states=1).num_aux_hidden_states == 1
+    assert tiny_config(rope_scaling={"rope_type": "default"}).rope_scaling is None
+    legacy = tiny_config(rope_scaling={"type": "yarn", "factor": 4.0})
+    # The legacy key becomes rope_type, and the pre-training length defaults to max_position_embeddings.
+    assert legacy.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    assert legacy.rope_parameters == {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                      "original_max_position_embeddings": 64}
+    with pytest.raises(TypeError, match="'rope_scaling' must be dict"):
+        tiny_config(rope_scaling=[("rope_type", "linear")])
+    with pytest.raises(TypeError, match="truncate"):
+        tiny_config(rope_scaling={"rope_type": "yarn", "factor": 2.0, "truncate": "no"})
 
 
 @pytest.mark.parametrize("layers", [1, 3])
@@ -51,7 +75,13 @@ def test_model_structure(layers):
     assert model.model.fc.in_features == 3 * config.target_hidden_size
     assert model.model.fc.out_features == config.hidden_size
     assert model.lm_head.out_features == 40 and model.model.embed_tokens.num_embeddings == 96
-    assert model.model.fc_norm is None and tiny_model(fc_norm=True).model.fc_norm is not None
+    assert model.model.fc_norm is None and model.model.input_norm is None
+    per_state = tiny_model(fc_norm=True, num_aux_hidden_states=4).model
+    assert [tuple(norm.weight.shape) for norm in per_state.fc_norm] == [(config.target_hidden_size,)] * 4
+    assert tiny_model(norm_before_fc=True).model.input_norm.weight.shape == (3 * config.target_hidden_size,)
+    biased = tiny_model(attention_bias=True, mlp_bias=True).model.layers[1]
+    assert all(getattr(biased.self_attn, f"{name}_proj").bias is not None for name in "qkvo")
+    assert all(getattr(biased.mlp, f"{name}_proj").bias is not None for name in ("gate", "up", "down"))
 
 
 def test_repeat_kv_gives_each_query_head_its_group():
@@ -119,24 +149,28 @@ def _reference_forward(model, ids, projected, positions, visible):
     def rms(x, norm):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps) * norm.weight
 
+    def linear(x, proj):
+        return x @ proj.weight.T + (0 if proj.bias is None else proj.bias)
+
     def attention(attn, x):
         heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        q = (x @ attn.q_proj.weight.T).view(-1, heads, dim).transpose(0, 1)
-        k = (x @ attn.k_proj.weight.T).view(-1, kv_heads, dim).transpose(0, 1)
-        v = (x @ attn.v_proj.weight.T).view(-1, kv_heads, dim).transpose(0, 1)
+        q = linear(x, attn.q_proj).view(-1, heads, dim).transpose(0, 1)
+        k = linear(x, attn.k_proj).view(-1, kv_heads, dim).transpose(0, 1)
+        v = linear(x, attn.v_proj).view(-1, kv_heads, dim).transpose(0, 1)
         q, k = _rope(q, positions, config.rope_theta), _rope(k, positions, config.rope_theta)
         group = torch.arange(heads) // (heads // kv_heads)
         scores = (q @ k[group].transpose(1, 2)) / dim**0.5
         weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-        return (weights @ v[group]).transpose(0, 1).reshape(len(ids), -1) @ attn.o_proj.weight.T
+        return linear((weights @ v[group]).transpose(0, 1).reshape(len(ids), -1), attn.o_proj)
 
     def mlp(layer, x):
-        return (F.silu(x @ layer.mlp.gate_proj.weight.T) * (x @ layer.mlp.up_proj.weight.T)) @ layer.mlp.down_proj.weight.T
+        return linear(F.silu(linear(x, layer.mlp.gate_proj)) * linear(x, layer.mlp.up_proj), layer.mlp.down_proj)
 
     first, *rest = model.model.layers
-    hidden = projected
     embeds = model.model.embed_tokens.weight[ids]
-    hidden = hidden + attention(first.self_attn, torch.cat([rms(embeds, first.input_layernorm), rms(hidden, first.hidden_norm)], -1))
+    normed = rms(projected, first.hidden_norm)
+    residual = normed if config.norm_before_residual else projected
+    hidden = residual + attention(first.self_attn, torch.cat([rms(embeds, first.input_layernorm), normed], -1))
     hidden = hidden + mlp(first, rms(hidden, first.post_attention_layernorm))
     for layer in rest:
         hidden = hidden + attention(layer.self_attn, rms(hidden, layer.input_layernorm))
@@ -146,13 +180,22 @@ def _reference_forward(model, ids, projected, positions, visible):
 
 @pytest.mark.parametrize(
     ("layout", "overrides"),
-    [("causal", {}), ("cod", {}), ("cod", {"norm_output": True, "num_hidden_layers": 3, "num_key_value_heads": 1})],
+    [
+        ("causal", {}),
+        ("cod", {}),
+        ("cod", {"norm_output": True, "num_hidden_layers": 3, "num_key_value_heads": 1}),
+        ("cod", {"norm_before_residual": True, "attention_bias": True, "mlp_bias": True}),
+    ],
 )
 def test_forward_matches_dense_reference(layout, overrides):
     from peagle_ext.training import build_peagle_inputs
 
     seq_len, lengths = 20, torch.tensor([11, 9])
     model = tiny_model(**overrides)
+    with torch.no_grad():  # biases start at random values; move the norms off their all-ones init
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.add_(0.2 * torch.randn_like(parameter))
     if layout == "causal":
         anchor_pos, depth = torch.arange(seq_len), torch.zeros(seq_len, dtype=torch.int64)
     else:

@@ -61,14 +61,28 @@ def test_mask_hidden_absent_without_parallel_drafting():
     assert not hasattr(model, "mask_hidden")
 
 
-@pytest.mark.parametrize("fc_norm", [False, True])
-def test_masked_projected_hidden_shape_and_path(fc_norm):
-    model = tiny_model(fc_norm=fc_norm)
+@pytest.mark.parametrize(
+    "overrides", [{}, {"fc_norm": True}, {"fc_norm": True, "num_aux_hidden_states": 2}, {"norm_before_fc": True}]
+)
+def test_masked_projected_hidden_shape_and_path(overrides):
+    """mask_hidden goes through input_norm (one norm over all states) or fc_norm (one per state) then fc."""
+    model = tiny_model(**overrides)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.add_(0.3 * torch.randn_like(parameter))
     projected = model.masked_projected_hidden()
     assert projected.shape == (1, model.config.hidden_size)
     flat = model.mask_hidden.reshape(1, -1)
-    if fc_norm:
-        flat = torch.nn.functional.rms_norm(flat, (flat.shape[-1],), model.model.fc_norm.weight, model.config.rms_norm_eps)
+
+    def rms(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps) * weight
+
+    if model.config.norm_before_fc:
+        flat = rms(flat, model.model.input_norm.weight)
+    if model.config.fc_norm:
+        width = model.config.target_hidden_size
+        flat = torch.cat([rms(flat[:, i * width : (i + 1) * width], norm.weight) for i, norm in enumerate(model.model.fc_norm)], -1)
     torch.testing.assert_close(projected, flat @ model.model.fc.weight.T)
 
 
@@ -336,21 +350,27 @@ def test_module_exports_the_seed_names():
     for mixin, host in hosts.items():
         assert issubclass(host, getattr(peagle_draft, mixin)), (host, mixin)
 
-    def params(fn):
-        return list(inspect.signature(fn).parameters)
+    def assert_seed_signature(fn, seed_names):
+        """The seed's parameters first, in its order; anything after them optional (our extensions)."""
+        parameters = list(inspect.signature(fn).parameters.values())
+        assert [p.name for p in parameters[: len(seed_names)]] == seed_names, fn
+        extras = parameters[len(seed_names):]
+        assert all(p.default is not inspect.Parameter.empty for p in extras), (fn, extras)
 
-    assert params(peagle_draft._PeagleAttentionMixin.forward_peagle) == ["self", "combined_states", "position_ids", "block_mask"]
-    assert params(peagle_draft._PeagleDecoderLayerMixin.forward_peagle) == [
-        "self", "input_embeds", "hidden_states", "position_ids", "block_mask"]
-    assert params(peagle_draft._PeagleVanillaLayerMixin.forward_peagle) == ["self", "hidden_states", "position_ids", "block_mask"]
+    assert_seed_signature(peagle_draft._PeagleAttentionMixin.forward_peagle,
+                          ["self", "combined_states", "position_ids", "block_mask"])
+    assert_seed_signature(peagle_draft._PeagleDecoderLayerMixin.forward_peagle,
+                          ["self", "input_embeds", "hidden_states", "position_ids", "block_mask"])
+    assert_seed_signature(peagle_draft._PeagleVanillaLayerMixin.forward_peagle,
+                          ["self", "hidden_states", "position_ids", "block_mask"])
     mixin = peagle_draft._PeagleDraftMixin
-    assert params(mixin.forward_peagle) == [
-        "self", "sampled_input_ids", "sampled_projected_hidden", "position_ids", "block_mask"]
-    assert params(mixin._init_peagle_parameters) == ["self", "config"]
-    assert params(mixin.masked_projected_hidden) == ["self"]
-    assert params(mixin._run_draft_layer) == ["self", "layer_fn", "args", "kwargs"]
-    assert params(mixin.build_peagle_block_mask) == ["self", "anchor_pos", "depth", "lengths", "total_seq_len"]
-    assert params(peagle_draft._peagle_compile_supported) == ["q", "k", "v"]
-    assert params(peagle_draft._peagle_flex_attention) == ["q", "k", "v", "block_mask", "scale"]
+    assert_seed_signature(mixin.forward_peagle,
+                          ["self", "sampled_input_ids", "sampled_projected_hidden", "position_ids", "block_mask"])
+    assert_seed_signature(mixin._init_peagle_parameters, ["self", "config"])
+    assert_seed_signature(mixin.masked_projected_hidden, ["self"])
+    assert_seed_signature(mixin._run_draft_layer, ["self", "layer_fn", "args", "kwargs"])
+    assert_seed_signature(mixin.build_peagle_block_mask, ["self", "anchor_pos", "depth", "lengths", "total_seq_len"])
+    assert_seed_signature(peagle_draft._peagle_compile_supported, ["q", "k", "v"])
+    assert_seed_signature(peagle_draft._peagle_flex_attention, ["q", "k", "v", "block_mask", "scale"])
     assert peagle_draft._peagle_flex_attention_compile_failed is False
     assert peagle_draft.logger.name == "peagle_ext.peagle_draft"

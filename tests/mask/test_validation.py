@@ -44,6 +44,14 @@ def call(anchor_pos=A, depth=D, lengths=L, total_seq_len=3, **kwargs):
         ({"BLOCK_SIZE": (128, -64)}, ValueError, r"BLOCK_SIZE\[1\] must be >= 1"),
         ({"BLOCK_SIZE": (128, 64, 32)}, ValueError, "BLOCK_SIZE must be an int or a"),
         ({"backend": "tpu"}, ValueError, "backend must be one of"),
+        ({"kv_anchor_pos": A}, ValueError, "give kv_anchor_pos and kv_depth together"),
+        ({"kv_depth": D}, ValueError, "give kv_anchor_pos and kv_depth together"),
+        ({"kv_anchor_pos": A, "kv_depth": D[:3]}, ValueError, "kv_anchor_pos and kv_depth must have the same length"),
+        ({"kv_anchor_pos": A[:0], "kv_depth": D[:0]}, ValueError, "kv_anchor_pos and kv_depth must not be empty"),
+        ({"kv_anchor_pos": A.float(), "kv_depth": D}, TypeError, "kv_anchor_pos must have an integer dtype"),
+        ({"kv_anchor_pos": A, "kv_depth": D - 1}, ValueError, "kv_depth must be non-negative"),
+        ({"kv_anchor_pos": A + 1, "kv_depth": D}, ValueError, "kv_anchor_pos must be < total_seq_len=3"),
+        ({"kv_anchor_pos": A - 1, "kv_depth": D}, ValueError, "kv_anchor_pos must be non-negative"),
     ],
 )
 def test_bad_argument_is_named(kwargs, error, message):
