@@ -37,6 +37,14 @@ def ordered_from_grid(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts[None, None], indices[None, None].contiguous()
 
 
+def grid_from_lists(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The [rows, cols] bool grid a (count, indices) list pair describes: each row's first
+    counts[row] indices are present (the inverse of :func:`ordered_from_grid`; no host sync)."""
+    counts, indices = counts.reshape(-1), indices.reshape(counts.numel(), -1).long()
+    present = torch.arange(indices.shape[1], device=indices.device)[None, :] < counts[:, None]
+    return torch.zeros_like(present).scatter_(1, indices, present)
+
+
 def block_index_from_grids(partial: torch.Tensor, full: torch.Tensor) -> BlockIndex:
     """Assemble the kv-side lists and their q-side transposes from [nQ, nKV] tile grids."""
     return BlockIndex(

@@ -35,15 +35,11 @@ def tile_states(mask):
     """[nQ, nKV] grid of 0 empty / 1 partial / 2 full, from the BlockMask's kv lists."""
     import torch
 
-    num_q, num_kv = mask.kv_indices.shape[-2:]
-    grid = torch.zeros(num_q, num_kv, dtype=torch.int8)
-    for value, (counts, indices) in ((1, (mask.kv_num_blocks, mask.kv_indices)),
-                                     (2, (mask.full_kv_num_blocks, mask.full_kv_indices))):
-        counts, indices = counts.reshape(-1).cpu(), indices.reshape(num_q, num_kv).cpu()
-        present = torch.arange(num_kv)[None, :] < counts[:, None]
-        rows = torch.arange(num_q)[:, None].expand(num_q, num_kv)
-        grid[rows[present], indices[present].long()] = value
-    return grid
+    from .._python_builder import grid_from_lists
+
+    partial = grid_from_lists(mask.kv_num_blocks.cpu(), mask.kv_indices.cpu())
+    full = grid_from_lists(mask.full_kv_num_blocks.cpu(), mask.full_kv_indices.cpu())
+    return partial.to(torch.int8) + 2 * full.to(torch.int8)
 
 
 def save_picture(grid, depth, block_size: tuple[int, int], path: str, title: str) -> str:

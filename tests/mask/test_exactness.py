@@ -25,10 +25,7 @@ def check_case(case: Case, block_size) -> None:
                          torch.randint(0, kv_len, (256,), generator=generator)])
     zero = torch.zeros((), dtype=torch.int64)
     expected_pairs = expected.mask_mod(zero, zero, pairs[0], pairs[1])
-    # The compiled kernels do not take key elements apart from the queries yet (they refuse them
-    # with NotImplementedError): such cases go through the python backend alone.
-    backends = backends_here() if "kv_anchor_pos" not in case.kwargs else ["python"]
-    for backend in backends:
+    for backend in backends_here():
         on_device = case.to(BACKEND_DEVICE[backend])
         built = peagle_ext.build_block_mask(on_device.anchor_pos, on_device.depth, BLOCK_SIZE=block_size,
                                             backend=backend, **on_device.kwargs)
