@@ -71,7 +71,8 @@ def _native_apart(inputs: MaskInputs, backend: str) -> BlockIndex:
     """
     q_block_size, kv_block_size = inputs.block_size
     num_queries, num_keys = inputs.num_elements, inputs.num_keys
-    padded = -(-num_queries // math.lcm(q_block_size, kv_block_size)) * math.lcm(q_block_size, kv_block_size)
+    whole = math.lcm(q_block_size, kv_block_size)  # whole q-blocks and whole kv-blocks alike
+    padded = -(-num_queries // whole) * whole
     padding_position = inputs.doc_of_position.numel()
     doc_of_position = torch.cat([inputs.doc_of_position, inputs.doc_of_position.new_full((1,), -1)])
     filler = inputs.anchor_pos.new_full((padded - num_queries,), padding_position)

@@ -405,15 +405,20 @@ def test_save_survives_sigkill_at_random_moments(tmp_path, exchange):
     assert _assert_loads_as_one_version(directory) == "A"
 
 
-def test_next_save_restores_a_checkpoint_left_renamed_aside(tmp_path, monkeypatch):
-    """A save killed between the fallback's two renames leaves only the renamed-aside copy (named
-    for a dead process); the next save, even one that fails, must not delete it."""
+def _dead_pid() -> int:
+    """The pid of a process that has exited (a finished child)."""
     import subprocess
     import sys
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(child.stdout)
+
+
+def test_next_save_restores_a_checkpoint_left_renamed_aside(tmp_path, monkeypatch):
+    """A save killed between the fallback's two renames leaves only the renamed-aside copy (named
+    for a dead process); the next save, even one that fails, must not delete it."""
     checkpoint.save_checkpoint(tmp_path / "draft", {"version": "A"}, _version_tensors("A"))
-    (tmp_path / "draft").rename(tmp_path / f".draft.old-{int(dead.stdout)}-0123456789ab")
+    (tmp_path / "draft").rename(tmp_path / f".draft.old-{_dead_pid()}-0123456789ab")
     assert _assert_loads_as_one_version(tmp_path / "draft") == "A"
 
     def failing_save(tensors, path):
@@ -427,12 +432,7 @@ def test_next_save_restores_a_checkpoint_left_renamed_aside(tmp_path, monkeypatc
 
 
 def test_next_save_removes_only_dead_processes_temporaries(tmp_path):
-    import subprocess
-    import sys
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(dead.stdout)
-    stale = tmp_path / f".draft.tmp-{dead_pid}-0123456789ab"
+    stale = tmp_path / f".draft.tmp-{_dead_pid()}-0123456789ab"
     live = tmp_path / f".draft.tmp-{os.getpid()}-0123456789ab"
     for sibling in (stale, live):
         sibling.mkdir()
