@@ -43,12 +43,15 @@ ListOutputs list_outputs(BlockIndexTensors& out) {
 
 // build_block_index: the CPU kernel on CPU tensors, the CUDA pipeline on CUDA tensors.
 // build_block_index_emulated: the CUDA pipeline's code run on CPU tensors by a sequential launcher
-// (a test aid, cpu/block_index_emulated.cpp). Same arguments, same results.
+// (a test aid, cpu/block_index_emulated.cpp), in the order that schedule_seed draws
+// (sequential_launcher.h). Same arguments, same results.
 TORCH_LIBRARY(peagle_ext, m) {
-  const std::string signature =
-      "(Tensor anchor_pos, Tensor depth, Tensor doc_of_position, int? sliding_window, int q_block_size, "
-      "int kv_block_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)";
-  for (const char* name : {"build_block_index", "build_block_index_emulated"}) m.def((name + signature).c_str());
+  const std::string arguments =
+      "Tensor anchor_pos, Tensor depth, Tensor doc_of_position, int? sliding_window, int q_block_size, "
+      "int kv_block_size";
+  const std::string outputs = " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)";
+  m.def(("build_block_index(" + arguments + ")" + outputs).c_str());
+  m.def(("build_block_index_emulated(" + arguments + ", int schedule_seed=0)" + outputs).c_str());
 }
 
 }  // namespace peagle

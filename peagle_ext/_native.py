@@ -28,7 +28,8 @@ def _register_fake() -> None:
             torch.library.register_fake(f"peagle_ext::{op}")(_build_block_index_fake)
 
 
-def _build_block_index_fake(anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size):
+def _build_block_index_fake(anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size,
+                            schedule_seed=0):
     """The eight int32 outputs, shaped as the kernels shape them."""
     n = anchor_pos.shape[0]
     num_q_blocks = (n + q_block_size - 1) // q_block_size
@@ -60,8 +61,18 @@ def build_native(anchor_pos, depth, doc_of_position, sliding_window, q_block_siz
                  emulated: bool = False) -> BlockIndex:
     """Run the compiled op: the CPU or CUDA kernel, by the tensors' device, or with ``emulated`` the
     CUDA pipeline run on CPU tensors. The library must have loaded."""
-    op = torch.ops.peagle_ext.build_block_index_emulated if emulated else torch.ops.peagle_ext.build_block_index
-    return BlockIndex(*op(anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size))
+    arguments = (anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size)
+    if not emulated:
+        return BlockIndex(*torch.ops.peagle_ext.build_block_index(*arguments))
+    return BlockIndex(*torch.ops.peagle_ext.build_block_index_emulated(*arguments, schedule_seed(*arguments)))
+
+
+def schedule_seed(anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size) -> int:
+    """The emulated pipeline's block and thread order for these inputs (sequential_launcher.h): one
+    of its own for each input, as the GPU gives no order either, and the same one on a rerun."""
+    sums = (int(anchor_pos.sum()), int(depth.sum()), int(doc_of_position.sum()))
+    key = (anchor_pos.numel(), doc_of_position.numel(), sliding_window, q_block_size, kv_block_size) + sums
+    return hash(key) % (2**62) + 1
 
 
 def compiled_kernels() -> list[str]:

@@ -109,7 +109,7 @@ class _SpeculatorsMaskFn:
         if model is None:
             return self
         try:
-            chosen = model.__dict__["_create_mask_fn"]
+            chosen = _instance_dict(model)["_create_mask_fn"]
         except KeyError:
             raise AttributeError("_create_mask_fn") from None
         if chosen is not self.flex_builder:
@@ -127,10 +127,16 @@ class _SpeculatorsMaskFn:
         return create_mask_fn
 
     def __set__(self, model, value):
-        model.__dict__["_create_mask_fn"] = value
+        _instance_dict(model)["_create_mask_fn"] = value
 
     def __delete__(self, model):
-        del model.__dict__["_create_mask_fn"]
+        del _instance_dict(model)["_create_mask_fn"]
+
+
+def _instance_dict(model) -> dict:
+    # Not model.__dict__ or vars(model): Dynamo in torch 2.11 recurses without end on those inside
+    # a descriptor it traces (speculators compiles forward), and this form it follows.
+    return object.__getattribute__(model, "__dict__")
 
 
 def _forward_call(num_elements: int) -> dict:

@@ -202,8 +202,9 @@ def peak_rss_bytes() -> int:
 
 
 def run(lengths, depths: int, device: str, backends, compiled: bool, compiled_max_len: int, repeats: int,
-        memory: bool, budget_s: float, log=print, progress=None) -> list[dict]:
-    """Measure every method at every length; ``progress(text)`` is told what is being measured."""
+        memory: bool, budget_s: float, log=print, progress=None, on_row=None) -> list[dict]:
+    """Measure every method at every length; ``progress(text)`` is told what is being measured, and
+    ``on_row(rows)`` gets the rows so far after each length."""
     rows = []
     ours = list(backends) + (["cuda_graph"] if device == "cuda" and "cuda" in backends else [])
     methods = ours + ["create_block_mask"] + (["compiled_create_block_mask"] if compiled else [])
@@ -237,6 +238,8 @@ def run(lengths, depths: int, device: str, backends, compiled: bool, compiled_ma
             row["methods"][method] = entry
             log(f"  seq_len {seq_len:>6} N {n:>7} {method:<27} {format_entry(entry)}")
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -367,8 +370,9 @@ def gpu_targets(rows: list[dict]) -> list[str]:
     return lines or ["- no figures of the cuda backend in this run"]
 
 
-def write_markdown(rows: list[dict], path: str, device: str, command: str) -> None:
-    """The table (and on the GPU the targets) as Markdown, with what it ran on."""
+def write_markdown(rows: list[dict], path: str, device: str, command: str, not_yet: tuple = ()) -> None:
+    """The table (and on the GPU the targets) as Markdown, with what it ran on; ``not_yet``: the
+    lengths asked for that the run has not measured (yet)."""
     header, lines = table(rows)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     text = [f"# `python -m peagle_ext bench` on {name}", "",
@@ -382,6 +386,8 @@ def write_markdown(rows: list[dict], path: str, device: str, command: str) -> No
                  "torch.cuda.set_sync_debug_mode; peak MiB = max_memory_allocated above the inputs.", ""]
     text += ["| " + " | ".join(header + ["note"]) + " |", "|" + "---|" * (len(header) + 1)]
     text += ["| " + " | ".join(cells) + " |" for cells in lines]
+    if not_yet:
+        text += ["", f"Not measured: seq_len {', '.join(map(str, not_yet))} (the run stopped before them)."]
     if device == "cuda":
         text += ["", "Targets (issue 8):", ""] + gpu_targets(rows)
     with open(path, "w") as out:
@@ -468,19 +474,25 @@ def main(argv: list[str]) -> int:
         # One line rewritten in place on a terminal; one line per measurement elsewhere.
         print(f"\r\033[K{text}" if interactive else text, end="" if interactive else "\n", file=sys.stderr, flush=True)
 
+    def save(rows: list[dict]) -> None:
+        # After every length, so that a run stopped by a time limit leaves the lengths it finished.
+        with open(args.json, "w") as out:
+            json.dump({"torch": torch.__version__, "device": device, "depths": args.depths, "rows": rows}, out,
+                      indent=1)
+        if args.markdown is not None:
+            write_markdown(rows, args.markdown, device, "python -m peagle_ext bench " + " ".join(argv),
+                           not_yet=tuple(args.lengths[len(rows):]))
+
     rows = run(args.lengths, args.depths, device, backends, args.compiled, args.compiled_max_len,
-               args.repeats, not args.no_memory, args.budget_s, progress=progress)
+               args.repeats, not args.no_memory, args.budget_s, progress=progress, on_row=save)
     if interactive:
         print("\r\033[K", end="", file=sys.stderr)
     print()
     print_table(rows)
-    with open(args.json, "w") as out:
-        json.dump({"torch": torch.__version__, "device": device, "depths": args.depths, "rows": rows}, out, indent=1)
     print(f"\nresults (JSON) written to {args.json}")
     if device == "cuda":
         print("\n".join(["targets:"] + gpu_targets(rows)))
     if args.markdown is not None:
-        write_markdown(rows, args.markdown, device, "python -m peagle_ext bench " + " ".join(argv))
         print(f"table (Markdown) written to {args.markdown}")
     if args.plot is not None:
         plot(rows, args.plot)

@@ -72,6 +72,30 @@ def test_bench_prints_table_and_writes_json_and_plot(tmp_path, capsys):
     assert f"written to {picture}" in captured.out and picture.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_bench_stopped_midway_leaves_the_lengths_it_finished(tmp_path, monkeypatch):
+    """gpu_check.sh runs the benchmark under a time limit: a run stopped at the second length must
+    leave the first one's figures in both files, and say which lengths are missing."""
+    from peagle_ext.cli import bench
+
+    measured = []
+
+    def time_call(fn, device, repeats, budget_s):
+        if len(measured) == 2:  # python and create_block_mask at 128 done: stop in the next length
+            raise KeyboardInterrupt
+        measured.append(fn)
+        return 1e-3, 1
+
+    monkeypatch.setattr(bench, "time_call", time_call)
+    result, markdown = tmp_path / "bench.json", tmp_path / "bench.md"
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "--lengths", "128", "256", "512", "--no-memory", "--backends", "python",
+              "--json", str(result), "--markdown", str(markdown)])
+    assert [row["seq_len"] for row in json.loads(result.read_text())["rows"]] == [128]
+    text = markdown.read_text()
+    assert "| 128 |" in text and "| 256 |" not in text
+    assert "Not measured: seq_len 256, 512 (the run stopped before them)." in text
+
+
 def test_bench_peak_memory_tells_the_dense_builder_from_ours():
     """Peak memory is measured in a fresh process: eager create_block_mask materializes the N x N
     grid (N = 3441 here: ~12 M pairs), the python builder only O(N + tiles)."""

@@ -1,7 +1,8 @@
 // The CUDA pipeline's kernels (csrc/gpu_pipeline/), run by the sequential launcher on host buffers,
 // against the element-level rule pair by pair (no torch): tile states and all eight BlockMask
 // lists in create_block_mask's layout, over random arrays (any order, duplicates, padding,
-// documents out of position order, windows, odd block sizes) and COD-like layouts.
+// documents out of position order, windows, odd block sizes) and COD-like layouts, each case under
+// a block and thread order of its own (sequential_launcher.h).
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -38,6 +39,7 @@ static bool check(const Case& c, int index) {
   const pipeline::Buffers buffers =
       pipeline::bind(layout, workspace.data(), c.anchor.data(), c.depth.data(), c.doc.data(), lists);
   pipeline::SequentialLauncher launcher;
+  launcher.schedule_seed = static_cast<uint64_t>(index);  // case 0 in index order, the others shuffled
   pipeline::launch_pipeline(launcher, workspace.data(), buffers, sizes, layout);
 
   const std::vector<uint8_t> expected = reference::brute_states(c.anchor, c.depth, c.doc, c.window, c.qb, c.kvb);

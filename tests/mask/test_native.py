@@ -148,6 +148,25 @@ def assert_same_bytes(masks: dict) -> None:
             assert torch.equal(getattr(mask, tensor_name), getattr(first, tensor_name)), (name, first_name, tensor_name)
 
 
+@pytest.mark.parametrize("case", ["cod", "shuffled documents"])
+def test_emulated_pipeline_gives_the_same_bytes_under_any_schedule(case):
+    """The GPU runs blocks and threads in no set order and its atomics hand out bucket slots in any
+    order; the launcher draws such orders from schedule_seed (0: index order). Every one must give
+    the CPU kernel's bytes. (A count kernel that took the block of the highest index for the last
+    one to finish counting passed under index order and fails under these.)"""
+    if case == "cod":
+        args = op_args(seq_len=2000, window=300, block=(128, 64))
+    else:
+        anchor_pos, depth, document_ids = shuffled_noncontiguous_case(seq_len=3000)
+        args = (anchor_pos, depth, document_ids.to(torch.int64), 300, 128, 128)
+    assert (args[0].numel() + 255) // 256 > 4, "more count blocks than the launcher keeps in flight"
+    expected = run_op("build_block_index", *args)
+    for seed in range(12):
+        got = run_op("build_block_index_emulated", *args, seed)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected)), f"schedule_seed {seed}"
+    assert _native.schedule_seed(*args) != 0  # backend="cuda_emulated" runs a shuffled schedule
+
+
 def test_emulated_pipeline_keeps_marks_in_global_memory_past_32k_kv_blocks():
     """Past 32K kv-blocks the row kernel's marks leave shared memory for its row of the states."""
     generator = torch.Generator().manual_seed(9)
