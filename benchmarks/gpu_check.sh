@@ -12,6 +12,8 @@
 # 3. the GPU benchmark: CUDA events, S = 4K..64K, 8 depths, ours against compiled and eager
 #    create_block_mask, peak CUDA memory, host syncs, one table, written to
 #    benchmarks/results/h200.md with the raw figures in benchmarks/results/h200.json;
+#    then where a build's time goes: host time per build against throughput, and the profiler's
+#    table of ops and kernels (benchmarks/profile_build.py);
 # 4. compiled flex_attention forward and backward in bf16 through the draft model, our mask equal
 #    to the oracle's (tests/draft/test_draft_gpu.py);
 # 5. compute-sanitizer memcheck and racecheck over one small build, where the tool works;
@@ -82,6 +84,7 @@ export -f sanitize
     --json "$results/h200.json" --markdown "$results/h200.md"
   # Now, not at the end: a run stopped later (the device tool's own limit) still returns them.
   [[ -n "${OUT:-}" ]] && cp -f "$results"/h200.md "$results"/h200.json "$OUT"/ 2>/dev/null
+  stage profile 40 python3 benchmarks/profile_build.py --device cuda --lengths 8192 65536
   stage draft-gpu-tests 150 python3 -m pytest -q -rs -p no:cacheprovider tests/draft/test_draft_gpu.py
   stage memcheck 45 bash -c "sanitize memcheck"
   stage racecheck 45 bash -c "sanitize racecheck"

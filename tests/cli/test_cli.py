@@ -96,6 +96,16 @@ def test_bench_stopped_midway_leaves_the_lengths_it_finished(tmp_path, monkeypat
     assert "Not measured: seq_len 256, 512 (the run stopped before them)." in text
 
 
+def test_profile_script_splits_a_build_into_host_and_ops():
+    """benchmarks/profile_build.py, which gpu_check.sh runs on the GPU, here on the CPU backend."""
+    script = os.path.join(ROOT, "benchmarks", "profile_build.py")
+    result = subprocess.run([sys.executable, script, "--device", "cpu", "--lengths", "512", "--builds", "3"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "== S = 512 (N " in result.stdout and "us per build" in result.stdout
+    assert "peagle_ext::build_block_index" in result.stdout  # the op's own row in the profiler's table
+
+
 def test_bench_peak_memory_tells_the_dense_builder_from_ours():
     """Peak memory is measured in a fresh process: eager create_block_mask materializes the N x N
     grid (N = 3441 here: ~12 M pairs), the python builder only O(N + tiles)."""
