@@ -33,6 +33,7 @@ struct CudaLauncher {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   void zero(uint8_t* data, size_t bytes) { C10_CUDA_CHECK(cudaMemsetAsync(data, 0, bytes, stream)); }
+  void poison(void*, size_t) {}  // on the GPU uninitialized memory is garbage already
 };
 
 BlockIndexTensors build_block_index_cuda(const at::Tensor& anchor_pos, const at::Tensor& depth,

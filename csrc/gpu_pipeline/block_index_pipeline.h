@@ -3,6 +3,8 @@
 // through `launcher` (the CUDA stream, or the sequential CPU launcher of the emulated op).
 #pragma once
 
+#include <tuple>
+
 #include "../block_index.h"
 #include "pipeline.h"
 
@@ -29,6 +31,8 @@ BlockIndexTensors build_block_index_pipeline(Launcher& launcher, const at::Tenso
       at::empty({static_cast<int64_t>(layout.total_bytes)}, anchor_pos.options().dtype(at::kByte));
   BlockIndexTensors out = allocate_outputs(sizes.num_q_blocks, sizes.num_kv_blocks, anchor_pos.options());
   uint8_t* base = workspace.data_ptr<uint8_t>();
+  launcher.poison(base, layout.total_bytes);
+  std::apply([&](auto&... output) { (launcher.poison(output.data_ptr(), output.nbytes()), ...); }, out);
   const pipeline::Buffers buffers = pipeline::bind(layout, base, anchor_pos.data_ptr<int64_t>(),
                                                    depth.data_ptr<int64_t>(), doc_of_position.data_ptr<int64_t>(),
                                                    list_outputs(out));

@@ -1,7 +1,7 @@
 // Runs the CUDA pipeline's kernels on the CPU, one thread at a time, each phase of a block for
 // every thread before its next phase, which is what the GPU's barriers guarantee (primitives.h).
-// Shared memory starts as garbage in every block, as on the GPU, so a kernel that reads it before
-// writing it fails here too. A test aid: it is exact, not fast.
+// Shared memory starts as garbage in every block, as on the GPU, and so do the workspace and the
+// outputs (poison), so a kernel that reads memory before writing it fails here too. A test aid: it is exact, not fast.
 //
 // The GPU promises no order among the blocks of a launch or among the threads of a phase, and its
 // atomics hand out slots in whatever order they arrive. With a non-zero `schedule_seed` the
@@ -64,6 +64,10 @@ struct SequentialLauncher {
     ++launches;
   }
   void zero(uint8_t* data, size_t bytes) { std::memset(data, 0, bytes); }
+  // Memory the pipeline is given uninitialized (its workspace, the outputs) holds garbage, as the
+  // GPU's caching allocator hands back an earlier build's bytes: a read before the pipeline writes
+  // it, or an output entry it never writes, then shows in the result instead of passing unseen.
+  void poison(void* data, size_t bytes) { std::memset(data, 0xEE, bytes); }
   uint64_t schedule_seed = 0;
   int launches = 0;  // kernels launched
 };
