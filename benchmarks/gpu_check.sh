@@ -29,6 +29,9 @@ log_dir="${OUT:-$results}"
 mkdir -p "$log_dir"
 log="$log_dir/gpu_check.log"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+# The checkout's package and its in-place build, also for scripts run by path (whose own folder
+# would come first on sys.path): nothing is installed.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TORCHINDUCTOR_COMPILE_THREADS="${TORCHINDUCTOR_COMPILE_THREADS:-8}"
 budget=${GPU_CHECK_SECONDS:-470}  # of the 480 s allowed: the summary and copies need a few
 summary=()

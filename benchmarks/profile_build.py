@@ -17,11 +17,13 @@ host or the kernels are to blame.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import peagle_ext
 from peagle_ext import build_block_mask
 from peagle_ext.cli.bench import cod_inputs
 
@@ -54,7 +56,8 @@ def main() -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     print(f"torch {torch.__version__}, device {device}"
-          + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""))
+          + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "")
+          + f", peagle_ext from {os.path.dirname(peagle_ext.__file__)}")
     for seq_len in args.lengths:
         anchor_pos, depth, lengths = cod_inputs(seq_len, 8, device)
 

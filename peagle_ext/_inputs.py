@@ -65,22 +65,25 @@ def _check_int_tensor(name: str, value, ndim: int = 1) -> torch.Tensor:
     return value
 
 
-def _check_int(name: str, value, minimum: int) -> int:
+def _check_int(name: str, value, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
 def normalize_block_size(BLOCK_SIZE) -> tuple[int, int]:
-    """Accept an int or a (Q, KV) pair of positive ints."""
+    """Accept an int or a (Q, KV) pair of positive ints (at most 2^31 - 1: the kernels' block counts
+    are ceil(N / size), which a larger size would overflow)."""
     if isinstance(BLOCK_SIZE, (tuple, list)):
         if len(BLOCK_SIZE) != 2:
             raise ValueError(f"BLOCK_SIZE must be an int or a (Q, KV) pair, got {BLOCK_SIZE!r}")
         q, kv = BLOCK_SIZE
-        return (_check_int("BLOCK_SIZE[0]", q, 1), _check_int("BLOCK_SIZE[1]", kv, 1))
-    size = _check_int("BLOCK_SIZE", BLOCK_SIZE, 1)
+        return (_check_int("BLOCK_SIZE[0]", q, 1, FIELD_MAX), _check_int("BLOCK_SIZE[1]", kv, 1, FIELD_MAX))
+    size = _check_int("BLOCK_SIZE", BLOCK_SIZE, 1, FIELD_MAX)
     return (size, size)
 
 
@@ -155,9 +158,7 @@ def normalize_mask_inputs(
         lengths = _check_int_tensor("lengths", lengths)
         if total_seq_len is None:
             raise ValueError("total_seq_len is required with lengths")
-        total_seq_len = _check_int("total_seq_len", total_seq_len, 1)
-        if total_seq_len > FIELD_MAX:
-            raise ValueError(f"total_seq_len must be <= {FIELD_MAX}, got {total_seq_len}")
+        total_seq_len = _check_int("total_seq_len", total_seq_len, 1, FIELD_MAX)
         if lengths.device != device:
             raise ValueError(f"lengths is on {lengths.device} but anchor_pos is on {device}")
         position_bound = "total_seq_len"

@@ -108,8 +108,12 @@ struct CountKernel {
           if (contribution[c] != 0) atomic_max(&cells[c], contribution[c]);
       }
       if (i < s.num_positions) {
+        // A document's first position starts a run of it: only run starts compete, so one long
+        // document is not P atomics on one address.
         const int64_t doc = b.doc_of_position[i];
-        if (doc >= 0 && doc < s.num_positions) atomic_max(&b.doc_first[doc], static_cast<uint32_t>(s.num_positions - i));
+        const bool run_start = i == 0 || b.doc_of_position[i - 1] != doc;
+        if (run_start && doc >= 0 && doc < s.num_positions)
+          atomic_max(&b.doc_first[doc], static_cast<uint32_t>(s.num_positions - i));
       }
     } else if (p == kFlush) {
       uint32_t* global = b.column_cells + first_column * kColumnCells;

@@ -14,6 +14,8 @@ namespace pipeline {
 // 128), else in its row of the states, so the row kernel stays under the 48 KB of shared memory
 // a launch gets without opting in.
 constexpr int64_t kMaxSharedMarks = 32 * 1024;
+static_assert(sizeof(RowKernel::Shared) + kMaxSharedMarks <= 48 * 1024,
+              "the row kernel's shared memory must fit a launch that does not opt in to more");
 
 // Byte offsets in the workspace. The first `zeroed_bytes` are zeroed by the pipeline's memset.
 struct Layout {

@@ -99,11 +99,13 @@ def test_bench_stopped_midway_leaves_the_lengths_it_finished(tmp_path, monkeypat
 def test_profile_script_splits_a_build_into_host_and_ops():
     """benchmarks/profile_build.py, which gpu_check.sh runs on the GPU, here on the CPU backend."""
     script = os.path.join(ROOT, "benchmarks", "profile_build.py")
+    env = dict(os.environ, PYTHONPATH=ROOT)  # as gpu_check.sh runs it: the checkout, built in place
     result = subprocess.run([sys.executable, script, "--device", "cpu", "--lengths", "512", "--builds", "3"],
-                            capture_output=True, text=True, cwd=ROOT)
+                            capture_output=True, text=True, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr
     assert "== S = 512 (N " in result.stdout and "us per build" in result.stdout
     assert "peagle_ext::build_block_index" in result.stdout  # the op's own row in the profiler's table
+    assert f"peagle_ext from {os.path.join(ROOT, 'peagle_ext')}" in result.stdout
 
 
 def test_bench_peak_memory_tells_the_dense_builder_from_ours():

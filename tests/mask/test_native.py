@@ -63,6 +63,7 @@ def test_op_traces_under_torch_compile(op):
         (lambda a: (a[0], a[1][:-1], *a[2:]), "differ in length"),
         (lambda a: (a[0][:0], a[1][:0], *a[2:]), "N must be positive"),
         (lambda a: (*a[:4], 0, a[5]), "block sizes must be positive"),
+        (lambda a: (*a[:5], 2**63 - 1), "block sizes must be <= 2"),  # ceil(N / size) would overflow
         (lambda a: (*a[:3], 0, *a[4:]), "sliding_window must be >= 1"),
         (lambda a: (a[0], a[1], a[2][:0], *a[3:]), "doc_of_position must not be empty"),
     ],

@@ -43,6 +43,8 @@ def call(anchor_pos=A, depth=D, lengths=L, total_seq_len=3, **kwargs):
         ({"BLOCK_SIZE": 0}, ValueError, "BLOCK_SIZE must be >= 1"),
         ({"BLOCK_SIZE": (128, -64)}, ValueError, r"BLOCK_SIZE\[1\] must be >= 1"),
         ({"BLOCK_SIZE": (128, 64, 32)}, ValueError, "BLOCK_SIZE must be an int or a"),
+        ({"BLOCK_SIZE": 2**31}, ValueError, "BLOCK_SIZE must be <= 2147483647, got 2147483648"),
+        ({"BLOCK_SIZE": (128, 2**63 - 1)}, ValueError, r"BLOCK_SIZE\[1\] must be <= 2147483647"),
         ({"backend": "tpu"}, ValueError, "backend must be one of"),
         ({"kv_anchor_pos": A}, ValueError, "give kv_anchor_pos and kv_depth together"),
         ({"kv_depth": D}, ValueError, "give kv_anchor_pos and kv_depth together"),
