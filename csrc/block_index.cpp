@@ -21,7 +21,8 @@ void check_inputs(const at::Tensor& anchor_pos, const at::Tensor& depth, const a
   TORCH_CHECK(anchor_pos.numel() <= kFieldMax, "build_block_index: more than 2^31 - 1 elements");
   TORCH_CHECK(q_block_size > 0 && kv_block_size > 0, "build_block_index: block sizes must be positive");
   // ceil_div(N, size) overflows for sizes near 2^63 (and gives no blocks at all).
-  TORCH_CHECK(q_block_size <= kFieldMax && kv_block_size <= kFieldMax, "build_block_index: block sizes must be <= 2^31 - 1");
+  TORCH_CHECK(q_block_size <= kFieldMax && kv_block_size <= kFieldMax,
+              "build_block_index: block sizes must be <= 2^31 - 1");
   TORCH_CHECK(!sliding_window.has_value() || *sliding_window >= 1, "build_block_index: sliding_window must be >= 1");
   TORCH_CHECK(anchor_pos.device() == depth.device() && anchor_pos.device() == doc_of_position.device(),
               "build_block_index: all tensors must be on one device");

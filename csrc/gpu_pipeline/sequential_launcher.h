@@ -1,7 +1,8 @@
 // Runs the CUDA pipeline's kernels on the CPU, one thread at a time, each phase of a block for
 // every thread before its next phase, which is what the GPU's barriers guarantee (primitives.h).
 // Shared memory starts as garbage in every block, as on the GPU, and so do the workspace and the
-// outputs (poison), so a kernel that reads memory before writing it fails here too. A test aid: it is exact, not fast.
+// outputs (poison), so a kernel that reads memory before writing it fails here too. A test aid:
+// it is exact, not fast.
 //
 // The GPU promises no order among the blocks of a launch or among the threads of a phase, and its
 // atomics hand out slots in whatever order they arrive. With a non-zero `schedule_seed` the
