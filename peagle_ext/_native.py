@@ -1,12 +1,14 @@
 """The compiled extension: loading it, its fake kernel, and what it can run here.
 
-The library is the top-level module ``peagle_ext_C`` (see setup.py), so a source checkout on
-``sys.path`` still finds the installed kernels. Loading it registers
-``torch.ops.peagle_ext.build_block_index`` (CPU and CUDA kernels),
-``torch.ops.peagle_ext.build_block_index_emulated`` (the CUDA pipeline's code run on CPU tensors by
-a sequential launcher: a test aid, the backend "cuda_emulated") and ``build_info``. A missing or
-broken extension never breaks ``import peagle_ext``: the python backend serves and
-:func:`native_status` says why the native ones are unavailable.
+Two top-level modules (see setup.py), so a source checkout on ``sys.path`` still finds the
+installed kernels. ``peagle_ext_C`` registers every schema, ``torch.ops.peagle_ext.build_block_index``'s
+CPU kernel, ``build_block_index_emulated`` (the CUDA pipeline's code run on CPU tensors by a
+sequential launcher: a test aid, the backend "cuda_emulated") and ``build_info``;
+``peagle_ext_cuda``, present when the CUDA kernels were built, adds the CUDA kernel. Both are built
+on the LibTorch stable ABI, so one build loads into every torch >= 2.10; the CUDA one needs a
+CUDA runtime (a CPU-only torch has none), the CPU one does not. A missing or broken extension never
+breaks ``import peagle_ext``: the python backend serves and :func:`native_status` says why the
+native ones are unavailable.
 """
 
 from __future__ import annotations
@@ -46,15 +48,27 @@ def _build_block_index_fake(anchor_pos, depth, doc_of_position, sliding_window, 
     )
 
 
+REBUILD_HINT = ("reinstall from the source to rebuild it for this environment: "
+                "pip install --no-build-isolation --no-deps --force-reinstall .")
+
+
 @functools.lru_cache(maxsize=None)
-def _load() -> tuple[str | None, str | None]:
-    """(build_info, error): build_info like "cpu;cuda:80,90" when the library loaded."""
+def _load() -> tuple[str | None, str | None, str | None]:
+    """(build_info, error, cuda_error): build_info like "cpu;cuda:80,90" when the CPU library
+    loaded, else error says why; cuda_error says why the CUDA library built beside it did not load."""
     try:
         import peagle_ext_C  # noqa: F401  (loading the library registers torch.ops.peagle_ext.*)
-    except ImportError as error:  # not compiled, or compiled against another torch
-        return None, f"compiled extension not importable ({error})"
+    except ImportError as error:  # not compiled, or for a torch older than 2.10
+        return None, f"compiled extension not importable ({error})", None
     _register_fake()
-    return torch.ops.peagle_ext.build_info(), None
+    info = torch.ops.peagle_ext.build_info()
+    cuda_error = None
+    if ";cuda:" in info:
+        try:
+            import peagle_ext_cuda  # noqa: F401  (registers the CUDA kernel)
+        except ImportError as error:  # a CPU-only torch, or no CUDA runtime on this machine
+            cuda_error = f"the CUDA kernels' library did not load ({error})"
+    return info, None, cuda_error
 
 
 def build_native(anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size,
@@ -77,7 +91,7 @@ def schedule_seed(anchor_pos, depth, doc_of_position, sliding_window, q_block_si
 
 def compiled_kernels() -> list[str]:
     """Kernels compiled into the installed extension: subset of ["cpu", "cuda"]."""
-    info, _ = _load()
+    info = _load()[0]
     if info is None:
         return []
     return [part.split(":")[0] for part in info.split(";")]
@@ -85,17 +99,15 @@ def compiled_kernels() -> list[str]:
 
 def cuda_archs() -> str | None:
     """CUDA architectures the CUDA kernels were built for, e.g. "80,90"."""
-    info, _ = _load()
-    for part in (info or "").split(";"):
+    for part in (_load()[0] or "").split(";"):
         if part.startswith("cuda:"):
             return part[len("cuda:"):]
     return None
 
 
 def library_path() -> str | None:
-    """Where the loaded compiled library lies (None when it did not load)."""
-    info, _ = _load()
-    if info is None:
+    """Where the loaded CPU library lies (None when it did not load); the CUDA one lies beside it."""
+    if _load()[0] is None:
         return None
     import peagle_ext_C
 
@@ -105,13 +117,15 @@ def library_path() -> str | None:
 def native_status() -> dict[str, str | None]:
     """For each native backend ("cpu", "cuda", "cuda_emulated"): None when it can run here, else
     the reason it cannot. "cuda_emulated" (CPU tensors) is in every build that has the CPU kernel."""
-    info, error = _load()
+    _, error, cuda_error = _load()
     status: dict[str, str | None] = {}
     for backend in ("cpu", "cuda"):
         if error is not None:
             status[backend] = error
         elif backend not in compiled_kernels():
             status[backend] = f"the extension was built without {backend.upper()} kernels"
+        elif backend == "cuda" and cuda_error is not None:
+            status[backend] = cuda_error
         elif backend == "cuda" and not torch.cuda.is_available():
             status[backend] = "no CUDA device is available"
         else:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import warnings
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
@@ -31,7 +33,10 @@ def _choose_backend(backend: str, device: torch.device) -> str:
     status = _native.native_status()
     if backend == "auto":
         native = "cuda" if device.type == "cuda" else "cpu"
-        return native if status[native] is None else "python"
+        if status[native] is None:
+            return native
+        _fall_back_to_python(native, status[native])
+        return "python"
     if backend != "python":
         if status[backend] is not None:
             raise RuntimeError(
@@ -42,6 +47,20 @@ def _choose_backend(backend: str, device: torch.device) -> str:
                 f"backend {backend!r} needs {BACKEND_DEVICE[backend]} tensors, but anchor_pos is on {device}"
             )
     return backend
+
+
+_fallbacks_warned: set[str] = set()
+
+
+def _fall_back_to_python(native: str, reason: str) -> None:
+    """backend="auto" serves the python backend where the native one cannot run: say so once per
+    backend (it is several times slower), or refuse under PEAGLE_EXT_REQUIRE_NATIVE=1."""
+    message = f"peagle_ext: the {native} kernel is unavailable ({reason}), so the python backend builds the mask"
+    if os.environ.get("PEAGLE_EXT_REQUIRE_NATIVE") == "1":
+        raise RuntimeError(f"{message}; PEAGLE_EXT_REQUIRE_NATIVE=1 refuses that")
+    if native not in _fallbacks_warned:
+        _fallbacks_warned.add(native)
+        warnings.warn(f"{message}, several times slower; {_native.REBUILD_HINT}", RuntimeWarning, stacklevel=4)
 
 
 def _block_index(inputs: MaskInputs, backend: str) -> BlockIndex:

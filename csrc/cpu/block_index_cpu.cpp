@@ -4,11 +4,9 @@
 // that answer most of a query's bounds by lookup: O(N + P) for the COD layout, with comparison
 // sorts and searches only where the input needs them (documents out of position order, chains
 // out of depth order, a window reaching past its document's first position). Exact either way.
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
 #include <algorithm>
-#include <string>
 #include <utility>
 #include <vector>
 
@@ -127,7 +125,7 @@ Intervals find_intervals(const Elements& el, const ContextList& context, const R
   Intervals iv{std::vector<int64_t>(n), std::vector<int64_t>(n), std::vector<int64_t>(n), std::vector<int64_t>(n),
                std::vector<uint32_t>(num_q_blocks * kRowCells)};
   const int64_t rows_per_task = std::max<int64_t>(1, 8192 / q_block_size);
-  at::parallel_for(0, num_q_blocks, rows_per_task, [&](int64_t row_begin, int64_t row_end) {
+  torch::stable::parallel_for(0, num_q_blocks, rows_per_task, [&](int64_t row_begin, int64_t row_end) {
     for (int64_t row = row_begin; row < row_end; ++row) {
       QueryExtremes extremes;
       for (int64_t i = row * q_block_size; i < std::min(n, (row + 1) * q_block_size); ++i) {
@@ -233,12 +231,12 @@ void mark_row(const std::vector<int64_t>& starts, const std::vector<int64_t>& en
 
 // Tile states [nQ, nKV]: each row marks the kv-blocks its queries' intervals hold, then
 // classifies every tile of the row.
-at::Tensor classify_rows(int64_t n, const Intervals& iv, const Runs& runs,
-                         const std::vector<uint32_t>& columns, int64_t q_block_size, int64_t kv_block_size,
-                         int64_t num_q_blocks, int64_t num_kv_blocks) {
-  at::Tensor states = at::empty({num_q_blocks, num_kv_blocks}, at::TensorOptions().dtype(at::kByte));
-  uint8_t* out = states.data_ptr<uint8_t>();
-  at::parallel_for(0, num_q_blocks, 1, [&](int64_t row_begin, int64_t row_end) {
+std::vector<uint8_t> classify_rows(int64_t n, const Intervals& iv, const Runs& runs,
+                                   const std::vector<uint32_t>& columns, int64_t q_block_size,
+                                   int64_t kv_block_size, int64_t num_q_blocks, int64_t num_kv_blocks) {
+  std::vector<uint8_t> states(static_cast<size_t>(num_q_blocks * num_kv_blocks));
+  uint8_t* out = states.data();
+  torch::stable::parallel_for(0, num_q_blocks, 1, [&](int64_t row_begin, int64_t row_end) {
     std::vector<std::pair<int64_t, int64_t>> scratch;
     for (int64_t row = row_begin; row < row_end; ++row) {
       uint8_t* marks = out + row * num_kv_blocks;
@@ -256,22 +254,19 @@ at::Tensor classify_rows(int64_t n, const Intervals& iv, const Runs& runs,
   return states;
 }
 
-BlockIndexTensors build_block_index_cpu(const at::Tensor& anchor_pos_in, const at::Tensor& depth_in,
-                                        const at::Tensor& doc_of_position_in, std::optional<int64_t> sliding_window,
-                                        int64_t q_block_size, int64_t kv_block_size) {
-  check_inputs(anchor_pos_in, depth_in, doc_of_position_in, sliding_window, q_block_size, kv_block_size);
-  const at::Tensor anchor_pos = anchor_pos_in.contiguous(), depth = depth_in.contiguous();
-  const at::Tensor doc_of_position = doc_of_position_in.contiguous();
-  const int64_t n = anchor_pos.numel(), num_positions = doc_of_position.numel();
-  const int64_t num_q_blocks = ceil_div(n, q_block_size), num_kv_blocks = ceil_div(n, kv_block_size);
-  const Elements el{anchor_pos.data_ptr<int64_t>(), depth.data_ptr<int64_t>(), doc_of_position.data_ptr<int64_t>(),
-                    n, num_positions, sliding_window.value_or(0)};
+BlockIndexTensors build_block_index_cpu(const Tensor& anchor_pos, const Tensor& depth, const Tensor& doc_of_position,
+                                        std::optional<int64_t> sliding_window, int64_t q_block_size,
+                                        int64_t kv_block_size) {
+  const OpInputs in = check_inputs(anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size);
+  const int64_t n = in.n, num_q_blocks = in.num_q_blocks, num_kv_blocks = in.num_kv_blocks;
+  const Elements el{in.anchor_pos.const_data_ptr<int64_t>(), in.depth.const_data_ptr<int64_t>(),
+                    in.doc_of_position.const_data_ptr<int64_t>(), n, in.num_positions, in.window};
 
   // Each element's sort keys, and per kv-block the full-tile test's cells ([nKV, kColumnCells]).
   std::vector<int64_t> context_key(n), rollout_key(n);
   std::vector<uint32_t> column_cells(num_kv_blocks * kColumnCells);
   const int64_t columns_per_task = std::max<int64_t>(1, 4096 / kv_block_size);
-  at::parallel_for(0, num_kv_blocks, columns_per_task, [&](int64_t column_begin, int64_t column_end) {
+  torch::stable::parallel_for(0, num_kv_blocks, columns_per_task, [&](int64_t column_begin, int64_t column_end) {
     for (int64_t column = column_begin; column < column_end; ++column) {
       KeyExtremes extremes;
       for (int64_t i = column * kv_block_size; i < std::min(n, (column + 1) * kv_block_size); ++i) {
@@ -288,31 +283,20 @@ BlockIndexTensors build_block_index_cpu(const at::Tensor& anchor_pos_in, const a
   const RolloutList rollout = build_rollout_list(rollout_key, el);
   const Intervals intervals = find_intervals(el, context, rollout, q_block_size, num_q_blocks);
   const Runs runs = find_runs(context.list, rollout.list, kv_block_size, n);
-  const at::Tensor states =
+  const std::vector<uint8_t> states =
       classify_rows(n, intervals, runs, column_cells, q_block_size, kv_block_size, num_q_blocks, num_kv_blocks);
 
-  BlockIndexTensors out = allocate_outputs(num_q_blocks, num_kv_blocks, anchor_pos.options());
+  BlockIndexTensors out = allocate_outputs(in, in.anchor_pos);
   const ListOutputs lists = list_outputs(out);
-  const uint8_t* s = states.data_ptr<uint8_t>();
-  at::parallel_for(0, 2 * (num_q_blocks + num_kv_blocks), 64, [&](int64_t begin, int64_t end) {
-    for (int64_t line = begin; line < end; ++line) write_list_line(s, num_q_blocks, num_kv_blocks, line, lists);
+  torch::stable::parallel_for(0, 2 * (num_q_blocks + num_kv_blocks), 64, [&](int64_t begin, int64_t end) {
+    for (int64_t line = begin; line < end; ++line)
+      write_list_line(states.data(), num_q_blocks, num_kv_blocks, line, lists);
   });
   return out;
 }
 
-std::string build_info() {
-  std::string info = "cpu";
-#ifdef PEAGLE_WITH_CUDA
-  info += ";cuda:" PEAGLE_CUDA_ARCHS;
-#endif
-  return info;
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(peagle_ext, CPU, m) { m.impl("build_block_index", &build_block_index_cpu); }
-
-// Which kernels this library was built with, e.g. "cpu" or "cpu;cuda:80,90".
-TORCH_LIBRARY_FRAGMENT(peagle_ext, m) { m.def("build_info() -> str", &build_info); }
+STABLE_TORCH_LIBRARY_IMPL(peagle_ext, CPU, m) { m.impl("build_block_index", TORCH_BOX(&build_block_index_cpu)); }
 
 }  // namespace peagle

@@ -2,7 +2,7 @@
 // peagle_ext::build_block_index_emulated, a test aid (backend="cuda_emulated"), so that the code
 // the GPU runs (csrc/gpu_pipeline/) is exercised by the CPU test suite. Built in every build,
 // with or without CUDA.
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
 #include "../gpu_pipeline/block_index_pipeline.h"
 #include "../gpu_pipeline/sequential_launcher.h"
@@ -10,8 +10,8 @@
 namespace peagle {
 namespace {
 
-BlockIndexTensors build_block_index_emulated(const at::Tensor& anchor_pos, const at::Tensor& depth,
-                                             const at::Tensor& doc_of_position, std::optional<int64_t> sliding_window,
+BlockIndexTensors build_block_index_emulated(const Tensor& anchor_pos, const Tensor& depth,
+                                             const Tensor& doc_of_position, std::optional<int64_t> sliding_window,
                                              int64_t q_block_size, int64_t kv_block_size, int64_t schedule_seed) {
   pipeline::SequentialLauncher launcher;
   launcher.schedule_seed = static_cast<uint64_t>(schedule_seed);
@@ -21,6 +21,8 @@ BlockIndexTensors build_block_index_emulated(const at::Tensor& anchor_pos, const
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(peagle_ext, CPU, m) { m.impl("build_block_index_emulated", &build_block_index_emulated); }
+STABLE_TORCH_LIBRARY_IMPL(peagle_ext, CPU, m) {
+  m.impl("build_block_index_emulated", TORCH_BOX(&build_block_index_emulated));
+}
 
 }  // namespace peagle
