@@ -87,8 +87,21 @@ if NATIVE:
     extensions = native_extensions()
     from torch.utils.cpp_extension import BuildExtension
 
+    class BuildLibraries(BuildExtension):
+        """Drops compiled modules of ours in the build folder that this build does not make (an
+        older build's peagle_ext_C.cpython-*.so, say), which a wheel would otherwise ship beside the
+        new ones and Python would prefer."""
+
+        def run(self):
+            wanted = {os.path.basename(self.get_ext_filename(ext.name)) for ext in self.extensions}
+            if os.path.isdir(self.build_lib):
+                for name in os.listdir(self.build_lib):
+                    if name.startswith(("peagle_ext_C.", "peagle_ext_cuda.")) and name not in wanted:
+                        os.remove(os.path.join(self.build_lib, name))
+            super().run()
+
     # One abi3 wheel for every CPython >= 3.10, as the libraries use only the limited API.
-    setup(ext_modules=extensions, cmdclass={"build_ext": BuildExtension},
+    setup(ext_modules=extensions, cmdclass={"build_ext": BuildLibraries},
           options={"bdist_wheel": {"py_limited_api": "cp310"}})
 else:
     print("peagle_ext: PEAGLE_EXT_NO_NATIVE=1, installing the pure-Python package", file=sys.stderr)

@@ -31,14 +31,15 @@ def _register_fake() -> None:
 
 
 def _build_block_index_fake(anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size,
-                            schedule_seed=0):
-    """The eight int32 outputs, shaped as the kernels shape them."""
-    n = anchor_pos.shape[0]
-    num_q_blocks = (n + q_block_size - 1) // q_block_size
-    num_kv_blocks = (n + kv_block_size - 1) // kv_block_size
+                            kv_anchor_pos=None, kv_depth=None, schedule_seed=0):
+    """The eight int32 outputs, shaped as the kernels shape them: [B, 1, ...], B = 1 for 1-D inputs."""
+    rows = anchor_pos.shape[0] if anchor_pos.dim() == 2 else 1
+    keys = anchor_pos if kv_anchor_pos is None else kv_anchor_pos
+    num_q_blocks = (anchor_pos.shape[-1] + q_block_size - 1) // q_block_size
+    num_kv_blocks = (keys.shape[-1] + kv_block_size - 1) // kv_block_size
 
     def ints(*shape):
-        return anchor_pos.new_empty((1, 1, *shape), dtype=torch.int32)
+        return anchor_pos.new_empty((rows, 1, *shape), dtype=torch.int32)
 
     return (
         ints(num_q_blocks), ints(num_q_blocks, num_kv_blocks),
@@ -71,20 +72,24 @@ def _load() -> tuple[str | None, str | None, str | None]:
     return info, None, cuda_error
 
 
-def build_native(anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size,
-                 emulated: bool = False) -> BlockIndex:
-    """Run the compiled op: the CPU or CUDA kernel, by the tensors' device, or with ``emulated`` the
-    CUDA pipeline run on CPU tensors. The library must have loaded."""
-    arguments = (anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size)
+def build_native(inputs, emulated: bool = False) -> BlockIndex:
+    """Run the compiled op on validated inputs (a MaskInputs): the CPU or CUDA kernel, by the
+    tensors' device, or with ``emulated`` the CUDA pipeline run on CPU tensors. The library must
+    have loaded."""
+    # The kernels read the window as int64; a window past every sequence means "no window" anyway.
+    window = None if inputs.sliding_window is None else min(inputs.sliding_window, 2**62)
+    keys = () if inputs.keys_are_queries else (inputs.kv_anchor_pos, inputs.kv_depth)
+    arguments = (inputs.anchor_pos, inputs.depth, inputs.doc_of_position, window, *inputs.block_size)
     if not emulated:
-        return BlockIndex(*torch.ops.peagle_ext.build_block_index(*arguments))
-    return BlockIndex(*torch.ops.peagle_ext.build_block_index_emulated(*arguments, schedule_seed(*arguments)))
+        return BlockIndex(*torch.ops.peagle_ext.build_block_index(*arguments, *keys))
+    seed = schedule_seed(*arguments, *keys)
+    return BlockIndex(*torch.ops.peagle_ext.build_block_index_emulated(*arguments, *(keys or (None, None)), seed))
 
 
-def schedule_seed(anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size) -> int:
+def schedule_seed(anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size, *keys) -> int:
     """The emulated pipeline's block and thread order for these inputs (sequential_launcher.h): one
     of its own for each input, as the GPU gives no order either, and the same one on a rerun."""
-    sums = (int(anchor_pos.sum()), int(depth.sum()), int(doc_of_position.sum()))
+    sums = (int(anchor_pos.sum()), int(depth.sum()), int(doc_of_position.sum())) + tuple(int(k.sum()) for k in keys)
     key = (anchor_pos.numel(), doc_of_position.numel(), sliding_window, q_block_size, kv_block_size) + sums
     return hash(key) % (2**62) + 1
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 
@@ -12,7 +11,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from . import _native
 from ._inputs import MaskInputs, normalize_mask_inputs
 from ._block_index import BlockIndex
-from ._python_builder import block_index_from_grids, build_python, grid_from_lists
+from ._python_builder import build_python
 from .mask_mod import mask_mod_from_inputs
 
 # "cuda_emulated" is a test aid: the CUDA pipeline's code run on CPU tensors by a sequential
@@ -66,43 +65,7 @@ def _fall_back_to_python(native: str, reason: str) -> None:
 def _block_index(inputs: MaskInputs, backend: str) -> BlockIndex:
     if backend == "python":
         return build_python(inputs)
-    if not inputs.keys_are_queries:
-        return _native_apart(inputs, backend)
-    return _run_kernels(inputs.anchor_pos, inputs.depth, inputs.doc_of_position, inputs, backend)
-
-
-def _run_kernels(anchor_pos, depth, doc_of_position, inputs: MaskInputs, backend: str) -> BlockIndex:
-    # The kernels read the window as int64; a window past every sequence means "no window" anyway.
-    window = None if inputs.sliding_window is None else min(inputs.sliding_window, 2**62)
-    return _native.build_native(anchor_pos, depth, doc_of_position, window, *inputs.block_size,
-                                emulated=backend == "cuda_emulated")
-
-
-def _native_apart(inputs: MaskInputs, backend: str) -> BlockIndex:
-    """The Q x KV index of queries apart from the keys, from the kernels, which take one element set.
-
-    They run on [queries, padding, keys], the queries padded with elements on a padding position
-    up to a multiple of both block sizes, so that the queries' q-blocks and the keys' kv-blocks
-    are whole blocks of that set: its tile grid holds the wanted one at rows [0, nQ) and columns
-    [offset, offset + nKV). The padding sees nothing and is seen by none, so a query block with
-    padding in it is never full, as create_block_mask's tail block; the last key block is the
-    set's last block, with the same tail. Costs about (Q + KV)^2 tiles instead of Q x KV.
-    """
-    q_block_size, kv_block_size = inputs.block_size
-    num_queries, num_keys = inputs.num_elements, inputs.num_keys
-    whole = math.lcm(q_block_size, kv_block_size)  # whole q-blocks and whole kv-blocks alike
-    padded = -(-num_queries // whole) * whole
-    padding_position = inputs.doc_of_position.numel()
-    doc_of_position = torch.cat([inputs.doc_of_position, inputs.doc_of_position.new_full((1,), -1)])
-    filler = inputs.anchor_pos.new_full((padded - num_queries,), padding_position)
-    anchor_pos = torch.cat([inputs.anchor_pos, filler, inputs.kv_anchor_pos])
-    depth = torch.cat([inputs.depth, torch.zeros_like(filler), inputs.kv_depth])
-    index = _run_kernels(anchor_pos, depth, doc_of_position, inputs, backend)
-    rows, offset = -(-num_queries // q_block_size), padded // kv_block_size
-    columns = slice(offset, offset + -(-num_keys // kv_block_size))
-    partial = grid_from_lists(index.kv_num_blocks, index.kv_indices)[:rows, columns]
-    full = grid_from_lists(index.full_kv_num_blocks, index.full_kv_indices)[:rows, columns]
-    return block_index_from_grids(partial, full)
+    return _native.build_native(inputs, emulated=backend == "cuda_emulated")
 
 
 def build_block_mask(

@@ -12,11 +12,13 @@ namespace {
 
 BlockIndexTensors build_block_index_emulated(const Tensor& anchor_pos, const Tensor& depth,
                                              const Tensor& doc_of_position, std::optional<int64_t> sliding_window,
-                                             int64_t q_block_size, int64_t kv_block_size, int64_t schedule_seed) {
+                                             int64_t q_block_size, int64_t kv_block_size,
+                                             std::optional<Tensor> kv_anchor_pos, std::optional<Tensor> kv_depth,
+                                             int64_t schedule_seed) {
   pipeline::SequentialLauncher launcher;
   launcher.schedule_seed = static_cast<uint64_t>(schedule_seed);
-  return build_block_index_pipeline(launcher, anchor_pos, depth, doc_of_position, sliding_window, q_block_size,
-                                    kv_block_size);
+  return build_block_index_pipeline(launcher, check_inputs(anchor_pos, depth, doc_of_position, sliding_window,
+                                                           q_block_size, kv_block_size, kv_anchor_pos, kv_depth));
 }
 
 }  // namespace

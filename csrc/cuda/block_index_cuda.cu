@@ -16,14 +16,16 @@ namespace {
 
 extern __shared__ __align__(16) uint8_t dynamic_shared_memory[];
 
-// Every phase of `kernel` in every thread of the block, a barrier after each (kernels.h).
+// Every phase of `kernel` for batch row blockIdx.y in every thread of the block, a barrier after
+// each (kernels.h).
 template <class Kernel>
 __global__ void __launch_bounds__(Kernel::kThreads) run_phases(const Kernel kernel) {
   __shared__ typename Kernel::Shared shared;
+  const Kernel row_kernel = pipeline::at_row(kernel, blockIdx.y);
   const pipeline::Thread thread{blockIdx.x, threadIdx.x, blockDim.x, gridDim.x};
-  const int phases = kernel.num_phases();
+  const int phases = row_kernel.num_phases();
   for (int p = 0; p < phases; ++p) {
-    kernel.phase(p, shared, dynamic_shared_memory, thread);
+    row_kernel.phase(p, shared, dynamic_shared_memory, thread);
     __syncthreads();
   }
 }
@@ -36,7 +38,8 @@ struct CudaLauncher {
   cudaStream_t stream;
   template <class Kernel>
   void launch(const Kernel& kernel, int64_t grid, size_t dynamic_shared_bytes) {
-    run_phases<Kernel><<<static_cast<unsigned>(grid), Kernel::kThreads, dynamic_shared_bytes, stream>>>(kernel);
+    const dim3 blocks(static_cast<unsigned>(grid), static_cast<unsigned>(kernel.s.num_rows));
+    run_phases<Kernel><<<blocks, Kernel::kThreads, dynamic_shared_bytes, stream>>>(kernel);
     check_cuda(cudaGetLastError(), "a kernel launch");
   }
   void zero(uint8_t* data, size_t bytes) { check_cuda(cudaMemsetAsync(data, 0, bytes, stream), "cudaMemsetAsync"); }
@@ -52,11 +55,13 @@ cudaStream_t current_stream(int32_t device_index) {
 
 BlockIndexTensors build_block_index_cuda(const Tensor& anchor_pos, const Tensor& depth, const Tensor& doc_of_position,
                                          std::optional<int64_t> sliding_window, int64_t q_block_size,
-                                         int64_t kv_block_size) {
+                                         int64_t kv_block_size, std::optional<Tensor> kv_anchor_pos,
+                                         std::optional<Tensor> kv_depth) {
   const torch::stable::accelerator::DeviceGuard guard(anchor_pos.get_device_index());
+  const OpInputs in = check_inputs(anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size,
+                                   kv_anchor_pos, kv_depth);
   CudaLauncher launcher{current_stream(anchor_pos.get_device_index())};
-  return build_block_index_pipeline(launcher, anchor_pos, depth, doc_of_position, sliding_window, q_block_size,
-                                    kv_block_size);
+  return build_block_index_pipeline(launcher, in);
 }
 
 }  // namespace

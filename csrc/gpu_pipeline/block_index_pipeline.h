@@ -12,15 +12,12 @@
 namespace peagle {
 
 template <class Launcher>
-BlockIndexTensors build_block_index_pipeline(Launcher& launcher, const Tensor& anchor_pos, const Tensor& depth,
-                                             const Tensor& doc_of_position, std::optional<int64_t> sliding_window,
-                                             int64_t q_block_size, int64_t kv_block_size) {
-  const OpInputs in = check_inputs(anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size);
-  const pipeline::Sizes sizes{in.n,           in.num_positions, in.window,       in.q_block_size,
-                              in.kv_block_size, in.num_q_blocks,  in.num_kv_blocks};
+BlockIndexTensors build_block_index_pipeline(Launcher& launcher, const OpInputs& in) {
+  const pipeline::Sizes sizes{in.num_rows,      in.num_queries,   in.num_keys,      in.num_positions, in.window,
+                              in.q_block_size, in.kv_block_size, in.num_q_blocks, in.num_kv_blocks};
   const pipeline::Layout layout = pipeline::plan(sizes);
   Tensor workspace = empty_bytes(static_cast<int64_t>(layout.total_bytes), in.anchor_pos);
-  BlockIndexTensors out = allocate_outputs(in, in.anchor_pos);
+  BlockIndexTensors out = allocate_outputs(in);
   uint8_t* base = workspace.mutable_data_ptr<uint8_t>();
   launcher.poison(base, layout.total_bytes);
   std::apply([&](auto&... output) {
@@ -28,7 +25,8 @@ BlockIndexTensors build_block_index_pipeline(Launcher& launcher, const Tensor& a
   }, out);
   const pipeline::Buffers buffers =
       pipeline::bind(layout, base, in.anchor_pos.const_data_ptr<int64_t>(), in.depth.const_data_ptr<int64_t>(),
-                     in.doc_of_position.const_data_ptr<int64_t>(), list_outputs(out));
+                     in.kv_anchor_pos.const_data_ptr<int64_t>(), in.kv_depth.const_data_ptr<int64_t>(),
+                     in.doc_of_position.const_data_ptr<int64_t>(), list_outputs(out, in));
   pipeline::launch_pipeline(launcher, base, buffers, sizes, layout);
   return out;  // the workspace goes back to the allocator, on this stream, after the kernels
 }
