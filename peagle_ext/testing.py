@@ -1,4 +1,4 @@
-"""Comparing BlockMasks the way the kernels read them (shared/DESIGN.md §2)."""
+"""Comparing BlockMasks the way the kernels read them: counts, and each row's valid prefix as a set."""
 
 from __future__ import annotations
 
