@@ -12,6 +12,7 @@ broken extension never breaks ``import peagle_ext``: the python backend serves a
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import torch
 
@@ -72,7 +73,10 @@ def schedule_seed(anchor_pos, depth, doc_of_position, sliding_window, q_block_si
     of its own for each input, as the GPU gives no order either, and the same one on a rerun."""
     sums = (int(anchor_pos.sum()), int(depth.sum()), int(doc_of_position.sum()))
     key = (anchor_pos.numel(), doc_of_position.numel(), sliding_window, q_block_size, kv_block_size) + sums
-    return hash(key) % (2**62) + 1
+    # Not hash(): it differs between processes (hash(None) on Python < 3.12), and a failing schedule
+    # must replay in the next run.
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (2**62) + 1
 
 
 def compiled_kernels() -> list[str]:
