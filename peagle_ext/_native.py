@@ -16,7 +16,7 @@ import hashlib
 
 import torch
 
-from ._block_index import BlockIndex
+from ._block_index import BlockIndex, num_blocks
 
 
 OPS = ("build_block_index", "build_block_index_emulated")
@@ -33,8 +33,7 @@ def _build_block_index_fake(anchor_pos, depth, doc_of_position, sliding_window, 
                             schedule_seed=0):
     """The eight int32 outputs, shaped as the kernels shape them."""
     n = anchor_pos.shape[0]
-    num_q_blocks = (n + q_block_size - 1) // q_block_size
-    num_kv_blocks = (n + kv_block_size - 1) // kv_block_size
+    num_q_blocks, num_kv_blocks = num_blocks(n, q_block_size), num_blocks(n, kv_block_size)
 
     def ints(*shape):
         return anchor_pos.new_empty((1, 1, *shape), dtype=torch.int32)

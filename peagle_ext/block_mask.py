@@ -9,7 +9,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from . import _native
 from ._inputs import MaskInputs, normalize_mask_inputs
-from ._block_index import BlockIndex
+from ._block_index import BlockIndex, num_blocks
 from ._python_builder import block_index_from_grids, build_python, grid_from_lists
 from .mask_mod import mask_mod_from_inputs
 
@@ -72,15 +72,15 @@ def _native_apart(inputs: MaskInputs, backend: str) -> BlockIndex:
     q_block_size, kv_block_size = inputs.block_size
     num_queries, num_keys = inputs.num_elements, inputs.num_keys
     whole = math.lcm(q_block_size, kv_block_size)  # whole q-blocks and whole kv-blocks alike
-    padded = -(-num_queries // whole) * whole
+    padded = num_blocks(num_queries, whole) * whole
     padding_position = inputs.doc_of_position.numel()
     doc_of_position = torch.cat([inputs.doc_of_position, inputs.doc_of_position.new_full((1,), -1)])
     filler = inputs.anchor_pos.new_full((padded - num_queries,), padding_position)
     anchor_pos = torch.cat([inputs.anchor_pos, filler, inputs.kv_anchor_pos])
     depth = torch.cat([inputs.depth, torch.zeros_like(filler), inputs.kv_depth])
     index = _run_kernels(anchor_pos, depth, doc_of_position, inputs, backend)
-    rows, offset = -(-num_queries // q_block_size), padded // kv_block_size
-    columns = slice(offset, offset + -(-num_keys // kv_block_size))
+    rows, offset = num_blocks(num_queries, q_block_size), padded // kv_block_size
+    columns = slice(offset, offset + num_blocks(num_keys, kv_block_size))
     partial = grid_from_lists(index.kv_num_blocks, index.kv_indices)[:rows, columns]
     full = grid_from_lists(index.full_kv_num_blocks, index.full_kv_indices)[:rows, columns]
     return block_index_from_grids(partial, full)

@@ -5,13 +5,10 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from ._block_index import BlockIndex
+
 # (count, indices) attribute pairs of a BlockMask: kv-side lists and their q-side transposes.
-BLOCK_LISTS = (
-    ("kv_num_blocks", "kv_indices"),
-    ("full_kv_num_blocks", "full_kv_indices"),
-    ("q_num_blocks", "q_indices"),
-    ("full_q_num_blocks", "full_q_indices"),
-)
+BLOCK_LISTS = tuple(zip(BlockIndex._fields[0::2], BlockIndex._fields[1::2]))
 
 
 def block_sets(counts: torch.Tensor, indices: torch.Tensor) -> list[set[int]]:

@@ -14,6 +14,7 @@ from peagle_ext.draft_llama import (
     LlamaEagle3DraftModel,
 )
 from draft_helpers import cod_indices, random_sequence, tiny_config, tiny_model, single_thread  # noqa: F401 (autouse fixture)
+from helpers import dense_rule
 
 
 def test_config_defaults_and_derived_fields():
@@ -117,23 +118,6 @@ def test_rope_is_relative_and_honours_arbitrary_positions():
 # --- an independent dense reference of the whole P-EAGLE forward -------------------------------------------
 
 
-def _rule(anchor_pos, depth, doc):
-    """DESIGN.md §1, pair by pair: [N, N] bool, True where query q may see key k."""
-    a, d = anchor_pos.tolist(), depth.tolist()
-    n = len(a)
-    return torch.tensor(
-        [
-            [
-                doc[a[q]] != -1
-                and doc[a[q]] == doc[a[k]]
-                and ((d[k] == 0 and a[k] <= a[q]) or (a[k] == a[q] and d[k] <= d[q]))
-                for k in range(n)
-            ]
-            for q in range(n)
-        ]
-    )
-
-
 def _rope(x, positions, theta):
     """Rotary embedding in complex form: pairs (i, i + D/2) rotated by position * theta^(-2i/D)."""
     half = x.shape[-1] // 2
@@ -201,12 +185,11 @@ def test_forward_matches_dense_reference(layout, overrides):
     else:
         anchor_pos, depth = cod_indices(seq_len, 4)
     ids, aux = random_sequence(model, seq_len)
-    doc = [0] * 11 + [1] * 9
     flat_ids, projected, positions = build_peagle_inputs(model, ids, aux, anchor_pos, depth)
     with torch.no_grad():
         block_mask = model.build_peagle_block_mask(anchor_pos, depth, lengths, seq_len)
         actual = model.forward_peagle(flat_ids, projected, positions, block_mask)[0]
-        expected = _reference_forward(model, flat_ids[0], projected[0], positions[0], _rule(anchor_pos, depth, doc))
+        expected = _reference_forward(model, flat_ids[0], projected[0], positions[0], dense_rule(anchor_pos, depth, lengths, seq_len))
     torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-4)
 
 

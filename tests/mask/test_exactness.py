@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BACKEND_DEVICE, backends_here, oracle_block_mask
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from helpers import BACKEND_DEVICE, backends_here, oracle_block_mask
 from strategies import BLOCK_SIZES, Case, arbitrary_cases, cod_cases, separate_key_cases
 
 import peagle_ext

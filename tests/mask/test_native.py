@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import shuffled_noncontiguous_case, skip_unless_backend
+from helpers import assert_same_bytes, shuffled_noncontiguous_case, skip_unless_backend
 
 import peagle_ext
 from peagle_ext import _native
@@ -136,17 +136,14 @@ def test_backends_agree_beyond_create_block_mask(seq_len, kwargs):
     lengths = torch.tensor([seq_len // 3, seq_len // 3, seq_len // 4])
     masks = {backend: peagle_ext.build_block_mask(anchor_pos, depth, lengths, seq_len, backend=backend, **kwargs)
              for backend in ("cpu", "cuda_emulated", "python")}
-    assert_same_bytes(masks)
+    assert_all_same_bytes(masks)
 
 
-def assert_same_bytes(masks: dict) -> None:
-    """Every mask's eight index tensors equal the first's (the set comparison first, for its message)."""
+def assert_all_same_bytes(masks: dict) -> None:
+    """Every mask's eight index tensors equal the first's."""
     (first_name, first), *others = masks.items()
     for name, mask in others:
-        peagle_ext.assert_block_masks_equal(mask, first)
-        for tensor_name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
-                            "q_indices", "full_q_num_blocks", "full_q_indices"):
-            assert torch.equal(getattr(mask, tensor_name), getattr(first, tensor_name)), (name, first_name, tensor_name)
+        assert_same_bytes(mask, first, f"{name} vs {first_name}:")
 
 
 @pytest.mark.parametrize("case", ["cod", "shuffled documents"])
@@ -174,7 +171,7 @@ def test_emulated_pipeline_keeps_marks_in_global_memory_past_32k_kv_blocks():
     anchor_pos, depth = peagle_ext.generate_cod_sample_indices(12000, torch.ones(12000), generator=generator)
     assert anchor_pos.numel() > 32 * 1024
     args = (anchor_pos, depth, torch.tensor([5000, 6000]), 12000)
-    assert_same_bytes({backend: peagle_ext.build_block_mask(*args, BLOCK_SIZE=(512, 1), backend=backend)
+    assert_all_same_bytes({backend: peagle_ext.build_block_mask(*args, BLOCK_SIZE=(512, 1), backend=backend)
                        for backend in ("cpu", "cuda_emulated")})
 
 
@@ -182,6 +179,6 @@ def test_backends_agree_on_shuffled_noncontiguous_documents():
     """The general paths (documents out of position order, chains out of depth order, unsorted
     q-blocks) at a size the oracle cannot reach."""
     anchor_pos, depth, document_ids = shuffled_noncontiguous_case()
-    assert_same_bytes({backend: peagle_ext.build_block_mask(anchor_pos, depth, document_ids=document_ids,
+    assert_all_same_bytes({backend: peagle_ext.build_block_mask(anchor_pos, depth, document_ids=document_ids,
                                                             sliding_window=300, backend=backend)
                        for backend in ("cpu", "cuda_emulated", "python")})
