@@ -30,7 +30,7 @@ def measure(seq_len: int, segments: int, mode: str, steps: int) -> dict:
     """In this process: time and peak-RSS rise of training steps (see the module docstring)."""
     import torch
 
-    from peagle_ext.cli.bench import peak_rss_bytes, reset_peak_rss
+    from peagle_ext._measure import peak_rss_bytes, reset_peak_rss
     from peagle_ext.draft_llama import Eagle3DraftConfig, LlamaEagle3DraftModel
     from peagle_ext.training import peagle_training_step
 

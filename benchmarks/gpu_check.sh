@@ -11,7 +11,8 @@
 #    set_sync_debug_mode("error"), the launch count, CUDA vs CPU at N up to 200K (tests/mask/test_cuda.py);
 # 3. the GPU benchmark: CUDA events, S = 4K..64K, 8 depths, ours against compiled and eager
 #    create_block_mask, peak CUDA memory, host syncs, one table, written to
-#    benchmarks/results/h200.md with the raw figures in benchmarks/results/h200.json;
+#    benchmarks/results/h200.md with the raw figures in benchmarks/results/h200.json, and each target
+#    met or missed appended to it (benchmarks/targets.py);
 #    then where a build's time goes: host time per build against throughput, and the profiler's
 #    table of ops and kernels (benchmarks/profile_build.py);
 # 4. compiled flex_attention forward and backward in bf16 through the draft model, our mask equal
@@ -85,6 +86,7 @@ export -f sanitize
   stage benchmark 170 python3 -m peagle_ext bench --device cuda --compiled --compiled-max-len 65536 \
     --lengths 4096 8192 16384 32768 65536 --depths 8 --repeats 50 --budget-s 2 \
     --json "$results/h200.json" --markdown "$results/h200.md"
+  stage targets 10 python3 benchmarks/targets.py "$results/h200.json" --markdown "$results/h200.md"
   # Now, not at the end: a run stopped later (by a limit outside this script) still leaves them in $OUT.
   [[ -n "${OUT:-}" ]] && cp -f "$results"/h200.md "$results"/h200.json "$OUT"/ 2>/dev/null
   stage profile 40 python3 benchmarks/profile_build.py --device cuda --lengths 8192 65536

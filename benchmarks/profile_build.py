@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import peagle_ext
 from peagle_ext import build_block_mask
-from peagle_ext.cli.bench import cod_inputs
+from peagle_ext._measure import cod_inputs
 
 
 def synchronize(device: str) -> None:
