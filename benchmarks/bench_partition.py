@@ -69,7 +69,8 @@ def run_fresh(seq_len: int, segments: int, mode: str, steps: int) -> dict:
     command = [sys.executable, __file__, "--one", str(seq_len), str(segments), mode, "--steps", str(steps)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        reason = "out of memory" if result.returncode in (-9, 137) else (result.stderr.strip().splitlines() or ["?"])[-1]
+        last_line = (result.stderr.strip().splitlines() or ["?"])[-1]
+        reason = "out of memory" if result.returncode in (-9, 137) else last_line
         return {"failed": reason}
     return json.loads(result.stdout.strip().splitlines()[-1])
 

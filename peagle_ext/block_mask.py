@@ -8,8 +8,8 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from . import _native
-from ._inputs import MaskInputs, normalize_mask_inputs
 from ._block_index import BlockIndex, num_blocks
+from ._inputs import MaskInputs, normalize_mask_inputs
 from ._python_builder import block_index_from_grids, build_python, grid_from_lists
 from .mask_mod import mask_mod_from_inputs
 

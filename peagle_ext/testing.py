@@ -45,7 +45,8 @@ def assert_block_masks_equal(actual: BlockMask, expected: BlockMask) -> None:
         if not torch.equal(a_count.cpu(), e_count.cpu()):
             row = int((a_count.cpu() != e_count.cpu()).nonzero()[0][-1])
             raise AssertionError(
-                f"{count_name} differs first at row {row}: {int(a_count.flatten()[row])} != {int(e_count.flatten()[row])}"
+                f"{count_name} differs first at row {row}: "
+                f"{int(a_count.flatten()[row])} != {int(e_count.flatten()[row])}"
             )
         a_sets = block_sets(a_count.cpu(), a_index.cpu())
         e_sets = block_sets(e_count.cpu(), e_index.cpu())

@@ -10,8 +10,9 @@ import torch
 from hypothesis import HealthCheck, settings
 
 import peagle_ext
-from helpers import BACKEND_DEVICE, skip_unless_backend
 from peagle_ext import _native
+
+from helpers import BACKEND_DEVICE, skip_unless_backend
 
 # The backend fixtures only select a parameter, so sharing them across examples is safe.
 settings.register_profile(
@@ -39,7 +40,8 @@ def pytest_sessionstart(session):
         if torch.version.cuda and "cuda" not in _native.compiled_kernels():
             raise pytest.UsageError("PEAGLE_EXT_REQUIRE_NATIVE=1 but the CUDA kernels were not compiled in")
         if status["cuda_emulated"] is not None:
-            raise pytest.UsageError(f"PEAGLE_EXT_REQUIRE_NATIVE=1 but cuda_emulated is unavailable: {status['cuda_emulated']}")
+            raise pytest.UsageError(
+                f"PEAGLE_EXT_REQUIRE_NATIVE=1 but cuda_emulated is unavailable: {status['cuda_emulated']}")
 
 
 @pytest.fixture(params=list(BACKEND_DEVICE))

@@ -59,7 +59,8 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
                 cells += [str(entry.get("host_syncs", ""))] if with_syncs else []
                 notes = [f"compile {entry['compile_s']:.1f} s"] if "compile_s" in entry else []
                 if entry.get("matches_cpu") is not None:
-                    notes.append("same blocks as the CPU kernel" if entry["matches_cpu"] else "DIFFERS from the CPU kernel")
+                    same = entry["matches_cpu"]
+                    notes.append("same blocks as the CPU kernel" if same else "DIFFERS from the CPU kernel")
                 cells.append(f"({'; '.join(notes)})" if notes else "")
             lines.append(cells)
     return header, lines
@@ -140,8 +141,8 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from . import UsageError, check_writable, int_at_least, parser_for, positive_float, resolve_device
     from ..block_mask import BACKENDS, available_backends
+    from . import UsageError, check_writable, int_at_least, parser_for, positive_float, resolve_device
 
     parser = parser_for("bench")
     parser.add_argument("--lengths", type=int_at_least(1), nargs="+",

@@ -202,7 +202,8 @@ def _segment_plan(anchor_pos, depth, seq_len: int, sequence_partitions: int, key
         query_rows = torch.nonzero(own).flatten() if keys_only_completion else None
         queries = elements if query_rows is None else elements[query_rows]
         own_queries = own if query_rows is None else own[query_rows]
-        segments.append(_Segment(elements, query_rows, queries, torch.nonzero(own_queries & supervised[queries]).flatten()))
+        rows = torch.nonzero(own_queries & supervised[queries]).flatten()
+        segments.append(_Segment(elements, query_rows, queries, rows))
     return segments
 
 

@@ -13,7 +13,8 @@ from peagle_ext.draft_llama import (
     Eagle3LlamaPeagleLayer,
     LlamaEagle3DraftModel,
 )
-from draft_helpers import cod_indices, random_sequence, tiny_config, tiny_model, single_thread  # noqa: F401 (autouse fixture)
+
+from draft_helpers import cod_indices, random_sequence, single_thread, tiny_config, tiny_model  # noqa: F401 (autouse fixture)
 from helpers import dense_rule
 
 
@@ -37,7 +38,8 @@ def test_config_defaults_and_derived_fields():
         ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "unsupported rope_type 'dynamic'"),
         ({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "beta_fast": 4}}, "unknown rope option 'beta_fast'"),
         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "needs the rope option 'low_freq_factor'"),
-        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}},
+         "partial_rotary_factor"),
         ({"rope_scaling": {"rope_type": "yarn", "type": "linear", "factor": 2.0}}, "two types"),
         ({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "rope_theta"),
     ],
@@ -189,7 +191,8 @@ def test_forward_matches_dense_reference(layout, overrides):
     with torch.no_grad():
         block_mask = model.build_peagle_block_mask(anchor_pos, depth, lengths, seq_len)
         actual = model.forward_peagle(flat_ids, projected, positions, block_mask)[0]
-        expected = _reference_forward(model, flat_ids[0], projected[0], positions[0], dense_rule(anchor_pos, depth, lengths, seq_len))
+        visible = dense_rule(anchor_pos, depth, lengths, seq_len)
+        expected = _reference_forward(model, flat_ids[0], projected[0], positions[0], visible)
     torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-4)
 
 

@@ -15,7 +15,8 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import peagle_ext
 from peagle_ext import peagle_draft
-from draft_helpers import cod_indices, flat_inputs, tiny_model, single_thread  # noqa: F401 (autouse fixture)
+
+from draft_helpers import cod_indices, flat_inputs, single_thread, tiny_model  # noqa: F401 (autouse fixture)
 
 SEQ = 24
 COMPILED = "_peagle_flex_attention_compiled"
@@ -82,7 +83,8 @@ def test_masked_projected_hidden_shape_and_path(overrides):
         flat = rms(flat, model.model.input_norm.weight)
     if model.config.fc_norm:
         width = model.config.target_hidden_size
-        flat = torch.cat([rms(flat[:, i * width : (i + 1) * width], norm.weight) for i, norm in enumerate(model.model.fc_norm)], -1)
+        chunks = [rms(flat[:, i * width : (i + 1) * width], norm.weight) for i, norm in enumerate(model.model.fc_norm)]
+        flat = torch.cat(chunks, -1)
     torch.testing.assert_close(projected, flat @ model.model.fc.weight.T)
 
 
@@ -369,7 +371,8 @@ def test_module_exports_automodels_names():
     assert_leading_parameters(mixin._init_peagle_parameters, ["self", "config"])
     assert_leading_parameters(mixin.masked_projected_hidden, ["self"])
     assert_leading_parameters(mixin._run_draft_layer, ["self", "layer_fn", "args", "kwargs"])
-    assert_leading_parameters(mixin.build_peagle_block_mask, ["self", "anchor_pos", "depth", "lengths", "total_seq_len"])
+    assert_leading_parameters(mixin.build_peagle_block_mask,
+                              ["self", "anchor_pos", "depth", "lengths", "total_seq_len"])
     assert_leading_parameters(peagle_draft._peagle_compile_supported, ["q", "k", "v"])
     assert_leading_parameters(peagle_draft._peagle_flex_attention, ["q", "k", "v", "block_mask", "scale"])
     assert peagle_draft._peagle_flex_attention_compile_failed is False

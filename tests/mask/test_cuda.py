@@ -8,17 +8,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import (BACKEND_DEVICE, assert_same_bytes, dense_rule, oracle_block_mask, shuffled_noncontiguous_case,
-                     skip_unless_backend)
 from hypothesis import given, settings
-from strategies import BLOCK_SIZES, arbitrary_cases, cod_cases
 from torch.nn.attention.flex_attention import flex_attention
 
 import peagle_ext
 from peagle_ext import _native
 from peagle_ext._inputs import normalize_mask_inputs
 
-GPU_BACKENDS = [backend for backend, device in BACKEND_DEVICE.items() if device == "cuda"] + ["python"]  # on CUDA tensors
+from helpers import (
+    BACKEND_DEVICE,
+    assert_same_bytes,
+    dense_rule,
+    oracle_block_mask,
+    shuffled_noncontiguous_case,
+    skip_unless_backend,
+)
+from strategies import BLOCK_SIZES, arbitrary_cases, cod_cases
+
+# The backends run on CUDA tensors.
+GPU_BACKENDS = [backend for backend, device in BACKEND_DEVICE.items() if device == "cuda"] + ["python"]
 
 
 @pytest.fixture(autouse=True)
@@ -141,7 +149,8 @@ def test_cuda_graph_capture_and_replay_with_new_inputs():
         assert_same_bytes(captured, expected)
 
 
-@pytest.mark.parametrize("seq_len, kwargs", [(8192, {}), (60000, {"sliding_window": 1000}), (16384, {"BLOCK_SIZE": (128, 64)})])
+@pytest.mark.parametrize("seq_len, kwargs",
+                         [(8192, {}), (60000, {"sliding_window": 1000}), (16384, {"BLOCK_SIZE": (128, 64)})])
 def test_cuda_equals_cpu_at_large_n(seq_len, kwargs):
     anchor_pos, depth, lengths = cod(seq_len, seed=seq_len)
     on_gpu = peagle_ext.build_block_mask(anchor_pos, depth, lengths, seq_len, backend="cuda", **kwargs)
@@ -153,7 +162,8 @@ def test_cuda_equals_cpu_at_large_n(seq_len, kwargs):
 def test_cuda_equals_cpu_on_shuffled_noncontiguous_documents():
     """The general paths: documents out of position order, elements in any order."""
     anchor_pos, depth, document_ids = shuffled_noncontiguous_case()
-    on_cpu = peagle_ext.build_block_mask(anchor_pos, depth, document_ids=document_ids, sliding_window=300, backend="cpu")
+    on_cpu = peagle_ext.build_block_mask(anchor_pos, depth, document_ids=document_ids, sliding_window=300,
+                                         backend="cpu")
     on_gpu = peagle_ext.build_block_mask(anchor_pos.cuda(), depth.cuda(), document_ids=document_ids.cuda(),
                                          sliding_window=300, backend="cuda")
     assert_same_bytes(on_gpu, on_cpu)

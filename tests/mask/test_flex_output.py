@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BACKEND_DEVICE, backends_here, dense_rule
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 import peagle_ext
+
+from helpers import BACKEND_DEVICE, backends_here, dense_rule
 
 
 def dense_attention(q, k, v, allowed):
@@ -36,7 +37,8 @@ def test_compiled_flex_attention_reads_the_block_lists():
         for backend in (b for b in backends_here() if BACKEND_DEVICE[b] == "cpu"):
             ours = peagle_ext.build_block_mask(anchor_pos, depth, lengths, 300, BLOCK_SIZE=128, backend=backend)
             got = compiled(q, k, v, block_mask=ours)
-            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4, msg=lambda m: f"backend {backend!r}: {m}")
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4,
+                                       msg=lambda m, backend=backend: f"backend {backend!r}: {m}")
         # Sensitivity: the same mask with one partial tile dropped from its lists changes the output.
         kv_num_blocks = ours.kv_num_blocks.clone()
         row = int(torch.nonzero(kv_num_blocks.flatten())[-1])

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_same_bytes, shuffled_noncontiguous_case, skip_unless_backend
 
 import peagle_ext
 from peagle_ext import _native
 from peagle_ext._inputs import normalize_mask_inputs
+
+from helpers import assert_same_bytes, shuffled_noncontiguous_case, skip_unless_backend
 
 
 @pytest.fixture(autouse=True)
@@ -115,7 +116,8 @@ def test_out_of_range_anchors_are_read_as_padding(backend, bad_anchor):
                                       validate=False, backend=backend)
     on_padding = anchor_pos.clone()
     on_padding[bad] = seq_len
-    expected = peagle_ext.build_block_mask(on_padding, depth, document_ids=torch.cat([document_ids, torch.tensor([-1])]),
+    with_padding_position = torch.cat([document_ids, torch.tensor([-1])])
+    expected = peagle_ext.build_block_mask(on_padding, depth, document_ids=with_padding_position,
                                            sliding_window=9, BLOCK_SIZE=16, backend="python")
     peagle_ext.assert_block_masks_equal(got, expected)
 
