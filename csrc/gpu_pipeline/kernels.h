@@ -6,7 +6,7 @@
 // sequential launcher runs, block after block, each phase for every thread in turn. The rules
 // that make both give the same result are in primitives.h.
 //
-// The pipeline (pipeline.h launches it; README "How the CUDA kernel works" has the picture):
+// The pipeline (pipeline.h launches it; docs/cuda-pipeline.md describes it):
 //   0. memset    the counters are zeroed.
 //   1. count     per element: its bucket (a depth-0 key by its position, a deeper key by its anchor:
 //                2P buckets) and its slot in it (atomicAdd); per kv-block the cells of the

@@ -107,7 +107,7 @@ def test_no_host_sync_on_cuda(form):
 
 
 def test_one_memset_and_four_kernels_per_build():
-    """The launch count the README states, as the profiler sees it."""
+    """One memset and four kernels per build (docs/cuda-pipeline.md), as the profiler sees them."""
     inputs = normalize_mask_inputs(*cod(4096, seed=3), 4096)
     args = (inputs.anchor_pos, inputs.depth, inputs.doc_of_position, None, 128, 128)
     torch.ops.peagle_ext.build_block_index(*args)  # warm up
