@@ -14,10 +14,11 @@ native ones are unavailable.
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import torch
 
-from ._block_index import BlockIndex
+from ._block_index import BlockIndex, num_blocks
 
 
 OPS = ("build_block_index", "build_block_index_emulated")
@@ -35,8 +36,8 @@ def _build_block_index_fake(anchor_pos, depth, doc_of_position, sliding_window, 
     """The eight int32 outputs, shaped as the kernels shape them: [B, 1, ...], B = 1 for 1-D inputs."""
     rows = anchor_pos.shape[0] if anchor_pos.dim() == 2 else 1
     keys = anchor_pos if kv_anchor_pos is None else kv_anchor_pos
-    num_q_blocks = (anchor_pos.shape[-1] + q_block_size - 1) // q_block_size
-    num_kv_blocks = (keys.shape[-1] + kv_block_size - 1) // kv_block_size
+    num_q_blocks = num_blocks(anchor_pos.shape[-1], q_block_size)
+    num_kv_blocks = num_blocks(keys.shape[-1], kv_block_size)
 
     def ints(*shape):
         return anchor_pos.new_empty((rows, 1, *shape), dtype=torch.int32)
@@ -91,7 +92,10 @@ def schedule_seed(anchor_pos, depth, doc_of_position, sliding_window, q_block_si
     of its own for each input, as the GPU gives no order either, and the same one on a rerun."""
     sums = (int(anchor_pos.sum()), int(depth.sum()), int(doc_of_position.sum())) + tuple(int(k.sum()) for k in keys)
     key = (anchor_pos.numel(), doc_of_position.numel(), sliding_window, q_block_size, kv_block_size) + sums
-    return hash(key) % (2**62) + 1
+    # Not hash(): it differs between processes (hash(None) on Python < 3.12), and a failing schedule
+    # must replay in the next run.
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (2**62) + 1
 
 
 def compiled_kernels() -> list[str]:

@@ -9,8 +9,8 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from . import _native
-from ._inputs import MaskInputs, normalize_mask_inputs
 from ._block_index import BlockIndex
+from ._inputs import MaskInputs, normalize_mask_inputs
 from ._python_builder import build_python
 from .mask_mod import mask_mod_from_inputs
 

@@ -8,7 +8,7 @@
 // (its blocks) x (the batch's rows); a block of grid row r runs at_row(kernel, r), which sees row
 // r's buffers alone, so the rows never meet.
 //
-// The pipeline (pipeline.h launches it; README "How the CUDA kernel works" has the picture):
+// The pipeline (pipeline.h launches it; docs/cuda-pipeline.md describes it):
 //   0. memset    the counters are zeroed.
 //   1. count     per key: its bucket (a depth-0 key by its position, a deeper key by its anchor:
 //                2P buckets) and its slot in it (atomicAdd); per kv-block the cells of the

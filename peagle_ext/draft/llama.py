@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint, rope
+from .flat_inputs import supervised_draft_logits
 from .peagle_draft import (
     _PeagleAttentionMixin,
     _PeagleDecoderLayerMixin,
@@ -358,12 +359,10 @@ class LlamaEagle3DraftModel(_PeagleDraftMixin, nn.Module):
 
     def forward(self, *args, peagle_training_inputs: dict | None = None, **kwargs) -> torch.Tensor:
         """:meth:`forward_peagle` (same arguments). With ``peagle_training_inputs`` (the keyword
-        arguments of :func:`peagle_ext.training.supervised_draft_logits`), the draft logits of one
+        arguments of :func:`peagle_ext.draft.flat_inputs.supervised_draft_logits`), the draft logits of one
         training step or segment: ``peagle_training_step`` calls it so, so that a
         DistributedDataParallel wrapper sees the whole forward of the step."""
         if peagle_training_inputs is not None:
-            from .training import supervised_draft_logits
-
             return supervised_draft_logits(self, **peagle_training_inputs)
         return self.forward_peagle(*args, **kwargs)
 

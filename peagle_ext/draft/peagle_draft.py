@@ -172,7 +172,7 @@ class _PeagleAttentionMixin:
 
         combined_states: [B, N, in_features] (2H for the fused first layer, H otherwise);
         position_ids: [B, N] or [N] reference positions; returns [B, N, hidden_size].
-        ``query_rows`` (int [Q], beyond the seed's signature): only these elements are queries
+        ``query_rows`` (int [Q], beyond NeMo Automodel's signature): only these elements are queries
         (``block_mask`` is then Q x N); returns [B, Q, hidden_size].
         """
         batch = combined_states.shape[0]
@@ -253,8 +253,8 @@ class _PeagleDraftMixin:
                                 kv_anchor_pos=None, kv_depth=None):
         """The COD flex_attention BlockMask for one packed sequence, from ``peagle_ext.build_block_mask``
         with the fastest available backend (anchor_pos, depth: int [N]; lengths: document lengths
-        packed from position 0; total_seq_len: the original sequence length). Keywords beyond the
-        seed's signature: ``sliding_window``, the window W of the depth-0 context; ``kv_anchor_pos``
+        packed from position 0; total_seq_len: the original sequence length). Keywords beyond NeMo
+        Automodel's signature: ``sliding_window``, the window W of the depth-0 context; ``kv_anchor_pos``
         and ``kv_depth``, the key elements when only some elements are queries (a Q x KV mask)."""
         return build_block_mask(anchor_pos, depth, lengths, total_seq_len, sliding_window=sliding_window,
                                 kv_anchor_pos=kv_anchor_pos, kv_depth=kv_depth)
@@ -278,7 +278,7 @@ class _PeagleDraftMixin:
 
         Returns [1, N, H] pre-logits hidden states, post-``norm`` when ``config.norm_output``.
 
-        Keywords beyond the seed's signature: with ``query_rows`` (int [Q]) only those elements'
+        Keywords beyond NeMo Automodel's signature: with ``query_rows`` (int [Q]) only those elements'
         states are wanted, the others serving as keys only (a segment's completion): every layer
         but the last runs over all N with ``block_mask`` (unused with one layer), the last one
         runs queries ``query_rows`` against keys N with ``query_block_mask`` (Q x N), and the

@@ -15,7 +15,8 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import peagle_ext
 from peagle_ext import peagle_draft
-from draft_helpers import cod_indices, flat_inputs, tiny_model, single_thread  # noqa: F401 (autouse fixture)
+
+from draft_helpers import cod_indices, flat_inputs, single_thread, tiny_model  # noqa: F401 (autouse fixture)
 
 SEQ = 24
 COMPILED = "_peagle_flex_attention_compiled"
@@ -82,7 +83,8 @@ def test_masked_projected_hidden_shape_and_path(overrides):
         flat = rms(flat, model.model.input_norm.weight)
     if model.config.fc_norm:
         width = model.config.target_hidden_size
-        flat = torch.cat([rms(flat[:, i * width : (i + 1) * width], norm.weight) for i, norm in enumerate(model.model.fc_norm)], -1)
+        chunks = [rms(flat[:, i * width : (i + 1) * width], norm.weight) for i, norm in enumerate(model.model.fc_norm)]
+        flat = torch.cat(chunks, -1)
     torch.testing.assert_close(projected, flat @ model.model.fc.weight.T)
 
 
@@ -333,8 +335,8 @@ def test_import_costs_nothing():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
 
 
-def test_module_exports_the_seed_names():
-    """The names, host classes and signatures of shared/seed/peagle_draft_api.md, at the documented path."""
+def test_module_exports_automodels_names():
+    """The names, host classes and signatures of NeMo Automodel's peagle_draft module, at the documented path."""
     import inspect
     import sys
 
@@ -350,27 +352,28 @@ def test_module_exports_the_seed_names():
     for mixin, host in hosts.items():
         assert issubclass(host, getattr(peagle_draft, mixin)), (host, mixin)
 
-    def assert_seed_signature(fn, seed_names):
-        """The seed's parameters first, in its order; anything after them optional (our extensions)."""
+    def assert_leading_parameters(fn, names):
+        """Automodel's parameters first, in its order; anything after them optional (our extensions)."""
         parameters = list(inspect.signature(fn).parameters.values())
-        assert [p.name for p in parameters[: len(seed_names)]] == seed_names, fn
-        extras = parameters[len(seed_names):]
+        assert [p.name for p in parameters[: len(names)]] == names, fn
+        extras = parameters[len(names):]
         assert all(p.default is not inspect.Parameter.empty for p in extras), (fn, extras)
 
-    assert_seed_signature(peagle_draft._PeagleAttentionMixin.forward_peagle,
+    assert_leading_parameters(peagle_draft._PeagleAttentionMixin.forward_peagle,
                           ["self", "combined_states", "position_ids", "block_mask"])
-    assert_seed_signature(peagle_draft._PeagleDecoderLayerMixin.forward_peagle,
+    assert_leading_parameters(peagle_draft._PeagleDecoderLayerMixin.forward_peagle,
                           ["self", "input_embeds", "hidden_states", "position_ids", "block_mask"])
-    assert_seed_signature(peagle_draft._PeagleVanillaLayerMixin.forward_peagle,
+    assert_leading_parameters(peagle_draft._PeagleVanillaLayerMixin.forward_peagle,
                           ["self", "hidden_states", "position_ids", "block_mask"])
     mixin = peagle_draft._PeagleDraftMixin
-    assert_seed_signature(mixin.forward_peagle,
+    assert_leading_parameters(mixin.forward_peagle,
                           ["self", "sampled_input_ids", "sampled_projected_hidden", "position_ids", "block_mask"])
-    assert_seed_signature(mixin._init_peagle_parameters, ["self", "config"])
-    assert_seed_signature(mixin.masked_projected_hidden, ["self"])
-    assert_seed_signature(mixin._run_draft_layer, ["self", "layer_fn", "args", "kwargs"])
-    assert_seed_signature(mixin.build_peagle_block_mask, ["self", "anchor_pos", "depth", "lengths", "total_seq_len"])
-    assert_seed_signature(peagle_draft._peagle_compile_supported, ["q", "k", "v"])
-    assert_seed_signature(peagle_draft._peagle_flex_attention, ["q", "k", "v", "block_mask", "scale"])
+    assert_leading_parameters(mixin._init_peagle_parameters, ["self", "config"])
+    assert_leading_parameters(mixin.masked_projected_hidden, ["self"])
+    assert_leading_parameters(mixin._run_draft_layer, ["self", "layer_fn", "args", "kwargs"])
+    assert_leading_parameters(mixin.build_peagle_block_mask,
+                              ["self", "anchor_pos", "depth", "lengths", "total_seq_len"])
+    assert_leading_parameters(peagle_draft._peagle_compile_supported, ["q", "k", "v"])
+    assert_leading_parameters(peagle_draft._peagle_flex_attention, ["q", "k", "v", "block_mask", "scale"])
     assert peagle_draft._peagle_flex_attention_compile_failed is False
     assert peagle_draft.logger.name == "peagle_ext.peagle_draft"

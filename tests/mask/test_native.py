@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import shuffled_noncontiguous_case, skip_unless_backend
 
 import peagle_ext
 from peagle_ext import _native
 from peagle_ext._block_index import BlockIndex
 from peagle_ext._inputs import normalize_mask_inputs
+
+from helpers import assert_same_bytes, shuffled_noncontiguous_case, skip_unless_backend
 
 
 @pytest.fixture(autouse=True)
@@ -116,7 +117,7 @@ def test_keys_apart_agree_across_backends_at_scale(seq_len):
     n = anchor_pos.numel()
     queries = slice(3 * n // 8, n // 2)
     lengths = torch.tensor([seq_len // 3, seq_len // 3, seq_len // 4])
-    assert_same_bytes({backend: peagle_ext.build_block_mask(
+    assert_all_same_bytes({backend: peagle_ext.build_block_mask(
         anchor_pos[queries], depth[queries], lengths, seq_len, kv_anchor_pos=anchor_pos, kv_depth=depth,
         sliding_window=700, backend=backend) for backend in ("cpu", "cuda_emulated", "python")})
 
@@ -195,7 +196,8 @@ def test_out_of_range_anchors_are_read_as_padding(backend, bad_anchor):
                                       validate=False, backend=backend)
     on_padding = anchor_pos.clone()
     on_padding[bad] = seq_len
-    expected = peagle_ext.build_block_mask(on_padding, depth, document_ids=torch.cat([document_ids, torch.tensor([-1])]),
+    with_padding_position = torch.cat([document_ids, torch.tensor([-1])])
+    expected = peagle_ext.build_block_mask(on_padding, depth, document_ids=with_padding_position,
                                            sliding_window=9, BLOCK_SIZE=16, backend="python")
     peagle_ext.assert_block_masks_equal(got, expected)
 
@@ -216,17 +218,14 @@ def test_backends_agree_beyond_create_block_mask(seq_len, kwargs):
     lengths = torch.tensor([seq_len // 3, seq_len // 3, seq_len // 4])
     masks = {backend: peagle_ext.build_block_mask(anchor_pos, depth, lengths, seq_len, backend=backend, **kwargs)
              for backend in ("cpu", "cuda_emulated", "python")}
-    assert_same_bytes(masks)
+    assert_all_same_bytes(masks)
 
 
-def assert_same_bytes(masks: dict) -> None:
-    """Every mask's eight index tensors equal the first's (the set comparison first, for its message)."""
+def assert_all_same_bytes(masks: dict) -> None:
+    """Every mask's eight index tensors equal the first's."""
     (first_name, first), *others = masks.items()
     for name, mask in others:
-        peagle_ext.assert_block_masks_equal(mask, first)
-        for tensor_name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
-                            "q_indices", "full_q_num_blocks", "full_q_indices"):
-            assert torch.equal(getattr(mask, tensor_name), getattr(first, tensor_name)), (name, first_name, tensor_name)
+        assert_same_bytes(mask, first, f"{name} vs {first_name}:")
 
 
 @pytest.mark.parametrize("case", ["cod", "shuffled documents"])
@@ -254,7 +253,7 @@ def test_emulated_pipeline_keeps_marks_in_global_memory_past_32k_kv_blocks():
     anchor_pos, depth = peagle_ext.generate_cod_sample_indices(12000, torch.ones(12000), generator=generator)
     assert anchor_pos.numel() > 32 * 1024
     args = (anchor_pos, depth, torch.tensor([5000, 6000]), 12000)
-    assert_same_bytes({backend: peagle_ext.build_block_mask(*args, BLOCK_SIZE=(512, 1), backend=backend)
+    assert_all_same_bytes({backend: peagle_ext.build_block_mask(*args, BLOCK_SIZE=(512, 1), backend=backend)
                        for backend in ("cpu", "cuda_emulated")})
 
 
@@ -262,6 +261,6 @@ def test_backends_agree_on_shuffled_noncontiguous_documents():
     """The general paths (documents out of position order, chains out of depth order, unsorted
     q-blocks) at a size the oracle cannot reach."""
     anchor_pos, depth, document_ids = shuffled_noncontiguous_case()
-    assert_same_bytes({backend: peagle_ext.build_block_mask(anchor_pos, depth, document_ids=document_ids,
+    assert_all_same_bytes({backend: peagle_ext.build_block_mask(anchor_pos, depth, document_ids=document_ids,
                                                             sliding_window=300, backend=backend)
                        for backend in ("cpu", "cuda_emulated", "python")})
