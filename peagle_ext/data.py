@@ -56,9 +56,13 @@ def block_mask_to(block_mask: BlockMask, device, non_blocking: bool = False) -> 
     return _map_block_mask(block_mask, lambda tensor: tensor.to(device, non_blocking=non_blocking))
 
 
+def _pinned(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.is_pinned() else tensor.pin_memory()
+
+
 def pin_block_mask(block_mask: BlockMask) -> BlockMask:
     """The BlockMask with every tensor (block lists and the mask_mod's) in pinned host memory."""
-    return _map_block_mask(block_mask, lambda tensor: tensor if tensor.is_pinned() else tensor.pin_memory())
+    return _map_block_mask(block_mask, _pinned)
 
 
 def _map_batch(value, tensor_fn, mask_fn):
@@ -83,7 +87,7 @@ class PeagleBatch(dict):
     """
 
     def pin_memory(self) -> "PeagleBatch":
-        return PeagleBatch(_map_batch(dict(self), lambda t: t if t.is_pinned() else t.pin_memory(), pin_block_mask))
+        return PeagleBatch(_map_batch(dict(self), _pinned, pin_block_mask))
 
     def to(self, device, non_blocking: bool = False) -> "PeagleBatch":
         return PeagleBatch(_map_batch(dict(self), lambda t: t.to(device, non_blocking=non_blocking),
