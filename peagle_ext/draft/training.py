@@ -67,10 +67,10 @@ def build_peagle_inputs(model, input_ids, aux_hidden_states, anchor_pos, depth):
     ``mask_hidden``) takes depth-0 elements only.
     """
     real = (depth == 0).unsqueeze(-1)
-    mask_id = torch.full_like(anchor_pos, model.config.mask_token_id)
+    mask_id = torch.full_like(anchor_pos, model.draft_config.mask_token_id)
     ids = torch.where(real.squeeze(-1), input_ids[anchor_pos], mask_id)
     projected = model.project_hidden_states(aux_hidden_states)[anchor_pos]
-    if model.config.parallel_drafting:
+    if model.draft_config.parallel_drafting:
         projected = torch.where(real, projected, model.masked_projected_hidden().to(projected.dtype))
     elif not bool(real.all()):
         raise ValueError("depth must be 0 everywhere for a draft without parallel_drafting (it has no mask_hidden)")
@@ -166,10 +166,11 @@ def peagle_training_step(
     device = input_ids.device
     if lengths is None:
         lengths = torch.tensor([seq_len], device=device)
-    num_depths = draft.config.num_depths if num_depths is None else num_depths
+    num_depths = draft.draft_config.num_depths if num_depths is None else num_depths
     if anchor_pos is None or depth is None:
         anchor_pos, depth = generate_cod_sample_indices(
-            seq_len, loss_mask, num_depths, down_sample_ratio, down_sample_ratio_min, max_anchors, generator
+            seq_len, loss_mask, num_depths, down_sample_ratio, down_sample_ratio_min, max_anchors=max_anchors,
+            generator=generator,
         )
     reference = anchor_pos + depth
     supervised = (loss_mask[reference] != 0) & (reference < lengths.sum())
