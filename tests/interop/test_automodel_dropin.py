@@ -20,6 +20,8 @@ from peagle_ext.draft_llama import Eagle3LlamaDecoderLayer, Eagle3LlamaPeagleLay
 from checkpoint_peers import AUTOMODEL_VERSION, require
 from draft_helpers import single_thread  # noqa: F401 (autouse fixture)
 
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
 MASK_ID = 20  # outside [0, draft_vocab_size), where the batches' real tokens are drawn
 DRAFT_VOCAB = 16
 ABSENT = object()
@@ -393,3 +395,18 @@ def test_cod_sampler_equals_automodels(automodel, seed, seq_len, density, first_
     torch.manual_seed(seed)
     theirs = automodel["peagle_data"].generate_cod_sample_indices(**{**kwargs, "loss_mask": mask.long()})
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+
+def test_mask_mod_called_as_automodels(automodel):
+    """Our create_peagle_mask_mod with Automodel's keywords describes the blocks its own does (two
+    documents and padding)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    attention = require("nemo_automodel", AUTOMODEL_VERSION, "nemo_automodel.components.speculative.eagle.peagle_attention")
+    torch.manual_seed(1)
+    anchor_pos, depth = peagle_ext.generate_cod_sample_indices(seq_length=150, loss_mask=torch.ones(1, 150))
+    kwargs = dict(anchor_pos=anchor_pos, depth=depth, lengths=torch.tensor([70, 60]), total_seq_len=150)
+    n = anchor_pos.numel()
+    peagle_ext.assert_block_masks_equal(
+        create_block_mask(peagle_ext.create_peagle_mask_mod(**kwargs), None, None, n, n, device="cpu"),
+        create_block_mask(attention.create_peagle_mask_mod(**kwargs), None, None, n, n, device="cpu"))

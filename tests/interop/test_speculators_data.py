@@ -85,6 +85,11 @@ def test_either_layout_gives_the_same_block_mask_through_either_mask(speculators
     theirs = create_block_mask(mask_mod, None, None, anchor_pos.numel(), anchor_pos.numel(), device="cpu")
     ours = peagle_ext.build_block_mask(anchor_pos, depth, document_ids=document_ids, sliding_window=window)
     peagle_ext.assert_block_masks_equal(ours, theirs)
+    # Our mask_mod called as speculators' model calls its own (keywords) describes the same blocks.
+    our_mod = peagle_ext.create_peagle_mask_mod(anchor_pos=anchor_pos, depth=depth, document_ids=document_ids,
+                                                sliding_window=window)
+    peagle_ext.assert_block_masks_equal(
+        create_block_mask(our_mod, None, None, anchor_pos.numel(), anchor_pos.numel(), device="cpu"), theirs)
 
 
 def test_our_sampler_inside_speculators_forward(speculators, monkeypatch):
