@@ -21,6 +21,7 @@ from checkpoint_peers import AUTOMODEL_VERSION, require
 from draft_helpers import single_thread  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+pytest.importorskip("transformers", reason="the drafts' configs are transformers LlamaConfigs (pip install '.[interop]')")
 
 MASK_ID = 20  # outside [0, draft_vocab_size), where the batches' real tokens are drawn
 DRAFT_VOCAB = 16
