@@ -20,10 +20,10 @@ def build_peagle_inputs(model, input_ids, aux_hidden_states, anchor_pos, depth):
     ``mask_hidden``) takes depth-0 elements only.
     """
     real = (depth == 0).unsqueeze(-1)
-    mask_id = torch.full_like(anchor_pos, model.config.mask_token_id)
+    mask_id = torch.full_like(anchor_pos, model.draft_config.mask_token_id)
     ids = torch.where(real.squeeze(-1), input_ids[anchor_pos], mask_id)
     projected = model.project_hidden_states(aux_hidden_states)[anchor_pos]
-    if model.config.parallel_drafting:
+    if model.draft_config.parallel_drafting:
         projected = torch.where(real, projected, model.masked_projected_hidden().to(projected.dtype))
     elif not bool(real.all()):
         raise ValueError("depth must be 0 everywhere for a draft without parallel_drafting (it has no mask_hidden)")

@@ -132,10 +132,11 @@ def peagle_training_step(
     seq_len = input_ids.numel()
     if lengths is None:
         lengths = torch.tensor([seq_len], device=input_ids.device)
-    num_depths = draft.config.num_depths if num_depths is None else num_depths
+    num_depths = draft.draft_config.num_depths if num_depths is None else num_depths
     if anchor_pos is None or depth is None:
         anchor_pos, depth = generate_cod_sample_indices(seq_len, loss_mask, num_depths, down_sample_ratio,
-                                                        down_sample_ratio_min, max_anchors, generator)
+                                                        down_sample_ratio_min, max_anchors=max_anchors,
+                                                        generator=generator)
     reference, supervised = _supervision(anchor_pos, depth, loss_mask, lengths)
     scale = _loss_scale(model, supervised)
     segments = _segment_plan(anchor_pos, depth, seq_len, sequence_partitions, keys_only_completion, supervised)

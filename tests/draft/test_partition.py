@@ -49,8 +49,15 @@ def test_assignment_follows_the_rollout():
         peagle_ext.assign_cod_segments(anchor_pos, depth, 8, 0)
     with pytest.raises(ValueError, match="seq_length"):
         peagle_ext.assign_cod_segments(anchor_pos, depth, 0, 2)
-    with pytest.raises(TypeError, match="anchor_pos must be a 1-D integer tensor"):
+    with pytest.raises(TypeError, match="anchor_pos must be an integer tensor"):
         peagle_ext.assign_cod_segments(anchor_pos.float(), depth, 8, 2)
+    with pytest.raises(ValueError, match=r"same shape, got \(11,\) and \(1, 11\)"):
+        peagle_ext.assign_cod_segments(anchor_pos, depth[None], 8, 2)
+    # Elementwise, as NeMo Automodel's: a [1, N] pair gives the [1, N] assignment.
+    assert torch.equal(peagle_ext.assign_cod_segments(anchor_pos[None], depth[None], 8, 2),
+                       peagle_ext.assign_cod_segments(anchor_pos, depth, 8, 2)[None])
+    with pytest.raises(TypeError, match="anchor_pos must be a 1-D integer tensor"):
+        peagle_ext.cod_segments(anchor_pos[None], depth[None], 8, 2)
 
 
 SEQ = 40
