@@ -151,7 +151,16 @@ def _nonempty_tiles(starts, ends, q_block, kv_tile_of_rank, num_q_blocks, num_kv
 
 
 def build_python(inputs: MaskInputs) -> BlockIndex:
-    """Exact partial/full kv blocks and their transposes for any input the rule accepts."""
+    """Exact partial/full kv blocks and their transposes for any input the rule accepts; a batch
+    row by row (this backend serves where nothing was compiled, so it stays plain)."""
+    if inputs.num_rows is None:
+        return _build_row(inputs)
+    rows = [_build_row(inputs.row(index)) for index in range(inputs.num_rows)]
+    return BlockIndex(*(torch.cat(parts) for parts in zip(*rows)))
+
+
+def _build_row(inputs: MaskInputs) -> BlockIndex:
+    """build_python for one row (1-D inputs): [1, 1, ...] index tensors."""
     q_block_size, kv_block_size = inputs.block_size
     num_q_blocks = num_blocks(inputs.num_elements, q_block_size)
     num_kv_blocks = num_blocks(inputs.num_keys, kv_block_size)
