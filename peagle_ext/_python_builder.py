@@ -1,6 +1,6 @@
 """The pure-PyTorch builder: the block index from interval arithmetic, never the dense grid.
 
-How it works (the same algorithm as csrc/peagle_tile_rule.h, vectorized):
+How it works (the same algorithm as csrc/rule/tile_rule.h, vectorized):
 
 * For a query q the visible keys are two sets, each contiguous in a sorted order of the keys:
   - context: depth-0 keys of q's document with anchor in (lo_q, a_q], where lo_q = -1 without
