@@ -6,14 +6,15 @@ import pickle
 
 import pytest
 import torch
-from helpers import BACKEND_DEVICE, backends_here, dense_rule
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import BLOCK_SIZES, Case, arbitrary_cases, cod_cases, separate_key_cases
 from torch.nn.attention.flex_attention import create_block_mask
 
 import peagle_ext
 from peagle_ext._inputs import doc_of_position_from_lengths
+
+from helpers import BACKEND_DEVICE, backends_here, dense_rule
+from strategies import BLOCK_SIZES, Case, arbitrary_cases, cod_cases, separate_key_cases
 
 
 def as_document_ids(case: Case) -> torch.Tensor:
