@@ -188,10 +188,24 @@ def make_draft(model, draft_vocab_ids, layer_ids, depths, seed):
     return draft
 
 
-def train(draft, model, samples, deadline, lr, seed):
-    """Steps of peagle_training_step over the samples (one sequence per step, responses
-    supervised) until ``deadline``; the learning rate decays with the time left. Returns
-    (steps, seconds, the last steps' mean loss and per-depth accuracy)."""
+def training_pairs(sample):
+    """One sequence's EAGLE pairs (token p+1 with the states at p, supervised by the target at p+1;
+    responses supervised): (input_ids, aux, last hidden, loss mask), each one shorter than the
+    states (the last token has none)."""
+    prompt, response, aux, last = sample
+    tokens = torch.tensor(prompt + response)
+    loss_mask = torch.zeros(len(tokens))
+    loss_mask[len(prompt):] = 1
+    # the states stop one short of the last token: pad them, then drop the pair that reads the pad
+    input_ids, aux_in, last_in, mask = eagle_pairs(tokens, torch.cat([aux, aux[-1:]]).float(),
+                                                   torch.cat([last, last[-1:]]).float(), loss_mask)
+    return input_ids[:-1], aux_in[:-1], last_in[:-1], mask[:-1]
+
+
+def train(draft, model, samples, deadline, lr, seed, pack):
+    """Steps of peagle_training_step over ``pack`` sequences each (packed as documents; responses
+    supervised) until ``deadline``; the learning rate warms up over 50 steps, then decays with
+    the time left. Returns (steps, seconds, the last steps' mean loss and per-depth accuracy)."""
     generator = torch.Generator().manual_seed(seed)
     parameters = [p for p in draft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr)
@@ -201,19 +215,16 @@ def train(draft, model, samples, deadline, lr, seed):
     step, recent = 0, collections.deque(maxlen=50)
     bar = progress(total=int(total), desc="training (s)", unit="s")
     while time.monotonic() < deadline:
-        prompt, response, aux, last = samples[int(torch.randint(len(samples), (1,), generator=generator))]
-        tokens = torch.tensor(prompt + response)
-        loss_mask = torch.zeros(len(tokens))
-        loss_mask[len(prompt):] = 1
-        # pair token p+1 with the states at p; the states stop one short of the last token
-        input_ids, aux_in, last_in, mask = eagle_pairs(tokens, torch.cat([aux, aux[-1:]]).float(),
-                                                       torch.cat([last, last[-1:]]).float(), loss_mask)
+        picked = torch.randint(len(samples), (pack,), generator=generator).tolist()
+        parts = [training_pairs(samples[i]) for i in picked]
+        input_ids, aux, last, mask = (torch.cat(column) for column in zip(*parts))
+        lengths = torch.tensor([len(part[0]) for part in parts])
         fraction = (time.monotonic() - started) / total
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 50) * max(0.05, 1 - fraction)
         optimizer.zero_grad(set_to_none=True)
-        out = peagle_training_step(draft, input_ids[:-1], aux_in[:-1], mask[:-1], target_last_hidden=last_in[:-1],
-                                   target_lm_head=model.lm_head, generator=generator)
+        out = peagle_training_step(draft, input_ids, aux, mask, target_last_hidden=last, target_lm_head=model.lm_head,
+                                   lengths=lengths, generator=generator)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
@@ -262,13 +273,14 @@ def main(argv=None) -> int:
     parser.add_argument("--draft-vocab", type=int, default=4096, help="draft vocabulary size")
     parser.add_argument("--depths", type=int, default=8, help="COD depths trained")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    parser.add_argument("--pack", type=int, default=1, help="sequences packed into one training step")
     parser.add_argument("--held-out", type=int, default=12, help="held-out prompts evaluated")
     parser.add_argument("--eval-tokens", type=int, default=48, help="new tokens per held-out prompt")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for name in ("budget_minutes", "data_share", "eval_minutes", "response_tokens", "gen_batch", "draft_vocab",
-                 "depths", "lr", "held_out", "eval_tokens", "threads"):
+                 "depths", "lr", "pack", "held_out", "eval_tokens", "threads"):
         if not getattr(args, name) > 0:
             parser.error(f"argument --{name.replace('_', '-')}: must be > 0, got {getattr(args, name)}")
     try:
@@ -303,7 +315,8 @@ def main(argv=None) -> int:
     draft = make_draft(model, vocab, layer_ids, args.depths, args.seed)
     untrained = {name: tensor.clone() for name, tensor in draft.state_dict().items()}
     train_deadline = end - 60 * args.eval_minutes
-    steps, train_seconds, loss, accuracy = train(draft, model, samples, train_deadline, args.lr, args.seed)
+    steps, train_seconds, loss, accuracy = train(draft, model, samples, train_deadline, args.lr, args.seed,
+                                                 args.pack)
     draft.save_pretrained(os.path.join(args.out, "draft"), verifier=VERIFIER)
     print(f"trained {steps} steps in {train_seconds:.0f} s; last steps' loss {loss:.3f}, accuracy per depth "
           + " ".join(f"{a:.2f}" for a in accuracy), file=sys.stderr)
