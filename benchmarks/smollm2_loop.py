@@ -252,6 +252,7 @@ def plot(results, path):
         rates = [math.nan if r is None else r for r in report["conditional_acceptance"]]
         axis.plot(range(1, len(rates) + 1), rates, marker="o",
                   label=f"{name} (acceptance length {report['acceptance_length']:.2f})")
+    axis.set_xticks(range(1, 1 + max(len(r["conditional_acceptance"]) for r in results.values())))
     axis.set_xlabel("draft position")
     axis.set_ylabel("acceptance rate given the earlier positions accepted")
     axis.set_ylim(0, 1)

@@ -359,17 +359,16 @@ def speculative_generate(target, draft, prompts: list[list[int]], num_speculativ
     tokens per step and ``target`` (a :class:`TransformersTarget` or :class:`TokenwiseTarget`)
     verifying them; up to ``max_new_tokens`` new tokens per prompt, stopping after
     ``eos_token_id``. Greedy at temperature 0 (the output is the target's greedy decode),
-    rejection sampling otherwise (``generator`` for the draws)."""
+    rejection sampling otherwise (``generator`` for the draws). A row that is done stays in the
+    batch until all are (its further tokens are dropped)."""
     _check_generation_args(num_speculative_tokens, max_new_tokens, temperature)
     K = num_speculative_tokens
     draft_vocab = draft.draft_to_target_ids()
     mask_hidden = draft.masked_projected_hidden()[0] if draft.config.parallel_drafting else None
     num_masked = K - 1 if draft.config.parallel_drafting else 0
 
-    def choose(logits):
-        if temperature == 0:
-            return logits.argmax(-1)
-        return _draw(torch.softmax(logits.float() / temperature, -1), generator)
+    def choose(logits):  # the draft's picks: argmax, or draws at the same temperature
+        return _next_tokens(logits.float(), temperature, generator)
 
     started = time.perf_counter()
     ids, positions, valid, logits, aux = target.start(prompts)
