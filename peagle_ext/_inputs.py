@@ -15,6 +15,31 @@ FIELD_MAX = 2**31 - 1
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
+# Below this, a size estimate is not worth asking the device how much memory it has left.
+_SMALL_BYTES = 1 << 30
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory for new tensors on ``device``: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def check_fits(what: str, needed_bytes: int, device: torch.device) -> None:
+    """MemoryError, before anything is allocated, when ``what`` would need more memory than ``device``
+    has free; the message gives the estimate."""
+    if needed_bytes > _SMALL_BYTES and needed_bytes > available_memory_bytes(device):
+        raise MemoryError(f"{what} would need about {needed_bytes / 2**30:.1f} GiB, more than the "
+                          f"{available_memory_bytes(device) / 2**30:.1f} GiB free on {device}")
+
 
 @dataclass(frozen=True)
 class MaskInputs:
@@ -24,7 +49,8 @@ class MaskInputs:
     kv_anchor_pos, kv_depth: int64 [KV], the same for each key element; the very same tensors as
                              anchor_pos and depth when queries and keys are one set (Q_LEN == KV_LEN).
     doc_of_position:         int64 [P], the document of each original position, -1 for padding.
-    sliding_window:          None (unbounded causal context) or an int >= 1.
+    sliding_window:          None (unbounded causal context) or an int in [1, P + 2^31 - 1): a
+                             wider window excludes nothing and is normalized to None.
     block_size:              (Q_BLOCK_SIZE, KV_BLOCK_SIZE).
     """
 
@@ -101,7 +127,8 @@ def doc_of_position_from_lengths(lengths: torch.Tensor, total_seq_len: int) -> t
 
 
 def _check_elements(anchor_name: str, anchor_pos, depth_name: str, depth) -> tuple[torch.Tensor, torch.Tensor]:
-    """A pair of element arrays: integer 1-D tensors of one non-zero length on one device."""
+    """A pair of element arrays: integer 1-D tensors of one non-zero length (at most 2^31 - 1, the
+    kernels' element indices) on one device."""
     anchor_pos = _check_int_tensor(anchor_name, anchor_pos)
     depth = _check_int_tensor(depth_name, depth)
     if anchor_pos.numel() != depth.numel():
@@ -110,6 +137,9 @@ def _check_elements(anchor_name: str, anchor_pos, depth_name: str, depth) -> tup
         )
     if anchor_pos.numel() == 0:
         raise ValueError(f"{anchor_name} and {depth_name} must not be empty (N == 0)")
+    if anchor_pos.numel() > FIELD_MAX:
+        raise ValueError(f"{anchor_name} and {depth_name} must have at most {FIELD_MAX} elements, "
+                         f"got {anchor_pos.numel()}")
     if depth.device != anchor_pos.device:
         raise ValueError(f"{depth_name} is on {depth.device} but {anchor_name} is on {anchor_pos.device}")
     return anchor_pos, depth
@@ -168,9 +198,19 @@ def normalize_mask_inputs(
         document_ids = _check_int_tensor("document_ids", document_ids)
         if document_ids.numel() == 0:
             raise ValueError("document_ids must not be empty")
+        if document_ids.numel() > FIELD_MAX:
+            raise ValueError(f"document_ids must have at most {FIELD_MAX} entries, got {document_ids.numel()}")
         if document_ids.device != device:
             raise ValueError(f"document_ids is on {document_ids.device} but anchor_pos is on {device}")
         position_bound = "len(document_ids)"
+
+    num_positions = total_seq_len if lengths is not None else document_ids.numel()
+    # A window wider than every a_q + d_q (< num_positions + FIELD_MAX once validated) excludes
+    # nothing: it is no window, for every backend and the mask_mod alike, and no sum overflows.
+    if sliding_window is not None and sliding_window >= num_positions + FIELD_MAX:
+        sliding_window = None
+    if lengths is not None:  # the position -> document table: an arange, searchsorted's output, a mask
+        check_fits(f"the document table of total_seq_len={total_seq_len} positions", 17 * total_seq_len, device)
 
     anchor_pos = anchor_pos.to(torch.int64).contiguous()
     depth = depth.to(torch.int64).contiguous()
@@ -207,7 +247,8 @@ def _check_values(anchor_pos, depth, lengths, total_seq_len, document_ids, posit
     stats = list(element_stats)
     if lengths is not None and lengths.numel():
         lengths64 = lengths.to(torch.int64)
-        stats += [lengths64.min(), lengths64.sum()]
+        # The max first: once every length is <= total_seq_len (< 2^31), the sum cannot wrap.
+        stats += [lengths64.min(), lengths64.max(), lengths64.sum()]
     elif document_ids is not None:
         document_ids64 = document_ids.to(torch.int64)
         stats += [document_ids64.min(), document_ids64.max()]
@@ -228,7 +269,9 @@ def _check_values(anchor_pos, depth, lengths, total_seq_len, document_ids, posit
         if values[0] < 0:
             raise ValueError(f"lengths must be non-negative, got a minimum of {values[0]}")
         if values[1] > total_seq_len:
-            raise ValueError(f"lengths sum to {values[1]}, past total_seq_len={total_seq_len}")
+            raise ValueError(f"lengths must each be <= total_seq_len={total_seq_len}, got a maximum of {values[1]}")
+        if values[2] > total_seq_len:
+            raise ValueError(f"lengths sum to {values[2]}, past total_seq_len={total_seq_len}")
     if document_ids is not None:
         if values[0] < -1:
             raise ValueError(f"document_ids values must be >= -1 (-1 marks padding), got {values[0]}")
