@@ -366,6 +366,34 @@ _TORCH_TO_SAFETENSORS = {torch.float64: "F64", torch.float32: "F32", torch.float
                          torch.uint8: "U8", torch.bool: "BOOL"}
 
 
+# Random in-place fills: a no-op for a skeleton.
+_RANDOM_FILLS = {"normal_", "uniform_", "random_", "bernoulli_", "exponential_", "log_normal_", "cauchy_",
+                 "geometric_"}
+
+
+class _Skeleton(torch.overrides.TorchFunctionMode):
+    """Inside torch.device("meta"): skip random fills, and make floating aranges (the rotary tables,
+    head_dim / 2 entries, not in the state dict) on the CPU. On meta both run torch's Python
+    references, whose first use imports the compiler stack: seconds, for a check meant to take
+    milliseconds."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", None) in _RANDOM_FILLS:  # Tensor.normal_(t, ...) or init.normal_(tensor=t)
+            return args[0] if args else kwargs["tensor"]
+        if func is torch.arange and kwargs.get("dtype") is not None and kwargs["dtype"].is_floating_point:
+            with torch.device("cpu"):
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def skeleton_state_dict(build) -> dict:
+    """The state dict of the module ``build()`` returns, built on the meta device: shapes and dtypes,
+    no storage, no initialization computed."""
+    with torch.device("meta"), _Skeleton():
+        return build().state_dict()
+
+
 class OpenedCheckpoint:
     """A checkpoint opened for loading: its config.json dict and the safetensors header (each
     key's shape and dtype), read without reading any tensor data; :meth:`tensors` reads the data

@@ -413,8 +413,7 @@ class LlamaEagle3DraftModel(_PeagleDraftMixin, nn.Module):
         if config.num_hidden_layers > len(opened.header):
             raise ValueError(f"{opened.config_path}: num_hidden_layers is {config.num_hidden_layers} but "
                              f"{opened.weights_path} holds only {len(opened.header)} tensors")
-        with torch.device("meta"):
-            skeleton = cls(config).state_dict()
+        skeleton = checkpoint.skeleton_state_dict(lambda: cls(config))
         names = {checkpoint.disk_key(name): name for name in skeleton}
         sizes = checkpoint.size_fields(config.to_dict())
         opened.check_header({key: skeleton[name] for key, name in names.items()}, sizes)
