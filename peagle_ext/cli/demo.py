@@ -88,16 +88,18 @@ def cod_size(seq_len: int, depths: int, cap: int) -> int:
     return total
 
 
-def check_size(seq_len: int, depths: int, block_size: int, device: str) -> None:
-    """Usage errors for a layout past the mask API's element bound or this machine's memory."""
+def check_size(seq_len: int, depths: int, block_size: int, device: str,
+               option: str = "--seq-len/--depths/--block-size") -> None:
+    """Usage errors (naming ``option``) for a layout past the mask API's element bound or this
+    machine's memory."""
     from .._inputs import FIELD_MAX
 
     n = cod_size(seq_len, depths, FIELD_MAX)
     if n > FIELD_MAX:
-        raise UsageError(f"argument --seq-len: {seq_len} positions at {depths} depths make more than {FIELD_MAX} "
+        raise UsageError(f"argument {option}: {seq_len} positions at {depths} depths make more than {FIELD_MAX} "
                          "COD elements, the most a mask takes")
     tiles = (-(-n // block_size)) ** 2
-    check_memory("--seq-len/--block-size", BYTES_PER_ELEMENT * n + BYTES_PER_TILE * tiles, device,
+    check_memory(option, BYTES_PER_ELEMENT * n + BYTES_PER_TILE * tiles, device,
                  f"N = {n} elements in {tiles} tiles (BLOCK_SIZE {block_size})")
 
 

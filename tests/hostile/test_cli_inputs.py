@@ -15,9 +15,11 @@ NUMERIC_OPTIONS = {
     "demo": ["--seq-len", "--depths", "--docs", "--window", "--block-size", "--seed"],
     "train-demo": ["--steps", "--seq-len", "--depths", "--seed", "--lr", "--vocab", "--hidden-size", "--layers",
                    "--sequence-partitions"],
+    "bench": ["--lengths", "--depths", "--compiled-max-len", "--repeats", "--budget-s"],
 }
 # An output that fails its check, so a value that happens to be valid ends in that refusal instead of work.
-BAD_OUT = {"demo": "/nonexistent-dir/mask.png", "train-demo": "/proc/version"}
+BAD_OUT = {"demo": ("--out", "/nonexistent-dir/mask.png"), "train-demo": ("--out", "/proc/version"),
+           "bench": ("--json", "/nonexistent-dir/bench.json")}
 
 HOSTILE_VALUES = st.one_of(
     st.sampled_from(["0", "-1", "3000000000", "2147483648", "18446744073709551615", "-9223372036854775809",
@@ -35,21 +37,21 @@ HOSTILE_VALUES = st.one_of(
 def test_every_numeric_option_refuses_hostile_values_in_one_line(capsys, command_option, value):
     command, option = command_option
     capsys.readouterr()
-    status = main([command, f"{option}={value}", "--out", BAD_OUT[command], "--device", "cpu"])
+    status = main([command, f"{option}={value}", *BAD_OUT[command], "--device", "cpu"])
     err = capsys.readouterr().err
     assert status == 2
     assert "Traceback" not in err and err.count("\n") == 1, err
     named = re.match(rf"python -m peagle_ext {command}: error: argument ([^ :]+)", err)
     assert named, err
-    assert named.group(1).split("/")[0] in (option, "--out"), err
+    assert option in named.group(1).split("/") or named.group(1) == BAD_OUT[command][0], err
 
 
 @pytest.mark.parametrize(
     ("argv", "option", "says"),
     [
         (["demo", "--seq-len", "3000000000"], "--seq-len", "must be <= 2147483647"),
-        (["demo", "--seq-len", "2000000000"], "--seq-len", "more than 2147483647 COD elements"),
-        (["demo", "--seq-len", "1000000", "--block-size", "1"], "--seq-len/--block-size", "GiB, more than the"),
+        (["demo", "--seq-len", "2000000000"], "--seq-len/--depths/--block-size", "more than 2147483647 COD elements"),
+        (["demo", "--seq-len", "1000000", "--block-size", "1"], "--seq-len/--depths/--block-size", "GiB, more than the"),
         (["train-demo", "--seq-len", "1000000"], "--seq-len/--hidden-size/--layers/--vocab", "GiB, more than the"),
         (["train-demo", "--vocab", "2147483647"], "--seq-len/--hidden-size/--layers/--vocab", "GiB, more than the"),
         (["train-demo", "--layers", "257"], "--layers", "must be <= 256"),
