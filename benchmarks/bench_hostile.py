@@ -35,7 +35,7 @@ FAMILIES = {
         "n = 1 << 16; g = torch.Generator().manual_seed(0); "
         "args = (torch.randperm(n, generator=g), torch.zeros(n, dtype=torch.long), torch.tensor([n]), n); kwargs = {}",
     ),
-    "cod_64k": (
+    "cod_16k": (
         "COD layout, S = 16K, 8 depths (the ordinary case, for scale)",
         "from peagle_ext import generate_cod_sample_indices; s = 1 << 14; "
         "a, d = generate_cod_sample_indices(s, torch.ones(s), 8, generator=torch.Generator().manual_seed(0)); "
