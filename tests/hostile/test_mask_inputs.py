@@ -142,3 +142,52 @@ def test_peak_memory_per_input_family_is_bounded(family, backend, bound_mib):
     row = bench_hostile.measure(family, backend, timeout=300)
     assert row["outcome"].startswith("built"), row
     assert row["rise_mib"] < bound_mib, row
+
+
+INT64 = st.integers(-2**63, 2**63 - 1)
+EXTREME_INT64 = st.one_of(INT64, st.sampled_from([-2**63, -1, 0, 1, 2**31 - 1, 2**31, 2**62, 2**63 - 1]))
+
+
+@given(st.lists(st.tuples(EXTREME_INT64, EXTREME_INT64), min_size=1, max_size=12), st.integers(1, 16),
+       st.one_of(st.none(), EXTREME_INT64.filter(lambda w: w >= 1)), st.sampled_from([1, 2, 3, (2, 5)]),
+       st.booleans())
+def test_any_int64_values_are_refused_by_name_or_built_without_validation(elements, positions, window, block,
+                                                                         apart):
+    """Any int64 anchors and depths: validated, a named ValueError or create_block_mask's blocks;
+    with validate=False every backend still returns a mask of the right shape (never a crash or
+    an out-of-bounds read, which the kernels' sanitizers would also report)."""
+    anchor_pos = torch.tensor([a for a, _ in elements])
+    depth = torch.tensor([d for _, d in elements])
+    kwargs = dict(lengths=torch.tensor([positions]), total_seq_len=positions, sliding_window=window, BLOCK_SIZE=block)
+    if apart:
+        kwargs.update(kv_anchor_pos=anchor_pos.flip(0)[: max(1, len(elements) // 2)],
+                      kv_depth=depth.flip(0)[: max(1, len(elements) // 2)])
+    try:
+        oracle = oracle_block_mask(anchor_pos, depth, **kwargs)
+    except ValueError as error:
+        assert any(name in str(error) for name in ("anchor_pos", "depth")), error
+        oracle = None
+    for backend in [b for b in backends_here() if b != "cuda"]:
+        if oracle is not None:
+            peagle_ext.assert_block_masks_equal(peagle_ext.build_block_mask(anchor_pos, depth, backend=backend,
+                                                                            **kwargs), oracle)
+        unchecked = peagle_ext.build_block_mask(anchor_pos, depth, backend=backend, validate=False, **kwargs)
+        keys = kwargs["kv_anchor_pos"].numel() if apart else len(elements)
+        assert tuple(unchecked.seq_lengths) == (len(elements), keys)
+
+
+def test_cod_sampler_and_segments_refuse_or_stay_in_range():
+    with pytest.raises(ValueError, match=r"seq_length must be an int in \[1, 2147483647\]"):
+        peagle_ext.generate_cod_sample_indices(2**31, torch.ones(1))
+    with pytest.raises(ValueError, match="num_depths must be an int in"):
+        peagle_ext.generate_cod_sample_indices(4, torch.ones(4), num_depths=2**64)
+    with pytest.raises(TypeError, match="down_sample_ratio must be a number, got str"):
+        peagle_ext.generate_cod_sample_indices(4, torch.ones(4), down_sample_ratio="0.7")
+    with pytest.raises(ValueError, match="down_sample_ratio must be in"):
+        peagle_ext.generate_cod_sample_indices(4, torch.ones(4), down_sample_ratio=float("nan"))
+    with pytest.raises(ValueError, match="num_segments must be an int in"):
+        peagle_ext.assign_cod_segments(ANCHORS, DEPTHS, 4, 2**31)
+    # Anchors at the ends of int64 land in the first and last segments, with no product wrapping.
+    anchors = torch.tensor([-2**63, 2**63 - 2, 2**62, 0])
+    segments = peagle_ext.assign_cod_segments(anchors, torch.tensor([0, 0, 1, 0]), FIELD_MAX, FIELD_MAX)
+    assert segments.tolist() == [0, FIELD_MAX - 1, FIELD_MAX - 1, 0]
