@@ -518,3 +518,32 @@ def test_save_refuses_a_file_in_place_of_the_directory(tmp_path):
     with pytest.raises(NotADirectoryError, match="not a directory"):
         tiny_model().save_pretrained(tmp_path / "draft")
     assert (tmp_path / "draft").read_text() == "mine"
+
+
+def _save_version_repeatedly(directory: str, version: str, times: int) -> None:
+    for _ in range(times):
+        checkpoint.save_checkpoint(directory, {"version": version}, _version_tensors(version))
+
+
+def test_concurrent_saves_and_loads_take_turns(tmp_path):
+    """Two processes saving A and B into one directory of other files while this one loads it:
+    every load sees one whole version, the neighbours survive, and nothing is left over."""
+    import multiprocessing
+
+    directory = tmp_path / "draft"
+    directory.mkdir()
+    _add_neighbours(directory)
+    checkpoint.save_checkpoint(directory, {"version": "A"}, _version_tensors("A"))
+    context = multiprocessing.get_context("fork")
+    savers = [context.Process(target=_save_version_repeatedly, args=(str(directory), version, 8))
+              for version in VERSIONS]
+    for saver in savers:
+        saver.start()
+    while any(saver.is_alive() for saver in savers):
+        _assert_loads_as_one_version(directory)
+    for saver in savers:
+        saver.join()
+        assert saver.exitcode == 0
+    _assert_loads_as_one_version(directory)
+    _assert_neighbours_intact(directory)
+    assert _listing(directory) == sorted([*NEIGHBOURS, "config.json", "model.safetensors"])
