@@ -1,4 +1,4 @@
-"""Benchmark every BlockMask builder against create_block_mask (see peagle_ext/cli/bench.py).
+"""Benchmark every BlockMask builder against create_block_mask (measured by peagle_ext/_measure.py).
 
     python benchmarks/bench_block_mask.py [--device cuda] [--compiled] [--lengths 1024 4096 ...] [--plot FILE]
 

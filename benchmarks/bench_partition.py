@@ -30,7 +30,7 @@ def measure(seq_len: int, segments: int, mode: str, steps: int) -> dict:
     """In this process: time and peak-RSS rise of training steps (see the module docstring)."""
     import torch
 
-    from peagle_ext.cli.bench import peak_rss_bytes, reset_peak_rss
+    from peagle_ext._measure import peak_rss_bytes, reset_peak_rss
     from peagle_ext.draft_llama import Eagle3DraftConfig, LlamaEagle3DraftModel
     from peagle_ext.training import peagle_training_step
 
@@ -69,7 +69,8 @@ def run_fresh(seq_len: int, segments: int, mode: str, steps: int) -> dict:
     command = [sys.executable, __file__, "--one", str(seq_len), str(segments), mode, "--steps", str(steps)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        reason = "out of memory" if result.returncode in (-9, 137) else (result.stderr.strip().splitlines() or ["?"])[-1]
+        last_line = (result.stderr.strip().splitlines() or ["?"])[-1]
+        reason = "out of memory" if result.returncode in (-9, 137) else last_line
         return {"failed": reason}
     return json.loads(result.stdout.strip().splitlines()[-1])
 

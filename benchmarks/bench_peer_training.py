@@ -63,7 +63,8 @@ def speculators_step(seq_len: int, depths: int, heads: int):
     with torch.no_grad():
         for weight in (model.lm_head.weight, model.embed_tokens.weight, model.verifier_lm_head.weight):
             weight.normal_()
-    batch = dict(hidden_states=torch.randn(1, seq_len, AUX * HIDDEN), input_ids=torch.randint(0, VOCAB - 1, (1, seq_len)),
+    batch = dict(hidden_states=torch.randn(1, seq_len, AUX * HIDDEN),
+                 input_ids=torch.randint(0, VOCAB - 1, (1, seq_len)),
                  document_ids=document_ids(seq_len)[None], loss_mask=torch.ones(1, seq_len),
                  verifier_last_hidden_states=torch.randn(1, seq_len, HIDDEN), num_depths=depths,
                  loss_config=resolve_loss_config("kl_div", "eager"))  # the default loss is a Triton kernel
@@ -204,7 +205,8 @@ def main(argv=None):
     parser.add_argument("--max-gb", type=float, default=10.0, help="skip sizes estimated to need more")
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; draft: 1 layer, hidden {HIDDEN}, "
-          f"{args.heads} head(s); {args.depths} depths; no_grad; median of {args.repeats} warm steps, modes alternating")
+          f"{args.heads} head(s); {args.depths} depths; no_grad; median of {args.repeats} warm steps, "
+          "modes alternating")
     print("mask: ms building the BlockMask inside one step; step: ms of the whole forward and loss; "
           "share: mask / step; RSS: peak GiB during the steps; speedup: own step / peagle_ext step")
     print(f"{'peer':<12} {'S':>6} {'N':>7} {'mask own':>9} {'mask ext':>9} {'step own':>9} {'step ext':>9} "

@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import peagle_ext
 from peagle_ext import build_block_mask
-from peagle_ext.cli.bench import cod_inputs
+from peagle_ext._measure import cod_inputs
 
 
 def synchronize(device: str) -> None:
@@ -61,7 +61,7 @@ def main() -> None:
     for seq_len in args.lengths:
         anchor_pos, depth, lengths = cod_inputs(seq_len, 8, device)
 
-        def build():
+        def build(anchor_pos=anchor_pos, depth=depth, lengths=lengths, seq_len=seq_len):
             return build_block_mask(anchor_pos, depth, lengths, seq_len, backend=device, validate=device != "cuda")
 
         for _ in range(5):  # allocator and caches warm

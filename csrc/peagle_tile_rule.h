@@ -1,6 +1,6 @@
 // The P-EAGLE tile rule, once, for the CPU kernel and the CUDA pipeline alike.
 //
-// Query q (anchor a_q, depth d_q, document doc_q) sees exactly two sets of keys (shared/DESIGN.md §1):
+// Query q (anchor a_q, depth d_q, document doc_q) sees exactly two sets of keys (docs/rule.md):
 //   context: depth-0 keys of doc_q with anchor in [first_q, a_q], first_q = 0 without a window W,
 //            else max(0, min(a_q + d_q - W, a_q - 1) + 1): the window's bound, widened so that q's
 //            own depth-0 element (seen through the rollout clause, d_k = 0 <= d_q) stays inside;

@@ -15,7 +15,7 @@ imported on first use, so building masks does not import the draft model or safe
 
 from .block_mask import available_backends, build_block_mask
 from .cod import assign_cod_segments, cod_segments, generate_cod_sample_indices
-from .mask_mod import create_peagle_mask_mod
+from .mask_mod import PeagleMaskMod, create_peagle_mask_mod
 from .testing import assert_block_masks_equal
 
 # Draft-model names served here on first access (PEP 562), from the module that defines them.
@@ -33,6 +33,7 @@ def __getattr__(name: str):
 __all__ = [
     "Eagle3DraftConfig",
     "LlamaEagle3DraftModel",
+    "PeagleMaskMod",
     "assert_block_masks_equal",
     "assign_cod_segments",
     "available_backends",

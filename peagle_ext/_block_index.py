@@ -7,6 +7,11 @@ from typing import NamedTuple
 import torch
 
 
+def num_blocks(length: int, block_size: int) -> int:
+    """How many blocks of ``block_size`` cover ``length`` elements (the last one may be a partial tail)."""
+    return -(-length // block_size)
+
+
 class BlockIndex(NamedTuple):
     """The eight BlockMask index tensors, int32, with leading [1, 1] batch and head dims."""
 

@@ -21,7 +21,8 @@ def find_cuda_home() -> str | None:
     for root in filter(None, candidates):
         has_nvcc = os.path.isfile(os.path.join(root, "bin", "nvcc"))
         has_cudart = any(
-            os.path.exists(os.path.join(root, lib, "libcudart.so")) for lib in ("lib64", "lib", "targets/x86_64-linux/lib")
+            os.path.exists(os.path.join(root, lib, "libcudart.so"))
+            for lib in ("lib64", "lib", "targets/x86_64-linux/lib")
         )
         if has_nvcc and has_cudart:
             return os.path.realpath(root)

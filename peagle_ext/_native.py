@@ -1,21 +1,24 @@
 """The compiled extension: loading it, its fake kernel, and what it can run here.
 
-The library is the top-level module ``peagle_ext_C`` (see setup.py), so a source checkout on
-``sys.path`` still finds the installed kernels. Loading it registers
-``torch.ops.peagle_ext.build_block_index`` (CPU and CUDA kernels),
-``torch.ops.peagle_ext.build_block_index_emulated`` (the CUDA pipeline's code run on CPU tensors by
-a sequential launcher: a test aid, the backend "cuda_emulated") and ``build_info``. A missing or
-broken extension never breaks ``import peagle_ext``: the python backend serves and
-:func:`native_status` says why the native ones are unavailable.
+Two top-level modules (see setup.py), so a source checkout on ``sys.path`` still finds the
+installed kernels. ``peagle_ext_C`` registers every schema, ``torch.ops.peagle_ext.build_block_index``'s
+CPU kernel, ``build_block_index_emulated`` (the CUDA pipeline's code run on CPU tensors by a
+sequential launcher: a test aid, the backend "cuda_emulated") and ``build_info``;
+``peagle_ext_cuda``, present when the CUDA kernels were built, adds the CUDA kernel. Both are built
+on the LibTorch stable ABI, so one build loads into every torch >= 2.10; the CUDA one needs a
+CUDA runtime (a CPU-only torch has none), the CPU one does not. A missing or broken extension never
+breaks ``import peagle_ext``: the python backend serves and :func:`native_status` says why the
+native ones are unavailable.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import torch
 
-from ._block_index import BlockIndex
+from ._block_index import BlockIndex, num_blocks
 
 
 OPS = ("build_block_index", "build_block_index_emulated")
@@ -29,14 +32,15 @@ def _register_fake() -> None:
 
 
 def _build_block_index_fake(anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size,
-                            schedule_seed=0):
-    """The eight int32 outputs, shaped as the kernels shape them."""
-    n = anchor_pos.shape[0]
-    num_q_blocks = (n + q_block_size - 1) // q_block_size
-    num_kv_blocks = (n + kv_block_size - 1) // kv_block_size
+                            kv_anchor_pos=None, kv_depth=None, schedule_seed=0):
+    """The eight int32 outputs, shaped as the kernels shape them: [B, 1, ...], B = 1 for 1-D inputs."""
+    rows = anchor_pos.shape[0] if anchor_pos.dim() == 2 else 1
+    keys = anchor_pos if kv_anchor_pos is None else kv_anchor_pos
+    num_q_blocks = num_blocks(anchor_pos.shape[-1], q_block_size)
+    num_kv_blocks = num_blocks(keys.shape[-1], kv_block_size)
 
     def ints(*shape):
-        return anchor_pos.new_empty((1, 1, *shape), dtype=torch.int32)
+        return anchor_pos.new_empty((rows, 1, *shape), dtype=torch.int32)
 
     return (
         ints(num_q_blocks), ints(num_q_blocks, num_kv_blocks),
@@ -46,38 +50,56 @@ def _build_block_index_fake(anchor_pos, depth, doc_of_position, sliding_window, 
     )
 
 
+REBUILD_HINT = ("reinstall from the source to rebuild it for this environment: "
+                "pip install --no-build-isolation --no-deps --force-reinstall .")
+
+
 @functools.lru_cache(maxsize=None)
-def _load() -> tuple[str | None, str | None]:
-    """(build_info, error): build_info like "cpu;cuda:80,90" when the library loaded."""
+def _load() -> tuple[str | None, str | None, str | None]:
+    """(build_info, error, cuda_error): build_info like "cpu;cuda:80,90" when the CPU library
+    loaded, else error says why; cuda_error says why the CUDA library built beside it did not load."""
     try:
         import peagle_ext_C  # noqa: F401  (loading the library registers torch.ops.peagle_ext.*)
-    except ImportError as error:  # not compiled, or compiled against another torch
-        return None, f"compiled extension not importable ({error})"
+    except ImportError as error:  # not compiled, or for a torch older than 2.10
+        return None, f"compiled extension not importable ({error})", None
     _register_fake()
-    return torch.ops.peagle_ext.build_info(), None
+    info = torch.ops.peagle_ext.build_info()
+    cuda_error = None
+    if ";cuda:" in info:
+        try:
+            import peagle_ext_cuda  # noqa: F401  (registers the CUDA kernel)
+        except ImportError as error:  # a CPU-only torch, or no CUDA runtime on this machine
+            cuda_error = f"the CUDA kernels' library did not load ({error})"
+    return info, None, cuda_error
 
 
-def build_native(anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size,
-                 emulated: bool = False) -> BlockIndex:
-    """Run the compiled op: the CPU or CUDA kernel, by the tensors' device, or with ``emulated`` the
-    CUDA pipeline run on CPU tensors. The library must have loaded."""
-    arguments = (anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size)
+def build_native(inputs, emulated: bool = False) -> BlockIndex:
+    """Run the compiled op on validated inputs (a MaskInputs): the CPU or CUDA kernel, by the
+    tensors' device, or with ``emulated`` the CUDA pipeline run on CPU tensors. The library must
+    have loaded."""
+    # The window is below P + 2^31 here (a wider one was normalized to None), so int64 holds it.
+    keys = () if inputs.keys_are_queries else (inputs.kv_anchor_pos, inputs.kv_depth)
+    arguments = (inputs.anchor_pos, inputs.depth, inputs.doc_of_position, inputs.sliding_window, *inputs.block_size)
     if not emulated:
-        return BlockIndex(*torch.ops.peagle_ext.build_block_index(*arguments))
-    return BlockIndex(*torch.ops.peagle_ext.build_block_index_emulated(*arguments, schedule_seed(*arguments)))
+        return BlockIndex(*torch.ops.peagle_ext.build_block_index(*arguments, *keys))
+    seed = schedule_seed(*arguments, *keys)
+    return BlockIndex(*torch.ops.peagle_ext.build_block_index_emulated(*arguments, *(keys or (None, None)), seed))
 
 
-def schedule_seed(anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size) -> int:
+def schedule_seed(anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size, *keys) -> int:
     """The emulated pipeline's block and thread order for these inputs (sequential_launcher.h): one
     of its own for each input, as the GPU gives no order either, and the same one on a rerun."""
-    sums = (int(anchor_pos.sum()), int(depth.sum()), int(doc_of_position.sum()))
+    sums = (int(anchor_pos.sum()), int(depth.sum()), int(doc_of_position.sum())) + tuple(int(k.sum()) for k in keys)
     key = (anchor_pos.numel(), doc_of_position.numel(), sliding_window, q_block_size, kv_block_size) + sums
-    return hash(key) % (2**62) + 1
+    # Not hash(): it differs between processes (hash(None) on Python < 3.12), and a failing schedule
+    # must replay in the next run.
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (2**62) + 1
 
 
 def compiled_kernels() -> list[str]:
     """Kernels compiled into the installed extension: subset of ["cpu", "cuda"]."""
-    info, _ = _load()
+    info = _load()[0]
     if info is None:
         return []
     return [part.split(":")[0] for part in info.split(";")]
@@ -85,17 +107,15 @@ def compiled_kernels() -> list[str]:
 
 def cuda_archs() -> str | None:
     """CUDA architectures the CUDA kernels were built for, e.g. "80,90"."""
-    info, _ = _load()
-    for part in (info or "").split(";"):
+    for part in (_load()[0] or "").split(";"):
         if part.startswith("cuda:"):
             return part[len("cuda:"):]
     return None
 
 
 def library_path() -> str | None:
-    """Where the loaded compiled library lies (None when it did not load)."""
-    info, _ = _load()
-    if info is None:
+    """Where the loaded CPU library lies (None when it did not load); the CUDA one lies beside it."""
+    if _load()[0] is None:
         return None
     import peagle_ext_C
 
@@ -105,13 +125,15 @@ def library_path() -> str | None:
 def native_status() -> dict[str, str | None]:
     """For each native backend ("cpu", "cuda", "cuda_emulated"): None when it can run here, else
     the reason it cannot. "cuda_emulated" (CPU tensors) is in every build that has the CPU kernel."""
-    info, error = _load()
+    _, error, cuda_error = _load()
     status: dict[str, str | None] = {}
     for backend in ("cpu", "cuda"):
         if error is not None:
             status[backend] = error
         elif backend not in compiled_kernels():
             status[backend] = f"the extension was built without {backend.upper()} kernels"
+        elif backend == "cuda" and cuda_error is not None:
+            status[backend] = cuda_error
         elif backend == "cuda" and not torch.cuda.is_available():
             status[backend] = "no CUDA device is available"
         else:

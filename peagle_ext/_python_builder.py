@@ -23,8 +23,9 @@ Memory is O(N + P + nQ * nKV) (the walk goes in bounded chunks); nothing has N x
 from __future__ import annotations
 
 import torch
+from torch.nn.attention.flex_attention import _dense_to_ordered
 
-from ._block_index import BlockIndex
+from ._block_index import BlockIndex, num_blocks
 from ._inputs import MaskInputs
 
 # Runs marked per step of a walk (see _nonempty_tiles): about 40 bytes each at its peak.
@@ -32,12 +33,10 @@ _WALK_CHUNK = 1 << 20
 
 
 def ordered_from_grid(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(count, indices) of a [rows, cols] bool grid: present columns ascending, then the absent
-    ones ascending, which is create_block_mask's layout."""
-    grid = grid.to(torch.int8)
-    counts = grid.sum(dim=-1, dtype=torch.int32)
-    indices = torch.argsort(grid, dim=-1, descending=True, stable=True).to(torch.int32)
-    return counts[None, None], indices[None, None].contiguous()
+    """(count, indices) [1, 1, rows] and [1, 1, rows, cols] of a [rows, cols] bool grid: present
+    columns ascending, then the absent ones ascending, by create_block_mask's own conversion."""
+    counts, indices = _dense_to_ordered(grid)
+    return counts[None, None], indices[None, None]
 
 
 def grid_from_lists(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -170,8 +169,8 @@ def _mark_runs(nonempty, q_block, first_run, runs, tile_of_run) -> None:
 def build_python(inputs: MaskInputs) -> BlockIndex:
     """Exact partial/full kv blocks and their transposes for any input the rule accepts."""
     q_block_size, kv_block_size = inputs.block_size
-    num_q_blocks = -(-inputs.num_elements // q_block_size)
-    num_kv_blocks = -(-inputs.num_keys // kv_block_size)
+    num_q_blocks = num_blocks(inputs.num_elements, q_block_size)
+    num_kv_blocks = num_blocks(inputs.num_keys, kv_block_size)
     device = inputs.device
     (context_start, context_end, rollout_start, rollout_end,
      key_of_rank, num_context, real) = query_intervals(inputs)

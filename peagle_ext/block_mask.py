@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import warnings
+
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from . import _native
+from ._block_index import BlockIndex, num_blocks
 from ._inputs import MaskInputs, check_fits, normalize_mask_inputs
-from ._block_index import BlockIndex
-from ._python_builder import block_index_from_grids, build_python, grid_from_lists
+from ._python_builder import build_python
 from .mask_mod import mask_mod_from_inputs
 
 # "cuda_emulated" is a test aid: the CUDA pipeline's code run on CPU tensors by a sequential
@@ -29,7 +33,10 @@ def _choose_backend(backend: str, device: torch.device) -> str:
     status = _native.native_status()
     if backend == "auto":
         native = "cuda" if device.type == "cuda" else "cpu"
-        return native if status[native] is None else "python"
+        if status[native] is None:
+            return native
+        _fall_back_to_python(native, status[native])
+        return "python"
     if backend != "python":
         if status[backend] is not None:
             raise RuntimeError(
@@ -42,71 +49,39 @@ def _choose_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+_fallbacks_warned: set[str] = set()
+
+
+def _fall_back_to_python(native: str, reason: str) -> None:
+    """backend="auto" serves the python backend where the native one cannot run: say so once per
+    backend (it is several times slower), or refuse under PEAGLE_EXT_REQUIRE_NATIVE=1."""
+    message = f"peagle_ext: the {native} kernel is unavailable ({reason}), so the python backend builds the mask"
+    if os.environ.get("PEAGLE_EXT_REQUIRE_NATIVE") == "1":
+        raise RuntimeError(f"{message}; PEAGLE_EXT_REQUIRE_NATIVE=1 refuses that")
+    if native not in _fallbacks_warned:
+        _fallbacks_warned.add(native)
+        warnings.warn(f"{message}, several times slower; {_native.REBUILD_HINT}", RuntimeWarning, stacklevel=4)
+
+
 # Peak bytes per tile of a build (its tile grids, sorted lists and their transposes), measured by
-# benchmarks/bench_hostile.py with margin; the kernels' run on [queries, padding, keys] holds two
-# grids of the whole set besides.
+# benchmarks/bench_hostile.py, with margin.
 _PYTHON_BYTES_PER_TILE = 48
 _NATIVE_BYTES_PER_TILE = 24
 
 
 def _block_index(inputs: MaskInputs, backend: str) -> BlockIndex:
     q_block_size, kv_block_size = inputs.block_size
-    rows, columns = -(-inputs.num_elements // q_block_size), -(-inputs.num_keys // kv_block_size)
-    tiles = rows * columns
+    rows, columns = num_blocks(inputs.num_elements, q_block_size), num_blocks(inputs.num_keys, kv_block_size)
     what = (f"a {rows} x {columns}-tile block mask (Q_LEN {inputs.num_elements}, KV_LEN {inputs.num_keys}, "
             f"BLOCK_SIZE {inputs.block_size})")
-    whole_set_tiles = -(-(inputs.num_elements + inputs.num_keys) // q_block_size) * -(
-        -(inputs.num_elements + inputs.num_keys) // kv_block_size)
-    # The kernels take one element set, so queries apart from the keys cost them the whole set's
-    # tiles; where that is far more than the wanted Q x KV tiles (one query against a million keys),
-    # the python builder, which builds only those, gives the same index for a fraction of the memory.
-    if backend == "python" or (not inputs.keys_are_queries and whole_set_tiles > 16 * tiles + 65536):
-        check_fits(what, _PYTHON_BYTES_PER_TILE * tiles, inputs.device)
+    if backend == "python":
+        check_fits(what, _PYTHON_BYTES_PER_TILE * rows * columns, inputs.device)
         return build_python(inputs)
-    if not inputs.keys_are_queries:
-        check_fits(what, _NATIVE_BYTES_PER_TILE * whole_set_tiles, inputs.device)
-        return _native_apart(inputs, backend)
-    check_fits(what, _NATIVE_BYTES_PER_TILE * tiles, inputs.device)
-    return _run_kernels(anchor_pos=inputs.anchor_pos, depth=inputs.depth, doc_of_position=inputs.doc_of_position,
-                        window=inputs.sliding_window, block_size=inputs.block_size, backend=backend)
-
-
-def _run_kernels(anchor_pos, depth, doc_of_position, window, block_size, backend: str) -> BlockIndex:
-    # A block larger than the set holds all of it, as a tail block (never full), just as a block of
-    # N + 1 does: the kernels get that, so no size of theirs grows with an oversized BLOCK_SIZE.
-    limit = anchor_pos.numel() + 1
-    return _native.build_native(anchor_pos, depth, doc_of_position, window, min(block_size[0], limit),
-                                min(block_size[1], limit), emulated=backend == "cuda_emulated")
-
-
-def _native_apart(inputs: MaskInputs, backend: str) -> BlockIndex:
-    """The Q x KV index of queries apart from the keys, from the kernels, which take one element set.
-
-    They run on [queries, padding, keys], the queries padded with elements on a padding position
-    up to a whole q-block and then to a kv-block boundary, so that the queries' q-blocks and the
-    keys' kv-blocks are whole blocks of that set: its tile grid holds the wanted one at rows
-    [0, nQ) and columns [offset, offset + nKV). The padding sees nothing and is seen by none, so a
-    query block with padding in it is never full, as create_block_mask's tail block; the last key
-    block is the set's last block, with the same tail. A block size past its side's length is cut
-    to that length + 1 (the same single tail block), so the padding stays below Q + both block
-    sizes. Costs about (Q + KV)^2 tiles instead of Q x KV.
-    """
-    num_queries, num_keys = inputs.num_elements, inputs.num_keys
-    q_block_size, kv_block_size = min(inputs.block_size[0], num_queries + 1), min(inputs.block_size[1], num_keys + 1)
-    query_rows = -(-num_queries // q_block_size)
-    padded = -(-(query_rows * q_block_size) // kv_block_size) * kv_block_size
-    padding_position = inputs.doc_of_position.numel()
-    doc_of_position = torch.cat([inputs.doc_of_position, inputs.doc_of_position.new_full((1,), -1)])
-    filler = inputs.anchor_pos.new_full((padded - num_queries,), padding_position)
-    anchor_pos = torch.cat([inputs.anchor_pos, filler, inputs.kv_anchor_pos])
-    depth = torch.cat([inputs.depth, torch.zeros_like(filler), inputs.kv_depth])
-    index = _run_kernels(anchor_pos, depth, doc_of_position, inputs.sliding_window, (q_block_size, kv_block_size),
-                         backend)
-    offset = padded // kv_block_size
-    columns = slice(offset, offset + -(-num_keys // kv_block_size))
-    partial = grid_from_lists(index.kv_num_blocks, index.kv_indices)[:query_rows, columns]
-    full = grid_from_lists(index.full_kv_num_blocks, index.full_kv_indices)[:query_rows, columns]
-    return block_index_from_grids(partial, full)
+    check_fits(what, _NATIVE_BYTES_PER_TILE * rows * columns, inputs.device)
+    # A block longer than its side holds all of it as one tail block (never full), just as a block
+    # of that length + 1 does: the kernels get that, so none of their sizes grows with BLOCK_SIZE.
+    capped = (min(q_block_size, inputs.num_elements + 1), min(kv_block_size, inputs.num_keys + 1))
+    return _native.build_native(dataclasses.replace(inputs, block_size=capped), emulated=backend == "cuda_emulated")
 
 
 def build_block_mask(

@@ -1,36 +1,95 @@
-"""The P-EAGLE visibility rule as a flex_attention mask_mod (shared/DESIGN.md §1).
+"""The P-EAGLE visibility rule as a flex_attention mask_mod.
 
 This is the element-level specification. Every builder in this package must describe exactly
 the blocks that ``create_block_mask`` finds when it evaluates this function on the dense grid.
+
+The mask_mod is an instance of :class:`PeagleMaskMod`, a module-level class that holds its
+tensors, so that a BlockMask carrying it pickles (DataLoader workers, ``torch.save``) and can be
+moved to another device whole (:meth:`PeagleMaskMod.to`).
 """
 
 from __future__ import annotations
 
-from ._inputs import MaskInputs, normalize_mask_inputs
+from typing import Callable
+
+import torch
+
+from ._inputs import FIELD_MAX, MaskInputs, normalize_mask_inputs
 
 
-def mask_mod_from_inputs(inputs: MaskInputs):
-    """The rule over already-validated inputs (see :func:`create_peagle_mask_mod`)."""
-    anchor_pos, depth, doc = inputs.anchor_pos, inputs.depth, inputs.doc_of_position
-    kv_anchor_pos, kv_depth = inputs.kv_anchor_pos, inputs.kv_depth
-    window = inputs.sliding_window
+class PeagleMaskMod:
+    """Query q sees key k (see :func:`create_peagle_mask_mod` for the rule).
 
-    def peagle_mask_mod(b, h, q_idx, kv_idx):
-        a_q, a_k = anchor_pos[q_idx], kv_anchor_pos[kv_idx]
-        d_q, d_k = depth[q_idx], kv_depth[kv_idx]
-        doc_q = doc[a_q]
-        same_doc = (doc_q != -1) & (doc_q == doc[a_k])
+    Holds the rule's inputs as plain attributes: ``anchor_pos``, ``depth`` (int64 [Q_LEN], the
+    queries), ``kv_anchor_pos``, ``kv_depth`` (int64 [KV_LEN], the keys: the very same tensors as
+    the queries' when they are one set), ``doc_of_position`` (int64 [P], -1 for padding) and
+    ``sliding_window`` (None or an int >= 1).
+
+    An element is padding (sees nothing, seen by none) when its anchor lies outside [0, P), its
+    depth is negative or its anchor's document is negative, exactly as the kernels read
+    unvalidated input: so the document table is never indexed out of bounds, and the mask_mod and
+    the block lists describe one mask even with ``validate=False``. Documents and depths past
+    2^31 - 1 (also only reachable unvalidated) are clamped there, as the kernels' sort keys do.
+    """
+
+    def __init__(self, anchor_pos: torch.Tensor, depth: torch.Tensor, doc_of_position: torch.Tensor,
+                 sliding_window: int | None = None, kv_anchor_pos: torch.Tensor | None = None,
+                 kv_depth: torch.Tensor | None = None):
+        self.anchor_pos = anchor_pos
+        self.depth = depth
+        self.doc_of_position = doc_of_position
+        self.sliding_window = sliding_window
+        self.kv_anchor_pos = anchor_pos if kv_anchor_pos is None else kv_anchor_pos
+        self.kv_depth = depth if kv_depth is None else kv_depth
+
+    @property
+    def keys_are_queries(self) -> bool:
+        return self.kv_anchor_pos is self.anchor_pos and self.kv_depth is self.depth
+
+    def _document(self, anchor: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+        """Each element's document, -1 for padding (any negative document read means padding)."""
+        last_position = self.doc_of_position.shape[0] - 1
+        in_range = (anchor >= 0) & (anchor <= last_position) & (depth >= 0)
+        doc = self.doc_of_position[anchor.clamp(0, last_position)]
+        return torch.where(in_range & (doc >= 0), doc.clamp(max=FIELD_MAX), -1)
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        a_q, a_k = self.anchor_pos[q_idx], self.kv_anchor_pos[kv_idx]
+        d_q, d_k = self.depth[q_idx], self.kv_depth[kv_idx]
+        doc_q = self._document(a_q, d_q)
+        same_doc = (doc_q >= 0) & (doc_q == self._document(a_k, d_k))
         context = (d_k == 0) & (a_k <= a_q)
-        if window is not None:
-            context = context & (a_k > a_q + d_q - window)
-        own_rollout = (a_k == a_q) & (d_k <= d_q)
+        if self.sliding_window is not None:
+            context = context & (a_k > a_q + d_q - self.sliding_window)
+        own_rollout = (a_k == a_q) & (d_k.clamp(max=FIELD_MAX) <= d_q.clamp(max=FIELD_MAX))
         return same_doc & (context | own_rollout)
 
-    return peagle_mask_mod
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "PeagleMaskMod":
+        """A copy with ``fn`` applied to each tensor (once to a tensor the queries and keys share)."""
+        anchor_pos, depth = fn(self.anchor_pos), fn(self.depth)
+        keys = (None, None) if self.keys_are_queries else (fn(self.kv_anchor_pos), fn(self.kv_depth))
+        return PeagleMaskMod(anchor_pos, depth, fn(self.doc_of_position), self.sliding_window, *keys)
+
+    def to(self, device, non_blocking: bool = False) -> "PeagleMaskMod":
+        return self.map_tensors(lambda tensor: tensor.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "PeagleMaskMod":
+        return self.map_tensors(torch.Tensor.pin_memory)
+
+    def __repr__(self) -> str:
+        return (f"PeagleMaskMod(Q_LEN={self.anchor_pos.numel()}, KV_LEN={self.kv_anchor_pos.numel()}, "
+                f"positions={self.doc_of_position.numel()}, sliding_window={self.sliding_window}, "
+                f"device={self.anchor_pos.device})")
+
+
+def mask_mod_from_inputs(inputs: MaskInputs) -> PeagleMaskMod:
+    """The rule over already-validated inputs (see :func:`create_peagle_mask_mod`)."""
+    keys = (None, None) if inputs.keys_are_queries else (inputs.kv_anchor_pos, inputs.kv_depth)
+    return PeagleMaskMod(inputs.anchor_pos, inputs.depth, inputs.doc_of_position, inputs.sliding_window, *keys)
 
 
 def create_peagle_mask_mod(anchor_pos, depth, lengths=None, total_seq_len=None, *, document_ids=None,
-                           sliding_window=None, kv_anchor_pos=None, kv_depth=None):
+                           sliding_window=None, kv_anchor_pos=None, kv_depth=None) -> PeagleMaskMod:
     """Return a flex_attention mask_mod for the P-EAGLE rule over N flattened COD elements.
 
     Args:
@@ -47,7 +106,7 @@ def create_peagle_mask_mod(anchor_pos, depth, lengths=None, total_seq_len=None, 
 
     Query q sees key k exactly when both anchors lie in the same (non-padding) document and k
     is either depth-0 context at or before q's anchor (within the window) or an
-    earlier-or-equal depth of q's own rollout.
+    earlier-or-equal depth of q's own rollout. The result is a :class:`PeagleMaskMod`: it pickles.
     """
     inputs = normalize_mask_inputs(anchor_pos, depth, lengths, total_seq_len, document_ids=document_ids,
                                    sliding_window=sliding_window, kv_anchor_pos=kv_anchor_pos, kv_depth=kv_depth)

@@ -1,17 +1,14 @@
-"""Comparing BlockMasks the way the kernels read them (shared/DESIGN.md §2)."""
+"""Comparing BlockMasks the way the kernels read them: counts, and each row's valid prefix as a set."""
 
 from __future__ import annotations
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from ._block_index import BlockIndex
+
 # (count, indices) attribute pairs of a BlockMask: kv-side lists and their q-side transposes.
-BLOCK_LISTS = (
-    ("kv_num_blocks", "kv_indices"),
-    ("full_kv_num_blocks", "full_kv_indices"),
-    ("q_num_blocks", "q_indices"),
-    ("full_q_num_blocks", "full_q_indices"),
-)
+BLOCK_LISTS = tuple(zip(BlockIndex._fields[0::2], BlockIndex._fields[1::2]))
 
 
 def block_sets(counts: torch.Tensor, indices: torch.Tensor) -> list[set[int]]:
@@ -48,7 +45,8 @@ def assert_block_masks_equal(actual: BlockMask, expected: BlockMask) -> None:
         if not torch.equal(a_count.cpu(), e_count.cpu()):
             row = int((a_count.cpu() != e_count.cpu()).nonzero()[0][-1])
             raise AssertionError(
-                f"{count_name} differs first at row {row}: {int(a_count.flatten()[row])} != {int(e_count.flatten()[row])}"
+                f"{count_name} differs first at row {row}: "
+                f"{int(a_count.flatten()[row])} != {int(e_count.flatten()[row])}"
             )
         a_sets = block_sets(a_count.cpu(), a_index.cpu())
         e_sets = block_sets(e_count.cpu(), e_index.cpu())

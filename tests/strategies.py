@@ -21,7 +21,7 @@ class Case:
     depth: torch.Tensor
     kwargs: dict = field(default_factory=dict)  # lengths/total_seq_len or document_ids, sliding_window
 
-    def to(self, device) -> "Case":
+    def to(self, device) -> Case:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.kwargs.items()}
         return Case(self.anchor_pos.to(device), self.depth.to(device), moved)
 

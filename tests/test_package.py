@@ -39,3 +39,12 @@ def test_documented_module_paths_are_the_modules_themselves():
         "assert peagle_ext.Eagle3DraftConfig is Eagle3DraftConfig\n"
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_draft_model_imports_no_training_code():
+    """Imports go one way: training -> model, never back (the model's forward needs the flat inputs only)."""
+    result = run_python(
+        "import sys, peagle_ext.draft.llama\n"
+        "assert 'peagle_ext.draft.training' not in sys.modules, 'the model imported the training code'\n"
+    )
+    assert result.returncode == 0, result.stderr

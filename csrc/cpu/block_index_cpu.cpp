@@ -4,11 +4,9 @@
 // that answer most of a query's bounds by lookup: O(N + P) for the COD layout, with comparison
 // sorts and searches only where the input needs them (documents out of position order, chains
 // out of depth order, a window reaching past its document's first position). Exact either way.
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
 #include <algorithm>
-#include <string>
 #include <utility>
 #include <vector>
 
@@ -127,7 +125,7 @@ Intervals find_intervals(const Elements& el, const ContextList& context, const R
   Intervals iv{std::vector<int64_t>(n), std::vector<int64_t>(n), std::vector<int64_t>(n), std::vector<int64_t>(n),
                std::vector<uint32_t>(num_q_blocks * kRowCells)};
   const int64_t rows_per_task = std::max<int64_t>(1, 8192 / q_block_size);
-  at::parallel_for(0, num_q_blocks, rows_per_task, [&](int64_t row_begin, int64_t row_end) {
+  torch::stable::parallel_for(0, num_q_blocks, rows_per_task, [&](int64_t row_begin, int64_t row_end) {
     for (int64_t row = row_begin; row < row_end; ++row) {
       QueryExtremes extremes;
       for (int64_t i = row * q_block_size; i < std::min(n, (row + 1) * q_block_size); ++i) {
@@ -233,22 +231,22 @@ void mark_row(const std::vector<int64_t>& starts, const std::vector<int64_t>& en
 
 // Tile states [nQ, nKV]: each row marks the kv-blocks its queries' intervals hold, then
 // classifies every tile of the row.
-at::Tensor classify_rows(int64_t n, const Intervals& iv, const Runs& runs,
-                         const std::vector<uint32_t>& columns, int64_t q_block_size, int64_t kv_block_size,
-                         int64_t num_q_blocks, int64_t num_kv_blocks) {
-  at::Tensor states = at::empty({num_q_blocks, num_kv_blocks}, at::TensorOptions().dtype(at::kByte));
-  uint8_t* out = states.data_ptr<uint8_t>();
-  at::parallel_for(0, num_q_blocks, 1, [&](int64_t row_begin, int64_t row_end) {
+std::vector<uint8_t> classify_rows(int64_t num_queries, int64_t num_keys, const Intervals& iv, const Runs& runs,
+                                   const std::vector<uint32_t>& columns, int64_t q_block_size,
+                                   int64_t kv_block_size, int64_t num_q_blocks, int64_t num_kv_blocks) {
+  std::vector<uint8_t> states(static_cast<size_t>(num_q_blocks * num_kv_blocks));
+  uint8_t* out = states.data();
+  torch::stable::parallel_for(0, num_q_blocks, 1, [&](int64_t row_begin, int64_t row_end) {
     std::vector<std::pair<int64_t, int64_t>> scratch;
     for (int64_t row = row_begin; row < row_end; ++row) {
       uint8_t* marks = out + row * num_kv_blocks;
       std::fill(marks, marks + num_kv_blocks, uint8_t{0});
-      const int64_t q_begin = row * q_block_size, q_end = std::min(n, q_begin + q_block_size);
+      const int64_t q_begin = row * q_block_size, q_end = std::min(num_queries, q_begin + q_block_size);
       const RowSummary summary = row_summary(&iv.row_cells[row * kRowCells], q_end - q_begin == q_block_size);
       mark_row(iv.context_start, iv.context_end, q_begin, q_end, runs, scratch, marks);
       mark_row(iv.rollout_start, iv.rollout_end, q_begin, q_end, runs, scratch, marks);
       for (int64_t tile = 0; tile < num_kv_blocks; ++tile) {
-        const bool whole = (tile + 1) * kv_block_size <= n;
+        const bool whole = (tile + 1) * kv_block_size <= num_keys;
         marks[tile] = classify_tile(marks[tile] != 0, summary, column_summary(&columns[tile * kColumnCells], whole));
       }
     }
@@ -256,26 +254,26 @@ at::Tensor classify_rows(int64_t n, const Intervals& iv, const Runs& runs,
   return states;
 }
 
-BlockIndexTensors build_block_index_cpu(const at::Tensor& anchor_pos_in, const at::Tensor& depth_in,
-                                        const at::Tensor& doc_of_position_in, std::optional<int64_t> sliding_window,
-                                        int64_t q_block_size, int64_t kv_block_size) {
-  check_inputs(anchor_pos_in, depth_in, doc_of_position_in, sliding_window, q_block_size, kv_block_size);
-  const at::Tensor anchor_pos = anchor_pos_in.contiguous(), depth = depth_in.contiguous();
-  const at::Tensor doc_of_position = doc_of_position_in.contiguous();
-  const int64_t n = anchor_pos.numel(), num_positions = doc_of_position.numel();
-  const int64_t num_q_blocks = ceil_div(n, q_block_size), num_kv_blocks = ceil_div(n, kv_block_size);
-  const Elements el{anchor_pos.data_ptr<int64_t>(), depth.data_ptr<int64_t>(), doc_of_position.data_ptr<int64_t>(),
-                    n, num_positions, sliding_window.value_or(0)};
+// One row of the batch: its keys' lists and cells, its queries' intervals, the tile states, the lists.
+void build_row(const OpInputs& in, int64_t row, const ListOutputs& lists) {
+  const int64_t num_q_blocks = in.num_q_blocks, num_kv_blocks = in.num_kv_blocks, kv_block_size = in.kv_block_size;
+  const int64_t* doc_of_position = in.doc_of_position.const_data_ptr<int64_t>() + row * in.num_positions;
+  const Elements queries{in.anchor_pos.const_data_ptr<int64_t>() + row * in.num_queries,
+                         in.depth.const_data_ptr<int64_t>() + row * in.num_queries, doc_of_position,
+                         in.num_queries, in.num_positions, in.window};
+  const Elements keys{in.kv_anchor_pos.const_data_ptr<int64_t>() + row * in.num_keys,
+                      in.kv_depth.const_data_ptr<int64_t>() + row * in.num_keys, doc_of_position, in.num_keys,
+                      in.num_positions, in.window};
 
-  // Each element's sort keys, and per kv-block the full-tile test's cells ([nKV, kColumnCells]).
-  std::vector<int64_t> context_key(n), rollout_key(n);
+  // Each key's sort keys, and per kv-block the full-tile test's cells ([nKV, kColumnCells]).
+  std::vector<int64_t> context_key(keys.n), rollout_key(keys.n);
   std::vector<uint32_t> column_cells(num_kv_blocks * kColumnCells);
   const int64_t columns_per_task = std::max<int64_t>(1, 4096 / kv_block_size);
-  at::parallel_for(0, num_kv_blocks, columns_per_task, [&](int64_t column_begin, int64_t column_end) {
+  torch::stable::parallel_for(0, num_kv_blocks, columns_per_task, [&](int64_t column_begin, int64_t column_end) {
     for (int64_t column = column_begin; column < column_end; ++column) {
       KeyExtremes extremes;
-      for (int64_t i = column * kv_block_size; i < std::min(n, (column + 1) * kv_block_size); ++i) {
-        const ElementInfo info = el.info(i);
+      for (int64_t i = column * kv_block_size; i < std::min(keys.n, (column + 1) * kv_block_size); ++i) {
+        const ElementInfo info = keys.info(i);
         extremes.add(info);
         const ElementKeys k = element_keys(info);
         context_key[i] = k.context_key;
@@ -284,35 +282,40 @@ BlockIndexTensors build_block_index_cpu(const at::Tensor& anchor_pos_in, const a
       extremes.write_cells(&column_cells[column * kColumnCells]);
     }
   });
-  const ContextList context = build_context_list(context_key, el);
-  const RolloutList rollout = build_rollout_list(rollout_key, el);
-  const Intervals intervals = find_intervals(el, context, rollout, q_block_size, num_q_blocks);
-  const Runs runs = find_runs(context.list, rollout.list, kv_block_size, n);
-  const at::Tensor states =
-      classify_rows(n, intervals, runs, column_cells, q_block_size, kv_block_size, num_q_blocks, num_kv_blocks);
-
-  BlockIndexTensors out = allocate_outputs(num_q_blocks, num_kv_blocks, anchor_pos.options());
-  const ListOutputs lists = list_outputs(out);
-  const uint8_t* s = states.data_ptr<uint8_t>();
-  at::parallel_for(0, 2 * (num_q_blocks + num_kv_blocks), 64, [&](int64_t begin, int64_t end) {
-    for (int64_t line = begin; line < end; ++line) write_list_line(s, num_q_blocks, num_kv_blocks, line, lists);
+  const ContextList context = build_context_list(context_key, keys);
+  const RolloutList rollout = build_rollout_list(rollout_key, keys);
+  const Intervals intervals = find_intervals(queries, context, rollout, in.q_block_size, num_q_blocks);
+  const Runs runs = find_runs(context.list, rollout.list, kv_block_size, keys.n);
+  const std::vector<uint8_t> states = classify_rows(queries.n, keys.n, intervals, runs, column_cells, in.q_block_size,
+                                                    kv_block_size, num_q_blocks, num_kv_blocks);
+  torch::stable::parallel_for(0, 2 * (num_q_blocks + num_kv_blocks), 64, [&](int64_t begin, int64_t end) {
+    for (int64_t line = begin; line < end; ++line)
+      write_list_line(states.data(), num_q_blocks, num_kv_blocks, line, lists);
   });
-  return out;
 }
 
-std::string build_info() {
-  std::string info = "cpu";
-#ifdef PEAGLE_WITH_CUDA
-  info += ";cuda:" PEAGLE_CUDA_ARCHS;
-#endif
-  return info;
+BlockIndexTensors build_block_index_cpu(const Tensor& anchor_pos, const Tensor& depth, const Tensor& doc_of_position,
+                                        std::optional<int64_t> sliding_window, int64_t q_block_size,
+                                        int64_t kv_block_size, std::optional<Tensor> kv_anchor_pos,
+                                        std::optional<Tensor> kv_depth) {
+  const OpInputs in = check_inputs(anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size,
+                                   kv_anchor_pos, kv_depth);
+  BlockIndexTensors out = allocate_outputs(in);
+  // Rows in parallel when there are enough of them to occupy every thread (each row's own loops
+  // then run inline), else one row after another, each parallel over its blocks (a parallel_for
+  // that runs inline marks its body as parallel, so the rows' loop must not be one then).
+  if (in.num_rows >= static_cast<int64_t>(torch::stable::get_num_threads())) {
+    torch::stable::parallel_for(0, in.num_rows, 1, [&](int64_t row_begin, int64_t row_end) {
+      for (int64_t row = row_begin; row < row_end; ++row) build_row(in, row, list_outputs(out, in, row));
+    });
+  } else {
+    for (int64_t row = 0; row < in.num_rows; ++row) build_row(in, row, list_outputs(out, in, row));
+  }
+  return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(peagle_ext, CPU, m) { m.impl("build_block_index", &build_block_index_cpu); }
-
-// Which kernels this library was built with, e.g. "cpu" or "cpu;cuda:80,90".
-TORCH_LIBRARY_FRAGMENT(peagle_ext, m) { m.def("build_info() -> str", &build_info); }
+STABLE_TORCH_LIBRARY_IMPL(peagle_ext, CPU, m) { m.impl("build_block_index", TORCH_BOX(&build_block_index_cpu)); }
 
 }  // namespace peagle

@@ -4,15 +4,17 @@
 // data), `kThreads` (threads per block), `num_phases()` and `phase(p, shared, dynamic_shared,
 // thread)`. The CUDA launcher runs `for p: phase(p, ...); __syncthreads();` in every block; the
 // sequential launcher runs, block after block, each phase for every thread in turn. The rules
-// that make both give the same result are in primitives.h.
+// that make both give the same result are in primitives.h. Every kernel runs over a grid of
+// (its blocks) x (the batch's rows); a block of grid row r runs at_row(kernel, r), which sees row
+// r's buffers alone, so the rows never meet.
 //
-// The pipeline (pipeline.h launches it; README "How the CUDA kernel works" has the picture):
+// The pipeline (pipeline.h launches it; docs/cuda-pipeline.md describes it):
 //   0. memset    the counters are zeroed.
-//   1. count     per element: its bucket (a depth-0 key by its position, a deeper key by its anchor:
+//   1. count     per key: its bucket (a depth-0 key by its position, a deeper key by its anchor:
 //                2P buckets) and its slot in it (atomicAdd); per kv-block the cells of the
 //                full-tile test; per document the first position. The last block to finish
 //                turns the bucket counts into bucket starts (a scan), so ranks follow buckets.
-//   2. scatter   per listed element: rank_key[rank] = (its kv-block, its filter value).
+//   2. scatter   per listed key: rank_key[rank] = (its kv-block, its filter value).
 //   3. rows      per q-block: each query's context and rollout rank intervals, merged within the
 //                q-block (sorted: one max-scan; otherwise pairwise), walked by all threads of the
 //                block in one flat loop marking kv-blocks, then each tile classified and the
@@ -25,16 +27,20 @@
 namespace peagle {
 namespace pipeline {
 
-// Sizes of one build; window <= 0 means none.
+// Sizes of one build, per row of the batch; window <= 0 means none.
 struct Sizes {
-  int64_t n, num_positions, window, q_block_size, kv_block_size, num_q_blocks, num_kv_blocks;
+  int64_t num_rows, num_queries, num_keys, num_positions, window, q_block_size, kv_block_size, num_q_blocks,
+      num_kv_blocks;
 };
 
-// Every buffer of one build: device pointers on the GPU, host pointers on the CPU.
+// Every buffer of one row of a build: device pointers on the GPU, host pointers on the CPU. Queries
+// and keys may be one element set (the same pointers) or two; [Q] and [KV] below are their sizes.
 struct Buffers {
   // The op's inputs, int64.
-  const int64_t* anchor;
+  const int64_t* anchor;  // [Q] the queries'
   const int64_t* depth;
+  const int64_t* key_anchor;  // [KV] the keys'
+  const int64_t* key_depth;
   const int64_t* doc_of_position;
   // Zeroed before the count kernel.
   int32_t* buckets;        // [2P + 1]: keys per bucket, then (after the count kernel) each bucket's first rank
@@ -42,23 +48,67 @@ struct Buffers {
   uint32_t* column_cells;  // [nKV, kColumnCells]: the kv-blocks' full-tile cells
   int32_t* blocks_done;    // [1]: count kernel blocks that have finished counting
   // Written before they are read.
-  int32_t* slot;           // [N]: a listed element's index within its bucket
-  int64_t* rank_key;       // [N] by rank: (kv-block << 32) | (document of a depth-0 key, depth of a deeper key)
-  int32_t* context_start;  // [N] per query: its rank intervals, half-open
+  int32_t* slot;           // [KV]: a listed key's index within its bucket
+  int64_t* rank_key;       // [KV] by rank: (kv-block << 32) | (document of a depth-0 key, depth of a deeper key)
+  int32_t* context_start;  // [Q] per query: its rank intervals, half-open
   int32_t* context_end;
   int32_t* rollout_start;
   int32_t* rollout_end;
-  int32_t* walk_start;     // [N]: where its context walk starts after merging (context_end: nothing to walk)
-  int32_t* walk_rollout;   // [N]: ranks of its chain it walks (0: another query of its q-block walks them)
-  int32_t* query_doc;      // [N]: its document (-1: padding), the context walk's filter
-  int32_t* query_depth;    // [N]: its depth, the rollout walk's filter
-  int64_t* walk_offset;    // [N]: where its walk starts in its q-block's flat walk
+  int32_t* walk_start;     // [Q]: where its context walk starts after merging (context_end: nothing to walk)
+  int32_t* walk_rollout;   // [Q]: ranks of its chain it walks (0: another query of its q-block walks them)
+  int32_t* query_doc;      // [Q]: its document (-1: padding), the context walk's filter
+  int32_t* query_depth;    // [Q]: its depth, the rollout walk's filter
+  int64_t* walk_offset;    // [Q]: where its walk starts in its q-block's flat walk
   uint8_t* states;         // [nQ, nKV]: tile states
   ListOutputs lists;       // the eight output tensors
 };
 
-PEAGLE_HD ElementInfo info_of(const Buffers& b, const Sizes& s, int64_t i) {
-  return element_info(b.anchor[i], b.depth[i], b.doc_of_position, s.num_positions, s.window);
+PEAGLE_HD ElementInfo query_info(const Buffers& b, const Sizes& s, int64_t q) {
+  return element_info(b.anchor[q], b.depth[q], b.doc_of_position, s.num_positions, s.window);
+}
+
+PEAGLE_HD ElementInfo key_info(const Buffers& b, const Sizes& s, int64_t k) {
+  return element_info(b.key_anchor[k], b.key_depth[k], b.doc_of_position, s.num_positions, s.window);
+}
+
+// Row `row`'s buffers, from row 0's: each buffer holds the rows one after another.
+PEAGLE_HD Buffers row_buffers(Buffers b, const Sizes& s, int64_t row) {
+  const int64_t tiles = s.num_q_blocks * s.num_kv_blocks;
+  b.anchor += row * s.num_queries;
+  b.depth += row * s.num_queries;
+  b.key_anchor += row * s.num_keys;
+  b.key_depth += row * s.num_keys;
+  b.doc_of_position += row * s.num_positions;
+  b.buckets += row * (2 * s.num_positions + 1);
+  b.doc_first += row * s.num_positions;
+  b.column_cells += row * s.num_kv_blocks * kColumnCells;
+  b.blocks_done += row;
+  b.slot += row * s.num_keys;
+  b.rank_key += row * s.num_keys;
+  const int64_t queries = row * s.num_queries;
+  b.context_start += queries;
+  b.context_end += queries;
+  b.rollout_start += queries;
+  b.rollout_end += queries;
+  b.walk_start += queries;
+  b.walk_rollout += queries;
+  b.query_doc += queries;
+  b.query_depth += queries;
+  b.walk_offset += queries;
+  b.states += row * tiles;
+  for (int list = 0; list < 4; ++list) {
+    b.lists.num[list] += row * (list < 2 ? s.num_q_blocks : s.num_kv_blocks);
+    b.lists.idx[list] += row * tiles;
+  }
+  return b;
+}
+
+// A kernel's arguments for row `row` of the batch: what each block of grid row `row` runs.
+template <class Kernel>
+PEAGLE_HD Kernel at_row(const Kernel& kernel, int64_t row) {
+  Kernel k = kernel;
+  k.b = row_buffers(kernel.b, kernel.s, row);
+  return k;
 }
 
 // A listed (real) element's bucket: depth-0 keys by position, deeper keys by anchor after them.
@@ -68,7 +118,7 @@ PEAGLE_HD int64_t bucket_of(const ElementInfo& e, int64_t num_positions) {
 
 constexpr int64_t kLow32 = 0xffffffffLL;
 
-// 1. count (grid: max(N, P) / kThreads blocks; thread i is element i and position i).
+// 1. count (grid: max(KV, P) / kThreads blocks; thread i is key i and position i).
 struct CountKernel {
   static constexpr int kThreads = 256;
   static constexpr int kRounds = scan_rounds(kThreads);
@@ -83,9 +133,9 @@ struct CountKernel {
 
   PEAGLE_HD int num_phases() const { return kPhases; }
 
-  // The kv-blocks of this block's elements: [first, first + count).
+  // The kv-blocks of this block's keys: [first, first + count).
   PEAGLE_HD void columns(const Thread& t, int64_t* first, int64_t* count) const {
-    const int64_t begin = t.block * t.block_dim, end = min64(s.n, begin + t.block_dim);
+    const int64_t begin = t.block * t.block_dim, end = min64(s.num_keys, begin + t.block_dim);
     *first = begin < end ? begin / s.kv_block_size : 0;
     *count = begin < end ? (end - 1) / s.kv_block_size - *first + 1 : 0;
   }
@@ -98,8 +148,8 @@ struct CountKernel {
       for (int64_t k = t.index; k < num_columns * kColumnCells; k += t.block_dim) sh.cells[k] = 0;
     } else if (p == kCount) {
       const int64_t i = t.block * t.block_dim + t.index;
-      if (i < s.n) {
-        const ElementInfo e = info_of(b, s, i);
+      if (i < s.num_keys) {
+        const ElementInfo e = key_info(b, s, i);
         if (e.real) b.slot[i] = atomic_add(&b.buckets[bucket_of(e, s.num_positions)], 1);
         uint32_t contribution[kColumnCells];
         key_cells(e, contribution);
@@ -146,7 +196,7 @@ struct CountKernel {
   }
 };
 
-// 2. scatter (grid: N / kThreads blocks).
+// 2. scatter (grid: KV / kThreads blocks).
 struct ScatterKernel {
   static constexpr int kThreads = 256;
   struct Shared {
@@ -159,8 +209,8 @@ struct ScatterKernel {
 
   PEAGLE_HD void phase(int, Shared&, uint8_t*, const Thread& t) const {
     const int64_t i = t.block * t.block_dim + t.index;
-    if (i >= s.n) return;
-    const ElementInfo e = info_of(b, s, i);
+    if (i >= s.num_keys) return;
+    const ElementInfo e = key_info(b, s, i);
     if (!e.real) return;
     const int64_t rank = b.buckets[bucket_of(e, s.num_positions)] + b.slot[i];
     const int64_t filter = e.depth == 0 ? e.doc : e.depth;
@@ -231,7 +281,7 @@ struct RowKernel {
 
   PEAGLE_HD void phase(int p, Shared& sh, uint8_t* dynamic_shared, const Thread& t) const {
     const int64_t row = t.block;
-    const int64_t q_begin = row * s.q_block_size, q_end = min64(s.n, q_begin + s.q_block_size);
+    const int64_t q_begin = row * s.q_block_size, q_end = min64(s.num_queries, q_begin + s.q_block_size);
     uint8_t* marks = marks_in_shared ? dynamic_shared : b.states + row * s.num_kv_blocks;
     int64_t first, last;  // this thread's queries
     chunk_of(q_begin, q_end, t, &first, &last);
@@ -266,7 +316,7 @@ struct RowKernel {
       chunk_of(0, s.num_kv_blocks, t, &tile_first, &tile_last);
       const RowSummary summary = row_summary(sh.cells, q_end - q_begin == s.q_block_size);
       for (int64_t tile = tile_first; tile < tile_last; ++tile) {
-        const bool whole = (tile + 1) * s.kv_block_size <= s.n;
+        const bool whole = (tile + 1) * s.kv_block_size <= s.num_keys;
         const ColumnSummary column = column_summary(b.column_cells + tile * kColumnCells, whole);
         marks[tile] = classify_tile(marks[tile] != 0, summary, column);
       }
@@ -296,7 +346,7 @@ struct RowKernel {
     const int64_t positions = s.num_positions;
     Maxima maxima = Maxima::filled(-1);
     for (int64_t q = first; q < last; ++q) {
-      const ElementInfo e = info_of(b, s, q);
+      const ElementInfo e = query_info(b, s, q);
       uint32_t contribution[kRowCells];
       query_cells(e, contribution);
       for (int c = 0; c < kRowCells; ++c)

@@ -1,5 +1,6 @@
 // The CUDA pipeline's host side, free of torch: where each buffer lies in one workspace, and the
-// launch sequence. `Launcher` is the CUDA launcher (cuda/block_index_cuda.cu) or the sequential
+// launch sequence. `Launcher` (launch(kernel, grid, dynamic shared bytes) over grid x num_rows
+// blocks, zero(bytes), poison(bytes)) is the CUDA launcher (cuda/block_index_cuda.cu) or the sequential
 // one (sequential_launcher.h); block_index_pipeline.h wraps this for torch tensors.
 #pragma once
 
@@ -17,7 +18,9 @@ constexpr int64_t kMaxSharedMarks = 32 * 1024;
 static_assert(sizeof(RowKernel::Shared) + kMaxSharedMarks <= 48 * 1024,
               "the row kernel's shared memory must fit a launch that does not opt in to more");
 
-// Byte offsets in the workspace. The first `zeroed_bytes` are zeroed by the pipeline's memset.
+// Byte offsets in the workspace: each buffer holds its per-row size for every row of the batch
+// (row_buffers in kernels.h finds a row's part). The first `zeroed_bytes` are zeroed by the
+// pipeline's memset.
 struct Layout {
   size_t buckets, doc_first, column_cells, blocks_done, zeroed_bytes;
   size_t slot, rank_key, context_start, context_end, rollout_start, rollout_end, walk_start, walk_rollout, query_doc,
@@ -28,40 +31,46 @@ struct Layout {
 inline Layout plan(const Sizes& s) {
   Layout l{};
   size_t at = 0;
-  auto take = [&](size_t bytes) {
+  const size_t rows = static_cast<size_t>(s.num_rows);
+  auto take = [&](size_t count, size_t element_bytes) {  // count elements per row
     const size_t offset = at;
-    at += (bytes + 15) / 16 * 16;  // 16-byte aligned, like cudaMalloc'd memory
+    at += (rows * count * element_bytes + 15) / 16 * 16;  // 16-byte aligned, like cudaMalloc'd memory
     return offset;
   };
-  const size_t n = static_cast<size_t>(s.n), positions = static_cast<size_t>(s.num_positions);
-  l.buckets = take((2 * positions + 1) * sizeof(int32_t));
-  l.doc_first = take(positions * sizeof(uint32_t));
-  l.column_cells = take(static_cast<size_t>(s.num_kv_blocks) * kColumnCells * sizeof(uint32_t));
-  l.blocks_done = take(sizeof(int32_t));
+  const size_t queries = static_cast<size_t>(s.num_queries), keys = static_cast<size_t>(s.num_keys);
+  const size_t positions = static_cast<size_t>(s.num_positions);
+  l.buckets = take(2 * positions + 1, sizeof(int32_t));
+  l.doc_first = take(positions, sizeof(uint32_t));
+  l.column_cells = take(static_cast<size_t>(s.num_kv_blocks) * kColumnCells, sizeof(uint32_t));
+  l.blocks_done = take(1, sizeof(int32_t));
   l.zeroed_bytes = at;
-  l.slot = take(n * sizeof(int32_t));
-  l.rank_key = take(n * sizeof(int64_t));
-  l.context_start = take(n * sizeof(int32_t));
-  l.context_end = take(n * sizeof(int32_t));
-  l.rollout_start = take(n * sizeof(int32_t));
-  l.rollout_end = take(n * sizeof(int32_t));
-  l.walk_start = take(n * sizeof(int32_t));
-  l.walk_rollout = take(n * sizeof(int32_t));
-  l.query_doc = take(n * sizeof(int32_t));
-  l.query_depth = take(n * sizeof(int32_t));
-  l.walk_offset = take(n * sizeof(int64_t));
-  l.states = take(static_cast<size_t>(s.num_q_blocks * s.num_kv_blocks));
+  l.slot = take(keys, sizeof(int32_t));
+  l.rank_key = take(keys, sizeof(int64_t));
+  l.context_start = take(queries, sizeof(int32_t));
+  l.context_end = take(queries, sizeof(int32_t));
+  l.rollout_start = take(queries, sizeof(int32_t));
+  l.rollout_end = take(queries, sizeof(int32_t));
+  l.walk_start = take(queries, sizeof(int32_t));
+  l.walk_rollout = take(queries, sizeof(int32_t));
+  l.query_doc = take(queries, sizeof(int32_t));
+  l.query_depth = take(queries, sizeof(int32_t));
+  l.walk_offset = take(queries, sizeof(int64_t));
+  l.states = take(static_cast<size_t>(s.num_q_blocks * s.num_kv_blocks), 1);
   l.total_bytes = at;
   l.marks_in_shared = s.num_kv_blocks <= kMaxSharedMarks;
   return l;
 }
 
+// Row 0's buffers; the inputs and `lists` are those of row 0 too, each row following the last.
 inline Buffers bind(const Layout& l, uint8_t* workspace, const int64_t* anchor, const int64_t* depth,
-                    const int64_t* doc_of_position, const ListOutputs& lists) {
+                    const int64_t* key_anchor, const int64_t* key_depth, const int64_t* doc_of_position,
+                    const ListOutputs& lists) {
   auto at = [&](size_t offset) { return workspace + offset; };
   Buffers b;
   b.anchor = anchor;
   b.depth = depth;
+  b.key_anchor = key_anchor;
+  b.key_depth = key_depth;
   b.doc_of_position = doc_of_position;
   b.buckets = reinterpret_cast<int32_t*>(at(l.buckets));
   b.doc_first = reinterpret_cast<uint32_t*>(at(l.doc_first));
@@ -85,13 +94,14 @@ inline Buffers bind(const Layout& l, uint8_t* workspace, const int64_t* anchor, 
 
 inline int64_t blocks_for(int64_t items, int64_t threads) { return (items + threads - 1) / threads; }
 
-// The pipeline: a memset of the workspace's counters, then the four kernels, in order.
+// The pipeline: a memset of the workspace's counters, then the four kernels, in order, each over
+// every row of the batch at once (the launcher's second grid dimension).
 template <class Launcher>
 void launch_pipeline(Launcher& launcher, uint8_t* workspace, const Buffers& b, const Sizes& s, const Layout& l) {
   launcher.zero(workspace, l.zeroed_bytes);
-  const int64_t count_items = s.n > s.num_positions ? s.n : s.num_positions;
+  const int64_t count_items = s.num_keys > s.num_positions ? s.num_keys : s.num_positions;
   launcher.launch(CountKernel{b, s}, blocks_for(count_items, CountKernel::kThreads), 0);
-  launcher.launch(ScatterKernel{b, s}, blocks_for(s.n, ScatterKernel::kThreads), 0);
+  launcher.launch(ScatterKernel{b, s}, blocks_for(s.num_keys, ScatterKernel::kThreads), 0);
   launcher.launch(RowKernel{b, s, l.marks_in_shared}, s.num_q_blocks,
                   l.marks_in_shared ? static_cast<size_t>(s.num_kv_blocks) : 0);
   launcher.launch(ColumnKernel{b, s}, s.num_kv_blocks, 0);

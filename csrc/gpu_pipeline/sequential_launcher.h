@@ -30,17 +30,19 @@ namespace pipeline {
 struct SequentialLauncher {
   static constexpr size_t kResidentBlocks = 4;
 
+  // Runs grid x kernel.s.num_rows blocks: block index b is block b % grid of row b / grid.
   template <class Kernel>
   void launch(const Kernel& kernel, int64_t grid, size_t dynamic_shared_bytes) {
     using Shared = typename Kernel::Shared;
-    struct Resident {  // a block in flight: its shared memory and the next phase it runs
+    struct Resident {  // a block in flight: its row's kernel, its shared memory and the next phase it runs
+      Kernel row_kernel;
       int64_t block;
       int phase;
       std::unique_ptr<Shared> shared;
       std::vector<uint8_t> dynamic_shared;
     };
     std::mt19937_64 random(schedule_seed + static_cast<uint64_t>(launches));
-    std::vector<int64_t> blocks(static_cast<size_t>(grid)), threads(Kernel::kThreads);
+    std::vector<int64_t> blocks(static_cast<size_t>(grid * kernel.s.num_rows)), threads(Kernel::kThreads);
     std::iota(blocks.begin(), blocks.end(), int64_t{0});
     std::iota(threads.begin(), threads.end(), int64_t{0});
     const bool shuffled = schedule_seed != 0;
@@ -50,7 +52,8 @@ struct SequentialLauncher {
     size_t next_block = 0;
     while (next_block < blocks.size() || !resident.empty()) {
       while (resident.size() < resident_limit && next_block < blocks.size()) {
-        Resident r{blocks[next_block++], 0, std::make_unique<Shared>(),
+        const int64_t block = blocks[next_block++];
+        Resident r{at_row(kernel, block / grid), block % grid, 0, std::make_unique<Shared>(),
                    std::vector<uint8_t>(dynamic_shared_bytes, uint8_t{0xA5})};
         std::memset(static_cast<void*>(r.shared.get()), 0xA5, sizeof(Shared));
         resident.push_back(std::move(r));
@@ -59,7 +62,7 @@ struct SequentialLauncher {
       Resident& r = resident[pick];
       if (shuffled) std::shuffle(threads.begin(), threads.end(), random);
       for (const int64_t thread : threads)
-        kernel.phase(r.phase, *r.shared, r.dynamic_shared.data(), Thread{r.block, thread, Kernel::kThreads, grid});
+        r.row_kernel.phase(r.phase, *r.shared, r.dynamic_shared.data(), Thread{r.block, thread, Kernel::kThreads, grid});
       if (++r.phase == kernel.num_phases()) resident.erase(resident.begin() + static_cast<std::ptrdiff_t>(pick));
     }
     ++launches;

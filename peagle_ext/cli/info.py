@@ -24,4 +24,6 @@ def main(argv: list[str]) -> int:
     for backend, reason in _native.native_status().items():
         print(f"  {backend}: {'runs here' if reason is None else 'unavailable: ' + reason}")
     print(f"available backends: {', '.join(available_backends())}")
+    if _native.native_status()["cpu"] is not None:
+        print(f"to build the compiled kernels here, {_native.REBUILD_HINT}")
     return 0

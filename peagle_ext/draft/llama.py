@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint, rope
+from .flat_inputs import supervised_draft_logits
 from .peagle_draft import (
     _PeagleAttentionMixin,
     _PeagleDecoderLayerMixin,
@@ -142,6 +143,66 @@ class Eagle3DraftConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_config(cls, config) -> Eagle3DraftConfig:
+        """The draft ``config`` describes: an ``Eagle3DraftConfig`` as it is; any other object with
+        the Llama fields (a transformers ``LlamaConfig`` with attributes set on it, as NeMo
+        Automodel builds its drafts) read as NeMo Automodel 0.7.0's ``LlamaEagle3DraftModel``
+        reads it:
+
+        * required: ``hidden_size``, ``intermediate_size``, ``num_attention_heads``,
+          ``vocab_size``, ``rms_norm_eps``; ``num_key_value_heads`` and ``head_dim`` default to
+          ``num_attention_heads`` and ``hidden_size // num_attention_heads``;
+        * rotary: ``rope_parameters`` when set, else ``rope_theta`` (default 10000) and
+          ``rope_scaling``;
+        * ``draft_vocab_size`` defaults to ``vocab_size``, ``target_hidden_size`` to
+          ``hidden_size``, ``num_aux_hidden_states`` to ``len(eagle_aux_hidden_state_layer_ids)``
+          or 3, ``num_depths`` to 8, every boolean option (``parallel_drafting``, ``fc_norm``,
+          ``norm_output``, ``norm_before_fc``, ``norm_before_residual``, ``attention_bias``,
+          ``mlp_bias``) to False, the rest to this class's defaults;
+        * layers: ``num_hidden_layers`` (at least 1) with ``parallel_drafting``, else one.
+
+        What the draft cannot be is refused by name: a ``hidden_act`` other than ``silu``, a
+        ``partial_rotary_factor`` other than 1, and every value this class refuses.
+        """
+        if isinstance(config, cls):
+            return config
+        return cls(**_foreign_config_fields(config))
+
+
+_REQUIRED_LLAMA_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size", "rms_norm_eps")
+# Fields read as they are when present (None counts as absent: the class's default applies).
+_OPTIONAL_FIELDS = ("num_key_value_heads", "head_dim", "draft_vocab_size", "target_hidden_size", "num_aux_hidden_states",
+                    "max_position_embeddings", "mask_token_id", "num_depths", "eagle_aux_hidden_state_layer_ids",
+                    "verifier_name_or_path", "parallel_drafting", "norm_output", "norm_before_fc", "fc_norm",
+                    "norm_before_residual", "attention_bias", "mlp_bias")
+
+
+def _foreign_config_fields(config) -> dict:
+    """``Eagle3DraftConfig`` keyword arguments for a config object of another type (see
+    :meth:`Eagle3DraftConfig.from_config`)."""
+    missing = [name for name in _REQUIRED_LLAMA_FIELDS if getattr(config, name, None) is None]
+    if missing:
+        raise ValueError(f"config ({type(config).__name__}) lacks the Llama field(s) {', '.join(missing)}")
+    fields = {name: getattr(config, name) for name in _REQUIRED_LLAMA_FIELDS}
+    fields.update({name: getattr(config, name) for name in _OPTIONAL_FIELDS if getattr(config, name, None) is not None})
+    fields.setdefault("num_key_value_heads", fields["num_attention_heads"])
+    fields.setdefault("draft_vocab_size", fields["vocab_size"])
+    layers = getattr(config, "num_hidden_layers", 1)
+    fields["num_hidden_layers"] = (max(1, layers) if isinstance(layers, int) else layers) if fields.get(
+        "parallel_drafting") else 1
+    hidden_act = getattr(config, "hidden_act", "silu")
+    if hidden_act != "silu":
+        raise ValueError(f"hidden_act {hidden_act!r} is not supported: the draft's MLP is SwiGLU with silu")
+    partial = getattr(config, "partial_rotary_factor", 1.0)
+    if partial != 1:
+        raise ValueError(f"partial_rotary_factor {partial!r} is not supported: the draft rotates the whole head")
+    rope_params = getattr(config, "rope_parameters", None)
+    layer = {"rope_parameters": rope_params} if rope_params else {
+        "rope_theta": getattr(config, "rope_theta", rope.DEFAULT_THETA), "rope_scaling": getattr(config, "rope_scaling", None)}
+    fields["rope_theta"], fields["rope_scaling"] = rope.rope_fields(layer, where="config.")
+    return fields
+
 
 def _value_has_type(value, hint) -> bool:
     """Whether ``value`` fits the annotation ``hint`` (int, float, bool, str, list[int], X | None).
@@ -202,22 +263,30 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Eagle3LlamaAttention(_PeagleAttentionMixin, nn.Module):
-    """Llama attention whose q/k/v projections read ``input_size`` features (2H in the fused layer)."""
+    """Llama attention; its q/k/v projections read 2H features with ``fuse_input`` (the fused first
+    layer's ``[embeds, hidden]``), H otherwise. ``config``: any config
+    :meth:`Eagle3DraftConfig.from_config` reads, kept as ``self.config``."""
 
-    def __init__(self, config: Eagle3DraftConfig, input_size: int):
+    def __init__(self, config, fuse_input: bool = True):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_key_value_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
+        if not isinstance(fuse_input, bool):
+            raise TypeError(f"fuse_input must be a bool (True: 2 x hidden_size input features), got {fuse_input!r}")
+        draft = Eagle3DraftConfig.from_config(config)
+        self.config = config
+        self.fuse_input = fuse_input
+        self.num_heads = draft.num_attention_heads
+        self.num_key_value_heads = draft.num_key_value_heads
+        self.head_dim = draft.head_dim
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads
         self.scaling = self.head_dim**-0.5
-        bias = config.attention_bias
+        input_size = draft.hidden_size * (2 if fuse_input else 1)
+        bias = draft.attention_bias
         self.q_proj = nn.Linear(input_size, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(input_size, self.num_key_value_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(input_size, self.num_key_value_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, draft.hidden_size, bias=bias)
         self.rotary_emb = LlamaRotaryEmbedding(
-            self.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings
+            self.head_dim, draft.rope_theta, draft.rope_scaling, draft.max_position_embeddings
         )
 
     def _project_qkv(self, hidden_states: torch.Tensor, query_rows: torch.Tensor | None = None):
@@ -230,33 +299,40 @@ class Eagle3LlamaAttention(_PeagleAttentionMixin, nn.Module):
 
         return heads(self.q_proj, queries), heads(self.k_proj, hidden_states), heads(self.v_proj, hidden_states)
 
-    def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, kv_heads, N, D] -> [B, heads, N, D], each KV head repeated for its query group."""
-        return x.repeat_interleave(self.num_key_value_groups, dim=1)
+    def _repeat_kv(self, k: torch.Tensor, v: torch.Tensor | None = None):
+        """[B, kv_heads, N, D] -> [B, heads, N, D], each KV head repeated for its query group; given
+        ``v`` too, the pair ``(k, v)`` so repeated (NeMo Automodel's form)."""
+        if v is not None:
+            return self._repeat_kv(k), self._repeat_kv(v)
+        return k.repeat_interleave(self.num_key_value_groups, dim=1)
 
 
 class Eagle3LlamaMLP(nn.Module):
     """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: Eagle3DraftConfig):
+    def __init__(self, config):
         super().__init__()
-        bias = config.mlp_bias
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        draft = Eagle3DraftConfig.from_config(config)
+        bias = draft.mlp_bias
+        self.gate_proj = nn.Linear(draft.hidden_size, draft.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(draft.hidden_size, draft.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(draft.intermediate_size, draft.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class _LlamaBlock(nn.Module):
-    """Pre-norm Llama block parts shared by both layer kinds; attention reads ``attn_input_size``."""
+    """Pre-norm Llama block parts shared by both layer kinds (``fuse_input``: see
+    :class:`Eagle3LlamaAttention`); ``layer_id`` is the layer's index in the draft."""
 
-    def __init__(self, config: Eagle3DraftConfig, attn_input_size: int):
+    def __init__(self, config, layer_id: int, fuse_input: bool):
         super().__init__()
-        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = Eagle3LlamaAttention(config, attn_input_size)
-        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        draft = Eagle3DraftConfig.from_config(config)
+        self.layer_id = layer_id
+        self.input_layernorm = nn.RMSNorm(draft.hidden_size, eps=draft.rms_norm_eps)
+        self.self_attn = Eagle3LlamaAttention(config, fuse_input)
+        self.post_attention_layernorm = nn.RMSNorm(draft.hidden_size, eps=draft.rms_norm_eps)
         self.mlp = Eagle3LlamaMLP(config)
 
 
@@ -265,38 +341,51 @@ class Eagle3LlamaDecoderLayer(_PeagleDecoderLayerMixin, _LlamaBlock):
     state, concatenated to 2H features for attention; the residual is the hidden state, or its
     ``hidden_norm`` with ``norm_before_residual``."""
 
-    def __init__(self, config: Eagle3DraftConfig):
-        super().__init__(config, 2 * config.hidden_size)
-        self.hidden_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.norm_before_residual = config.norm_before_residual
+    def __init__(self, config, layer_id: int = 0):
+        super().__init__(config, layer_id, fuse_input=True)
+        draft = Eagle3DraftConfig.from_config(config)
+        self.is_input_layer = layer_id == 0
+        self.hidden_norm = nn.RMSNorm(draft.hidden_size, eps=draft.rms_norm_eps)
+        self.norm_before_residual = draft.norm_before_residual
 
 
 class Eagle3LlamaPeagleLayer(_PeagleVanillaLayerMixin, _LlamaBlock):
-    """A plain pre-norm Llama layer over H features (the P-EAGLE deep layers)."""
+    """A plain pre-norm Llama layer over H features (the P-EAGLE deep layers, ``layer_id`` >= 1)."""
 
-    def __init__(self, config: Eagle3DraftConfig):
-        super().__init__(config, config.hidden_size)
+    def __init__(self, config, layer_id: int = 1):
+        super().__init__(config, layer_id, fuse_input=False)
 
 
 class Eagle3LlamaModel(nn.Module):
     """The draft's body: embeddings, the ``fc`` projection of the target's states (after
-    ``input_norm`` and/or ``fc_norm`` when configured), layers, norm."""
+    ``input_norm`` and/or ``fc_norm`` when configured), layers, norm. The embeddings'
+    ``padding_idx`` is the config's ``pad_token_id`` when it has one, as in NeMo Automodel."""
 
-    def __init__(self, config: Eagle3DraftConfig):
+    def __init__(self, config):
         super().__init__()
-        aux_width = config.num_aux_hidden_states * config.target_hidden_size
-        eps = config.rms_norm_eps
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.input_norm = nn.RMSNorm(aux_width, eps=eps) if config.norm_before_fc else None
+        draft = Eagle3DraftConfig.from_config(config)
+        self.config = config
+        aux_width = draft.num_aux_hidden_states * draft.target_hidden_size
+        eps = draft.rms_norm_eps
+        self.embed_tokens = nn.Embedding(draft.vocab_size, draft.hidden_size, padding_idx=_padding_idx(config, draft))
+        self.input_norm = nn.RMSNorm(aux_width, eps=eps) if draft.norm_before_fc else None
         self.fc_norm = None
-        if config.fc_norm:
+        if draft.fc_norm:
             self.fc_norm = nn.ModuleList(
-                nn.RMSNorm(config.target_hidden_size, eps=eps) for _ in range(config.num_aux_hidden_states)
+                nn.RMSNorm(draft.target_hidden_size, eps=eps) for _ in range(draft.num_aux_hidden_states)
             )
-        self.fc = nn.Linear(aux_width, config.hidden_size, bias=False)
-        deep = [Eagle3LlamaPeagleLayer(config) for _ in range(config.num_hidden_layers - 1)]
+        self.fc = nn.Linear(aux_width, draft.hidden_size, bias=False)
+        deep = [Eagle3LlamaPeagleLayer(config, layer_id) for layer_id in range(1, draft.num_hidden_layers)]
         self.layers = nn.ModuleList([Eagle3LlamaDecoderLayer(config), *deep])
-        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = nn.RMSNorm(draft.hidden_size, eps=draft.rms_norm_eps)
+
+
+def _padding_idx(config, draft: Eagle3DraftConfig) -> int | None:
+    """The config's ``pad_token_id`` (None when it has none), checked against the vocabulary."""
+    pad = getattr(config, "pad_token_id", None)
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < draft.vocab_size):
+        raise ValueError(f"pad_token_id must be None or an int in [0, vocab_size={draft.vocab_size}), got {pad!r}")
+    return pad
 
 
 class LlamaEagle3DraftModel(_PeagleDraftMixin, nn.Module):
@@ -307,18 +396,32 @@ class LlamaEagle3DraftModel(_PeagleDraftMixin, nn.Module):
     ``draft_vocab_size < vocab_size`` it holds the vocabulary maps ``d2t`` (int64
     [draft_vocab], target id minus draft id) and ``t2d`` (bool [vocab], in the draft vocab),
     initially the first ``draft_vocab_size`` ids (see :meth:`set_draft_vocab`).
+
+    ``config``: an :class:`Eagle3DraftConfig`, or any config with the Llama fields (a transformers
+    ``LlamaConfig`` with the P-EAGLE attributes set on it, as NeMo Automodel builds its drafts),
+    read by :meth:`Eagle3DraftConfig.from_config`. ``self.config`` is the object given;
+    ``self.draft_config`` the ``Eagle3DraftConfig`` it describes, which the draft's own code reads.
+    Attribute, module and parameter names are NeMo Automodel's (``target_hidden_size``,
+    ``draft_vocab_size``, ``has_vocab_compression``, ``model.layers``, ``model.fc``,
+    ``mask_hidden``, ...). Parameters are created in torch's default dtype; ``.to(dtype)`` casts,
+    as Automodel's recipe does.
     """
 
-    def __init__(self, config: Eagle3DraftConfig):
+    def __init__(self, config):
         super().__init__()
+        draft = Eagle3DraftConfig.from_config(config)
         self.config = config
+        self.draft_config = draft
+        self.target_hidden_size = draft.target_hidden_size
+        self.draft_vocab_size = draft.draft_vocab_size
+        self.has_vocab_compression = draft.draft_vocab_size < draft.vocab_size
         self.gradient_checkpointing = False
         self.model = Eagle3LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.draft_vocab_size, bias=False)
-        if config.draft_vocab_size < config.vocab_size:
-            self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.int64))
-            self.register_buffer("t2d", torch.arange(config.vocab_size) < config.draft_vocab_size)
-        if config.parallel_drafting:
+        self.lm_head = nn.Linear(draft.hidden_size, draft.draft_vocab_size, bias=False)
+        if self.has_vocab_compression:
+            self.register_buffer("d2t", torch.zeros(draft.draft_vocab_size, dtype=torch.int64))
+            self.register_buffer("t2d", torch.arange(draft.vocab_size) < draft.draft_vocab_size)
+        if draft.parallel_drafting:
             self._init_peagle_parameters(config)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -339,29 +442,56 @@ class LlamaEagle3DraftModel(_PeagleDraftMixin, nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Draft hidden states [..., H] from :meth:`forward_peagle` -> logits [..., draft_vocab]."""
-        if not self.config.norm_output:
+        if not self.draft_config.norm_output:
             hidden_states = self.model.norm(hidden_states)
         return self.lm_head(hidden_states)
 
     def draft_to_target_ids(self) -> torch.Tensor:
         """int64 [draft_vocab]: the target-vocabulary id of each draft-vocabulary id."""
-        ids = torch.arange(self.config.draft_vocab_size, device=self.lm_head.weight.device)
-        return ids + self.d2t if hasattr(self, "d2t") else ids
+        ids = torch.arange(self.draft_vocab_size, device=self.lm_head.weight.device)
+        return ids + self.d2t if self.has_vocab_compression else ids
 
     def set_draft_vocab(self, target_ids: torch.Tensor) -> None:
         """Make the draft vocabulary the given distinct target ids (int [draft_vocab], sorted here)."""
-        if not hasattr(self, "d2t"):
+        if not self.has_vocab_compression:
             raise ValueError("this draft's vocabulary is the whole target vocabulary (no d2t/t2d)")
         target_ids = torch.as_tensor(target_ids, dtype=torch.int64, device=self.d2t.device).sort().values
+        self._write_vocab_maps(target_ids, "target_ids")
+
+    def set_vocab_mapping(self, selected_token_ids: torch.Tensor) -> None:
+        """NeMo Automodel's form of :meth:`set_draft_vocab`: draft id i is target id
+        ``selected_token_ids[i]`` (any shape holding draft_vocab_size distinct ids; their order is
+        kept); a no-op when the draft's vocabulary is the whole target vocabulary."""
+        if self.has_vocab_compression:
+            selected = torch.as_tensor(selected_token_ids).reshape(-1).to(dtype=torch.int64, device=self.d2t.device)
+            self._write_vocab_maps(selected, "selected_token_ids")
+
+    def _write_vocab_maps(self, target_ids: torch.Tensor, name: str) -> None:
         if target_ids.shape != self.d2t.shape or target_ids.unique().numel() != target_ids.numel():
-            raise ValueError(f"target_ids must be {self.d2t.numel()} distinct ids")
-        if target_ids[0] < 0 or target_ids[-1] >= self.config.vocab_size:
-            raise ValueError(f"target_ids must lie in [0, {self.config.vocab_size})")
+            raise ValueError(f"{name} must be {self.d2t.numel()} distinct ids")
+        vocab_size = self.draft_config.vocab_size
+        if target_ids.min() < 0 or target_ids.max() >= vocab_size:
+            raise ValueError(f"{name} must lie in [0, {vocab_size})")
         self.d2t.copy_(target_ids - torch.arange(target_ids.numel(), device=target_ids.device))
         self.t2d.zero_()
         self.t2d[target_ids] = True
 
-    def gradient_checkpointing_enable(self) -> None:
+    def copy_embeddings_from_target(self, target_embedding: nn.Embedding) -> None:
+        """Copy the target's input embeddings into the draft's (a DTensor weight is gathered first)."""
+        weight = target_embedding.weight
+        if hasattr(weight, "full_tensor"):
+            weight = weight.full_tensor()
+        with torch.no_grad():
+            self.model.embed_tokens.weight.copy_(weight)
+
+    def freeze_embeddings(self) -> None:
+        """Stop training the draft's input embeddings."""
+        self.model.embed_tokens.weight.requires_grad_(False)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each draft layer in the backward (see ``_run_draft_layer``);
+        ``gradient_checkpointing_kwargs`` is accepted for the transformers API and not used: the
+        recompute is always non-reentrant."""
         self.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self) -> None:
@@ -369,12 +499,10 @@ class LlamaEagle3DraftModel(_PeagleDraftMixin, nn.Module):
 
     def forward(self, *args, peagle_training_inputs: dict | None = None, **kwargs) -> torch.Tensor:
         """:meth:`forward_peagle` (same arguments). With ``peagle_training_inputs`` (the keyword
-        arguments of :func:`peagle_ext.training.supervised_draft_logits`), the draft logits of one
+        arguments of :func:`peagle_ext.draft.flat_inputs.supervised_draft_logits`), the draft logits of one
         training step or segment: ``peagle_training_step`` calls it so, so that a
         DistributedDataParallel wrapper sees the whole forward of the step."""
         if peagle_training_inputs is not None:
-            from .training import supervised_draft_logits
-
             return supervised_draft_logits(self, **peagle_training_inputs)
         return self.forward_peagle(*args, **kwargs)
 
@@ -387,7 +515,7 @@ class LlamaEagle3DraftModel(_PeagleDraftMixin, nn.Module):
         checkpoint is still written and one :class:`~peagle_ext.draft.checkpoint.InteropWarning`
         says what.
         """
-        fields = self.config.to_dict()
+        fields = self.draft_config.to_dict()
         if verifier is not None:
             fields["verifier_name_or_path"] = str(verifier)
         state = {checkpoint.disk_key(name): tensor for name, tensor in self.state_dict().items()}

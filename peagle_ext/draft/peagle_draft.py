@@ -19,8 +19,10 @@ Attention runs through :func:`_peagle_flex_attention`, which picks one of three 
 * ``scaled_dot_product_attention`` with the mask materialized from ``block_mask.mask_mod``
   where autograd needs a backward that flex_attention lacks (CPU and MPS in torch 2.14.1).
 
-``_peagle_flex_attention_compiled`` is created on first access through the module-level
-``__getattr__`` (PEP 562), so importing this module neither imports torch._dynamo nor compiles.
+``_peagle_flex_attention_compiled`` is module data made at import, ``torch.compile(flex_attention,
+mode="max-autotune-no-cudagraphs", dynamic=True)``: ``torch.compile`` only wraps, nothing is traced
+or compiled before the first call (importing it costs the import of torch._dynamo). Replacing the
+attribute, or reloading the module under a patched ``torch.compile``, changes what the next call uses.
 """
 
 from __future__ import annotations
@@ -37,11 +39,11 @@ from ..block_mask import build_block_mask
 # Named by the documented module path (this file lives in peagle_ext.draft, served there too).
 logger = logging.getLogger("peagle_ext.peagle_draft")
 
+# Compiled flex_attention for the CUDA path (see _peagle_compile_supported). dynamic=True: COD
+# sampling gives every step a different N, and a static first compile would be re-specialized
+# for each new length.
+_peagle_flex_attention_compiled = torch.compile(flex_attention, mode="max-autotune-no-cudagraphs", dynamic=True)
 _peagle_flex_attention_compile_failed = False
-
-# Arguments of the lazily compiled flex_attention (see ``__getattr__``).
-_COMPILE_KWARGS = {"mode": "max-autotune-no-cudagraphs", "dynamic": True}
-_COMPILED_NAME = "_peagle_flex_attention_compiled"
 
 # Dtypes Inductor's flex templates accept (q, k and v must share one).
 _COMPILE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -52,21 +54,6 @@ _NO_FLEX_BACKWARD_DEVICES = ("cpu", "mps")
 # Above this many query x key pairs, the dense SDPA fallback logs a one-time warning.
 _DENSE_FALLBACK_WARN_PAIRS = 4096 * 4096
 _dense_fallback_warned = False
-
-
-def __getattr__(name: str):
-    """Create ``_peagle_flex_attention_compiled`` on first access (PEP 562 module getattr)."""
-    if name == _COMPILED_NAME:
-        compiled = torch.compile(flex_attention, **_COMPILE_KWARGS)
-        globals()[_COMPILED_NAME] = compiled
-        return compiled
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _compiled_flex_attention():
-    """The module's compiled flex_attention, created on first use."""
-    compiled = globals().get(_COMPILED_NAME)
-    return compiled if compiled is not None else __getattr__(_COMPILED_NAME)
 
 
 def _peagle_compile_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -135,7 +122,7 @@ def _peagle_flex_attention(q, k, v, block_mask, scale):
         return _dense_masked_attention(q, k, v, block_mask, scale)
     if not _peagle_flex_attention_compile_failed and _peagle_compile_supported(q, k, v):
         try:
-            return _compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale)
+            return _peagle_flex_attention_compiled(q, k, v, block_mask=block_mask, scale=scale)
         except Exception as exc:  # noqa: BLE001 - any compile/lowering failure falls back
             _peagle_flex_attention_compile_failed = True
             logger.warning(
@@ -172,7 +159,7 @@ class _PeagleAttentionMixin:
 
         combined_states: [B, N, in_features] (2H for the fused first layer, H otherwise);
         position_ids: [B, N] or [N] reference positions; returns [B, N, hidden_size].
-        ``query_rows`` (int [Q], beyond the seed's signature): only these elements are queries
+        ``query_rows`` (int [Q], beyond NeMo Automodel's signature): only these elements are queries
         (``block_mask`` is then Q x N); returns [B, Q, hidden_size].
         """
         batch = combined_states.shape[0]
@@ -222,7 +209,8 @@ class _PeagleDraftMixin:
     """P-EAGLE draft-model methods for ``LlamaEagle3DraftModel``."""
 
     def _init_peagle_parameters(self, config) -> None:
-        """Register the learnable ``mask_hidden`` placeholder, std-1 normal, [1, 1, num_aux * target_hidden].
+        """Register the learnable ``mask_hidden`` placeholder, std-1 normal, [1, 1, num_aux * target_hidden]
+        (``model.fc.in_features``).
 
         It substitutes for the target's concatenated auxiliary hidden states at every masked
         COD position (depth >= 1), at the pre-``fc`` width, so it flows through
@@ -230,21 +218,19 @@ class _PeagleDraftMixin:
         Shape and on-disk key ``mask_hidden`` follow speculators. Call it only when
         ``parallel_drafting`` is set, so EAGLE-3 checkpoints carry no extra key.
         """
-        width = config.num_aux_hidden_states * config.target_hidden_size
-        self.mask_hidden = torch.nn.Parameter(torch.randn(1, 1, width))
+        self.mask_hidden = torch.nn.Parameter(torch.randn(1, 1, self.model.fc.in_features))
 
     def masked_projected_hidden(self) -> torch.Tensor:
         """The projected ``mask_hidden``: [1, hidden_size], what every masked COD depth receives."""
         return self.project_hidden_states(self.mask_hidden).reshape(1, -1)
 
-    def _run_draft_layer(self, layer_fn, args=(), kwargs=None):
-        """Run one draft layer, under ``torch.utils.checkpoint(use_reentrant=False)`` when the
-        model's ``gradient_checkpointing`` is set and it is training; directly otherwise.
+    def _run_draft_layer(self, layer_fn, *args, **kwargs):
+        """``layer_fn(*args, **kwargs)``, under ``torch.utils.checkpoint(use_reentrant=False)`` when
+        the model's ``gradient_checkpointing`` is set and it is training; directly otherwise.
 
         Checkpointing frees the layer's activations after the forward and recomputes them in
         the backward; the numbers are the same either way.
         """
-        kwargs = {} if kwargs is None else kwargs
         if self.gradient_checkpointing and self.training:
             return torch.utils.checkpoint.checkpoint(layer_fn, *args, use_reentrant=False, **kwargs)
         return layer_fn(*args, **kwargs)
@@ -253,8 +239,8 @@ class _PeagleDraftMixin:
                                 kv_anchor_pos=None, kv_depth=None):
         """The COD flex_attention BlockMask for one packed sequence, from ``peagle_ext.build_block_mask``
         with the fastest available backend (anchor_pos, depth: int [N]; lengths: document lengths
-        packed from position 0; total_seq_len: the original sequence length). Keywords beyond the
-        seed's signature: ``sliding_window``, the window W of the depth-0 context; ``kv_anchor_pos``
+        packed from position 0; total_seq_len: the original sequence length). Keywords beyond NeMo
+        Automodel's signature: ``sliding_window``, the window W of the depth-0 context; ``kv_anchor_pos``
         and ``kv_depth``, the key elements when only some elements are queries (a Q x KV mask)."""
         return build_block_mask(anchor_pos, depth, lengths, total_seq_len, sliding_window=sliding_window,
                                 kv_anchor_pos=kv_anchor_pos, kv_depth=kv_depth)
@@ -278,7 +264,7 @@ class _PeagleDraftMixin:
 
         Returns [1, N, H] pre-logits hidden states, post-``norm`` when ``config.norm_output``.
 
-        Keywords beyond the seed's signature: with ``query_rows`` (int [Q]) only those elements'
+        Keywords beyond NeMo Automodel's signature: with ``query_rows`` (int [Q]) only those elements'
         states are wanted, the others serving as keys only (a segment's completion): every layer
         but the last runs over all N with ``block_mask`` (unused with one layer), the last one
         runs queries ``query_rows`` against keys N with ``query_block_mask`` (Q x N), and the
@@ -290,12 +276,12 @@ class _PeagleDraftMixin:
 
         def layer_masks(index):
             if query_rows is None or index < last:
-                return (block_mask,)
-            return (query_block_mask, query_rows)
+                return {"block_mask": block_mask}
+            return {"block_mask": query_block_mask, "query_rows": query_rows}
 
-        hidden = self._run_draft_layer(
-            layers[0].forward_peagle, (embeds, sampled_projected_hidden, position_ids, *layer_masks(0))
-        )
+        hidden = self._run_draft_layer(layers[0].forward_peagle, input_embeds=embeds,
+                                       hidden_states=sampled_projected_hidden, position_ids=position_ids,
+                                       **layer_masks(0))
         for index, layer in enumerate(layers[1:], start=1):
-            hidden = self._run_draft_layer(layer.forward_peagle, (hidden, position_ids, *layer_masks(index)))
-        return self.model.norm(hidden) if self.config.norm_output else hidden
+            hidden = self._run_draft_layer(layer.forward_peagle, hidden, position_ids, **layer_masks(index))
+        return self.model.norm(hidden) if self.draft_config.norm_output else hidden

@@ -24,7 +24,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from ..cod import cod_segments, generate_cod_sample_indices
+from .flat_inputs import build_peagle_inputs, supervised_draft_logits
 from .llama import LlamaEagle3DraftModel
+
+__all__ = ["PeagleStepOutput", "build_peagle_inputs", "eagle_pairs", "peagle_training_step", "supervised_draft_logits"]
 
 
 @dataclass
@@ -57,26 +60,6 @@ def eagle_pairs(tokens, aux_hidden_states, target_logits, loss_mask=None):
     return tokens[1:], aux_hidden_states[:-1], target_logits[1:], shifted_mask
 
 
-def build_peagle_inputs(model, input_ids, aux_hidden_states, anchor_pos, depth):
-    """The flat P-EAGLE inputs for N COD elements of one sequence.
-
-    input_ids: [S]; aux_hidden_states: [S, num_aux * target_hidden]; anchor_pos, depth: int [N].
-    Returns (ids [1, N]: real ids at depth 0, ``mask_token_id`` deeper; projected [1, N, H]:
-    ``fc``-projected aux states at depth 0, the projected ``mask_hidden`` deeper;
-    position_ids [1, N]: ``anchor_pos + depth``). A draft without parallel drafting (EAGLE-3: no
-    ``mask_hidden``) takes depth-0 elements only.
-    """
-    real = (depth == 0).unsqueeze(-1)
-    mask_id = torch.full_like(anchor_pos, model.config.mask_token_id)
-    ids = torch.where(real.squeeze(-1), input_ids[anchor_pos], mask_id)
-    projected = model.project_hidden_states(aux_hidden_states)[anchor_pos]
-    if model.config.parallel_drafting:
-        projected = torch.where(real, projected, model.masked_projected_hidden().to(projected.dtype))
-    elif not bool(real.all()):
-        raise ValueError("depth must be 0 everywhere for a draft without parallel_drafting (it has no mask_hidden)")
-    return ids.unsqueeze(0), projected.unsqueeze(0), (anchor_pos + depth).unsqueeze(0)
-
-
 def _target_draft_logits(model, rows, target_logits, target_last_hidden, target_lm_head):
     """The target's logits over the draft vocabulary at reference positions ``rows``: [M, draft_vocab]."""
     vocab = model.draft_to_target_ids()
@@ -87,22 +70,6 @@ def _target_draft_logits(model, rows, target_logits, target_last_hidden, target_
     weight = getattr(target_lm_head, "weight", target_lm_head)
     bias = getattr(target_lm_head, "bias", None)
     return F.linear(target_last_hidden[rows], weight[vocab], None if bias is None else bias[vocab])
-
-
-def supervised_draft_logits(model, input_ids, aux_hidden_states, anchor_pos, depth, block_mask, rows,
-                            query_rows=None, query_block_mask=None) -> torch.Tensor:
-    """One flat P-EAGLE forward over the N elements (anchor_pos, depth: int [N]) of a sequence,
-    and the draft's logits at the elements ``rows`` (int [M]): [M, draft_vocab]. With
-    ``query_rows`` (int [Q]) only those elements are queries in the last layer (see
-    ``forward_peagle``) and ``rows`` index them.
-
-    This is what ``LlamaEagle3DraftModel.forward(peagle_training_inputs=...)`` runs, so that a
-    DistributedDataParallel wrapper around the draft sees the whole step's forward.
-    """
-    ids, projected, position_ids = build_peagle_inputs(model, input_ids, aux_hidden_states, anchor_pos, depth)
-    hidden = model.forward_peagle(ids, projected, position_ids, block_mask, query_rows=query_rows,
-                                  query_block_mask=query_block_mask)[0]
-    return model.compute_logits(hidden[rows])
 
 
 def _world(model) -> tuple[int, object]:
@@ -163,67 +130,124 @@ def peagle_training_step(
     if isinstance(sequence_partitions, bool) or not isinstance(sequence_partitions, int) or sequence_partitions < 1:
         raise ValueError(f"sequence_partitions must be an int >= 1, got {sequence_partitions!r}")
     seq_len = input_ids.numel()
-    device = input_ids.device
     if lengths is None:
-        lengths = torch.tensor([seq_len], device=device)
-    num_depths = draft.config.num_depths if num_depths is None else num_depths
+        lengths = torch.tensor([seq_len], device=input_ids.device)
+    num_depths = draft.draft_config.num_depths if num_depths is None else num_depths
     if anchor_pos is None or depth is None:
-        anchor_pos, depth = generate_cod_sample_indices(
-            seq_len, loss_mask, num_depths, down_sample_ratio, down_sample_ratio_min, max_anchors, generator
-        )
-    reference = anchor_pos + depth
-    supervised = (loss_mask[reference] != 0) & (reference < lengths.sum())
+        anchor_pos, depth = generate_cod_sample_indices(seq_len, loss_mask, num_depths, down_sample_ratio,
+                                                        down_sample_ratio_min, max_anchors=max_anchors,
+                                                        generator=generator)
+    reference, supervised = _supervision(anchor_pos, depth, loss_mask, lengths)
+    scale = _loss_scale(model, supervised)
+    segments = _segment_plan(anchor_pos, depth, seq_len, sequence_partitions, keys_only_completion, supervised)
+    partitioned = sequence_partitions > 1
+    world_size, _ = _world(model)
+    metrics = _DepthMetrics(max(num_depths, int(depth.max()) + 1), input_ids.device)
+    total_kl = torch.zeros((), device=input_ids.device)
+    for index, segment in enumerate(segments):
+        # A partitioned step's gradients are reduced across ranks once, in its last backward.
+        synced_later = world_size > 1 and partitioned and index < len(segments) - 1
+        with model.no_sync() if synced_later else contextlib.nullcontext():
+            kl, draft_log_probs, target_log_probs = _segment_forward(
+                model, draft, segment, anchor_pos, depth, input_ids, aux_hidden_states, lengths, sliding_window,
+                reference, target_logits, target_last_hidden, target_lm_head)
+            if partitioned:  # this segment's activations go now; a flat step leaves backward() to the caller
+                (kl * scale).backward()
+        total_kl = total_kl + (kl.detach() if partitioned else kl)
+        metrics.add(depth[segment.queries[segment.rows]], draft_log_probs, target_log_probs)
+    return PeagleStepOutput(total_kl * scale, *metrics.accuracy_and_count())
 
+
+def _supervision(anchor_pos, depth, loss_mask, lengths) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reference, supervised) per element: its reference position ``anchor + depth``, and whether
+    the target supervises it there (``loss_mask`` set, inside the documents)."""
+    reference = anchor_pos + depth
+    return reference, (loss_mask[reference] != 0) & (reference < lengths.sum())
+
+
+def _loss_scale(model, supervised: torch.Tensor) -> torch.Tensor:
+    """What a KL sum is multiplied by: the number of ranks over the supervised count of all ranks
+    (one all-reduce under DDP), so that DDP's gradient averaging gives the global batch's loss."""
     world_size, group = _world(model)
     total_supervised = supervised.sum()
     if world_size > 1:
         torch.distributed.all_reduce(total_supervised, group=group)
-    scale = world_size / total_supervised.clamp(min=1).to(torch.float32)
+    return world_size / total_supervised.clamp(min=1).to(torch.float32)
 
+
+@dataclass
+class _Segment:
+    """One forward of a step. elements: int [E], the elements it runs over (indices into the
+    step's elements); query_rows: int [Q] into ``elements``, the last layer's queries when the
+    completion is keys only, else None (every element a query); queries: int [Q], the query
+    elements (indices into the step's elements); rows: int [M] into the queries, the supervised
+    ones among the segment's own elements."""
+
+    elements: torch.Tensor
+    query_rows: torch.Tensor | None
+    queries: torch.Tensor
+    rows: torch.Tensor
+
+
+def _segment_plan(anchor_pos, depth, seq_len: int, sequence_partitions: int, keys_only_completion: bool,
+                  supervised: torch.Tensor) -> list[_Segment]:
+    """The step's forwards: one over every element, or one per non-empty COD segment
+    (:func:`peagle_ext.cod_segments`)."""
     if sequence_partitions == 1:
-        parts = [(torch.arange(anchor_pos.numel(), device=device), torch.ones_like(supervised))]
-    else:
-        parts = [(elements, own) for elements, own in cod_segments(anchor_pos, depth, seq_len, sequence_partitions)
-                 if elements.numel()]
-    num_depths = max(num_depths, int(depth.max()) + 1)
-    hits = torch.zeros(num_depths, device=device)
-    count = torch.zeros(num_depths, dtype=torch.int64, device=device)
-    total_kl = torch.zeros((), device=device)
-    num_layers = len(draft.model.layers)
-    for index, (elements, own) in enumerate(parts):
-        part_anchor, part_depth = anchor_pos[elements], depth[elements]
-        # The queries: the segment's own elements when its completion is keys only, else all.
-        query_rows = torch.nonzero(own).flatten() if sequence_partitions > 1 and keys_only_completion else None
+        everything = torch.arange(anchor_pos.numel(), device=anchor_pos.device)
+        return [_Segment(everything, None, everything, torch.nonzero(supervised).flatten())]
+    segments = []
+    for elements, own in cod_segments(anchor_pos, depth, seq_len, sequence_partitions):
+        if not elements.numel():
+            continue
+        query_rows = torch.nonzero(own).flatten() if keys_only_completion else None
         queries = elements if query_rows is None else elements[query_rows]
-        rows = torch.nonzero((own if query_rows is None else own[query_rows]) & supervised[queries]).flatten()
-        synced_later = world_size > 1 and sequence_partitions > 1 and index < len(parts) - 1
-        with model.no_sync() if synced_later else contextlib.nullcontext():
-            masks = {}
-            if query_rows is None or num_layers > 1:
-                masks["block_mask"] = draft.build_peagle_block_mask(part_anchor, part_depth, lengths, seq_len,
-                                                                    sliding_window=sliding_window)
-            if query_rows is not None:
-                masks["query_block_mask"] = draft.build_peagle_block_mask(
-                    anchor_pos[queries], depth[queries], lengths, seq_len, sliding_window=sliding_window,
-                    kv_anchor_pos=part_anchor, kv_depth=part_depth)
-            logits = model(peagle_training_inputs=dict(
-                input_ids=input_ids, aux_hidden_states=aux_hidden_states, anchor_pos=part_anchor,
-                depth=part_depth, block_mask=masks.get("block_mask"), rows=rows, query_rows=query_rows,
-                query_block_mask=masks.get("query_block_mask")))
-            draft_log_probs = F.log_softmax(logits.float(), dim=-1)
-            with torch.no_grad():
-                target = _target_draft_logits(draft, reference[queries[rows]], target_logits, target_last_hidden,
-                                              target_lm_head)
-                target_log_probs = F.log_softmax(target.float(), dim=-1)
-            kl = F.kl_div(draft_log_probs, target_log_probs, reduction="sum", log_target=True)
-            if sequence_partitions > 1:
-                (kl * scale).backward()
-        total_kl = total_kl + (kl.detach() if sequence_partitions > 1 else kl)
-        with torch.no_grad():
-            correct = (draft_log_probs.argmax(-1) == target_log_probs.argmax(-1)).float()
-            count += torch.bincount(depth[queries[rows]], minlength=num_depths)
-            hits += torch.bincount(depth[queries[rows]], weights=correct, minlength=num_depths)
+        own_queries = own if query_rows is None else own[query_rows]
+        rows = torch.nonzero(own_queries & supervised[queries]).flatten()
+        segments.append(_Segment(elements, query_rows, queries, rows))
+    return segments
 
-    accuracy = hits / count.clamp(min=1)
-    accuracy[count == 0] = math.nan
-    return PeagleStepOutput(total_kl * scale, accuracy, count)
+
+def _segment_forward(model, draft, segment: _Segment, anchor_pos, depth, input_ids, aux_hidden_states, lengths,
+                     sliding_window, reference, target_logits, target_last_hidden, target_lm_head):
+    """One segment's masks and forward (through ``model``, the DDP wrapper if any) and its KL sum
+    against the target: (kl, draft log-probs [M, V], target log-probs [M, V])."""
+    seq_len = input_ids.numel()
+    part_anchor, part_depth = anchor_pos[segment.elements], depth[segment.elements]
+    block_mask = query_block_mask = None
+    if segment.query_rows is None or len(draft.model.layers) > 1:  # a one-layer draft's last layer is its only one
+        block_mask = draft.build_peagle_block_mask(part_anchor, part_depth, lengths, seq_len,
+                                                   sliding_window=sliding_window)
+    if segment.query_rows is not None:
+        query_block_mask = draft.build_peagle_block_mask(
+            anchor_pos[segment.queries], depth[segment.queries], lengths, seq_len, sliding_window=sliding_window,
+            kv_anchor_pos=part_anchor, kv_depth=part_depth)
+    logits = model(peagle_training_inputs=dict(
+        input_ids=input_ids, aux_hidden_states=aux_hidden_states, anchor_pos=part_anchor, depth=part_depth,
+        block_mask=block_mask, rows=segment.rows, query_rows=segment.query_rows, query_block_mask=query_block_mask))
+    draft_log_probs = F.log_softmax(logits.float(), dim=-1)
+    with torch.no_grad():
+        target = _target_draft_logits(draft, reference[segment.queries[segment.rows]], target_logits,
+                                      target_last_hidden, target_lm_head)
+        target_log_probs = F.log_softmax(target.float(), dim=-1)
+    kl = F.kl_div(draft_log_probs, target_log_probs, reduction="sum", log_target=True)
+    return kl, draft_log_probs, target_log_probs
+
+
+class _DepthMetrics:
+    """Top-1 agreement with the target per COD depth, summed over a step's segments."""
+
+    def __init__(self, num_depths: int, device):
+        self.hits = torch.zeros(num_depths, device=device)
+        self.count = torch.zeros(num_depths, dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def add(self, depth, draft_log_probs, target_log_probs) -> None:
+        correct = (draft_log_probs.argmax(-1) == target_log_probs.argmax(-1)).float()
+        self.count += torch.bincount(depth, minlength=self.count.numel())
+        self.hits += torch.bincount(depth, weights=correct, minlength=self.hits.numel())
+
+    def accuracy_and_count(self) -> tuple[torch.Tensor, torch.Tensor]:
+        accuracy = self.hits / self.count.clamp(min=1)
+        accuracy[self.count == 0] = math.nan
+        return accuracy, self.count

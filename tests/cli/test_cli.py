@@ -75,7 +75,7 @@ def test_bench_prints_table_and_writes_json_and_plot(tmp_path, capsys):
 def test_bench_stopped_midway_leaves_the_lengths_it_finished(tmp_path, monkeypatch):
     """gpu_check.sh runs the benchmark under a time limit: a run stopped at the second length must
     leave the first one's figures in both files, and say which lengths are missing."""
-    from peagle_ext.cli import bench
+    from peagle_ext import _measure
 
     measured = []
 
@@ -85,7 +85,7 @@ def test_bench_stopped_midway_leaves_the_lengths_it_finished(tmp_path, monkeypat
         measured.append(fn)
         return 1e-3, 1
 
-    monkeypatch.setattr(bench, "time_call", time_call)
+    monkeypatch.setattr(_measure, "time_call", time_call)
     result, markdown = tmp_path / "bench.json", tmp_path / "bench.md"
     with pytest.raises(KeyboardInterrupt):
         main(["bench", "--lengths", "128", "256", "512", "--no-memory", "--backends", "python",
@@ -111,7 +111,7 @@ def test_profile_script_splits_a_build_into_host_and_ops():
 def test_bench_peak_memory_tells_the_dense_builder_from_ours():
     """Peak memory is measured in a fresh process: eager create_block_mask materializes the N x N
     grid (N = 3441 here: ~12 M pairs), the python builder only O(N + tiles)."""
-    from peagle_ext.cli.bench import peak_memory_bytes
+    from peagle_ext._measure import peak_memory_bytes
 
     ours = peak_memory_bytes("python", 1024, 8, "cpu")
     dense = peak_memory_bytes("create_block_mask", 1024, 8, "cpu")
@@ -123,8 +123,8 @@ def test_bench_peak_memory_tells_the_dense_builder_from_ours():
 
 def test_bench_gpu_table_and_targets_from_figures(tmp_path, monkeypatch):
     """What gpu_check.sh writes to benchmarks/results/h200.md, from figures given here (the GPU
-    measurement itself runs on a GPU only): the host-sync column, the notes, each target met or
-    missed from the measured numbers."""
+    measurement itself runs on a GPU only): the host-sync column, the notes, and then
+    benchmarks/targets.py's verdicts, each target met or missed from the measured numbers."""
     from peagle_ext.cli import bench
 
     def row(seq_len, ours_s, compiled_s, syncs, matches):
@@ -134,20 +134,29 @@ def test_bench_gpu_table_and_targets_from_figures(tmp_path, monkeypatch):
             "create_block_mask": {"skipped": "needs ~500 GiB for the dense mask"}}}
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
-    path = tmp_path / "h200.md"
-    bench.write_markdown([row(8192, 80e-6, 2e-3, 0, True), row(65536, 3e-3, 50e-3, 0, True)], str(path), "cuda",
-                         "python -m peagle_ext bench --device cuda")
+    path, results = tmp_path / "h200.md", tmp_path / "h200.json"
+    rows = [row(8192, 80e-6, 2e-3, 0, True), row(65536, 3e-3, 50e-3, 0, True)]
+    bench.write_markdown(rows, str(path), "cuda", "python -m peagle_ext bench --device cuda")
     text = path.read_text()
     assert text.startswith("# `python -m peagle_ext bench` on NVIDIA H200")
     assert "| 8192 | 24576 | 1x1 | cuda | 0.080 | 1.0 |  | 25.0 | 0 | (same blocks as the CPU kernel) |" in text
     assert "| compiled_create_block_mask | 2.000 | - |  |  | 1 | (compile 9.5 s) |" in text
+    assert "Targets" not in text and "-> met" not in text  # the package states no targets
+
+    results.write_text(json.dumps({"rows": rows}))
+    script = os.path.join(ROOT, "benchmarks", "targets.py")
+    checked = subprocess.run([sys.executable, script, str(results), "--markdown", str(path)], capture_output=True,
+                             text=True)
+    assert checked.returncode == 1, checked.stderr  # one target missed
+    text = path.read_text()
     assert "- S = 8192 in <= 100 us per build: 80.0 us -> met" in text
     assert "- >= 10x faster than compiled create_block_mask at S = 8192: 25.0x -> met" in text
     assert "- S = 65536 in <= 2 ms: 3.000 ms -> MISSED" in text
     assert "- zero host syncs (validate=False): 0 over 2 lengths -> met" in text
     assert "- the CPU kernel's blocks at every length: 2 of 2 lengths -> met" in text
-    slow_and_syncing = [row(8192, 150e-6, 1e-3, 1, False)]
-    assert bench.gpu_targets(slow_and_syncing) == [
+    results.write_text(json.dumps({"rows": [row(8192, 150e-6, 1e-3, 1, False)]}))
+    checked = subprocess.run([sys.executable, script, str(results)], capture_output=True, text=True)
+    assert checked.stdout.splitlines()[1:] == [
         "- S = 8192 in <= 100 us per build: 150.0 us -> MISSED",
         "- >= 10x faster than compiled create_block_mask at S = 8192: 6.7x -> MISSED",
         "- zero host syncs (validate=False): 1 over 1 lengths -> MISSED",

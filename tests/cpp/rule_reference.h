@@ -22,19 +22,27 @@ inline bool visible(int64_t aq, int64_t dq, int64_t ak, int64_t dk, const std::v
   return context || (ak == aq && dk <= dq);
 }
 
-// Tile states from the rule, pair by pair, with create_block_mask's padding (tail tiles never full).
-inline std::vector<uint8_t> brute_states(const std::vector<int64_t>& anchor, const std::vector<int64_t>& depth,
+// Tile states of queries (q_anchor, q_depth) against keys (k_anchor, k_depth) from the rule, pair by
+// pair, with create_block_mask's padding (tail tiles never full).
+inline std::vector<uint8_t> brute_states(const std::vector<int64_t>& q_anchor, const std::vector<int64_t>& q_depth,
+                                         const std::vector<int64_t>& k_anchor, const std::vector<int64_t>& k_depth,
                                          const std::vector<int64_t>& doc, int64_t window, int64_t qb, int64_t kvb) {
-  const int64_t n = static_cast<int64_t>(anchor.size());
-  const int64_t nq = (n + qb - 1) / qb, nkv = (n + kvb - 1) / kvb;
+  const int64_t n_q = static_cast<int64_t>(q_anchor.size()), n_k = static_cast<int64_t>(k_anchor.size());
+  const int64_t nq = (n_q + qb - 1) / qb, nkv = (n_k + kvb - 1) / kvb;
   std::vector<int64_t> count(nq * nkv, 0);
-  for (int64_t q = 0; q < n; ++q)
-    for (int64_t k = 0; k < n; ++k)
-      count[(q / qb) * nkv + k / kvb] += visible(anchor[q], depth[q], anchor[k], depth[k], doc, window);
+  for (int64_t q = 0; q < n_q; ++q)
+    for (int64_t k = 0; k < n_k; ++k)
+      count[(q / qb) * nkv + k / kvb] += visible(q_anchor[q], q_depth[q], k_anchor[k], k_depth[k], doc, window);
   std::vector<uint8_t> states(nq * nkv);
   for (size_t t = 0; t < states.size(); ++t)
     states[t] = count[t] == 0 ? kEmpty : (count[t] == qb * kvb ? kFull : kPartial);
   return states;
+}
+
+// One element set against itself.
+inline std::vector<uint8_t> brute_states(const std::vector<int64_t>& anchor, const std::vector<int64_t>& depth,
+                                         const std::vector<int64_t>& doc, int64_t window, int64_t qb, int64_t kvb) {
+  return brute_states(anchor, depth, anchor, depth, doc, window, qb, kvb);
 }
 
 }  // namespace reference

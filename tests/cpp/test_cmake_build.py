@@ -58,7 +58,8 @@ def cuda_toolkit_options() -> list[str]:
 
 
 def configure_command(cmake: str, build_dir, *options: str) -> list[str]:
-    return [cmake, "-S", ROOT, "-B", str(build_dir), "-G", "Ninja", f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+    return [cmake, "-S", ROOT, "-B", str(build_dir), "-G", "Ninja",
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
             f"-DPython3_EXECUTABLE={sys.executable}", *cuda_toolkit_options(), *options]
 
 

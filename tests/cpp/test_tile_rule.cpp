@@ -1,6 +1,6 @@
 // Tests of csrc/peagle_tile_rule.h on its own (no torch): unit checks of each function, then a
 // randomized comparison of tile states built from the header against the element-level rule
-// evaluated pair by pair (the specification, shared/DESIGN.md §1).
+// evaluated pair by pair (the specification, docs/rule.md).
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>

@@ -9,7 +9,8 @@ from torch.nn.attention.flex_attention import create_block_mask
 import peagle_ext
 from peagle_ext import peagle_draft
 from peagle_ext.training import build_peagle_inputs, peagle_training_step
-from draft_helpers import cod_indices, random_sequence, tiny_model, single_thread  # noqa: F401 (autouse fixture)
+
+from draft_helpers import cod_indices, random_sequence, single_thread, tiny_model  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -17,7 +18,8 @@ SEQ = 300  # N ~ 700 elements: several 128-blocks, so the compiled kernel reads 
 
 
 def _gpu_model(dtype=torch.bfloat16, **overrides):
-    fields = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=128, draft_vocab_size=128)
+    fields = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                  draft_vocab_size=128)
     fields.update(overrides)
     return tiny_model(**fields).to("cuda", dtype)
 
@@ -61,7 +63,8 @@ def test_compiled_output_same_whichever_builder_made_the_mask():
     flat = build_peagle_inputs(model, ids, aux, anchor_pos, depth)
     lengths = torch.tensor([150, 120], device="cuda")
     n = anchor_pos.numel()
-    masks = {b: peagle_ext.build_block_mask(anchor_pos, depth, lengths, SEQ, backend=b) for b in peagle_ext.available_backends() if b != "cpu"}
+    masks = {b: peagle_ext.build_block_mask(anchor_pos, depth, lengths, SEQ, backend=b)
+             for b in peagle_ext.available_backends() if b != "cpu"}
     rule = peagle_ext.create_peagle_mask_mod(anchor_pos, depth, lengths, SEQ)
     masks["create_block_mask"] = create_block_mask(rule, None, None, n, n, device="cuda")
     with torch.no_grad():
@@ -76,7 +79,8 @@ def test_compiled_training_step_backward_in_bf16():
     model = _gpu_model().train()
     anchor_pos, depth, ids, aux = _inputs(model)
     logits = torch.randn(SEQ, 128, device="cuda")
-    out = peagle_training_step(model, ids, aux, torch.ones(SEQ, device="cuda"), target_logits=logits, anchor_pos=anchor_pos, depth=depth)
+    out = peagle_training_step(model, ids, aux, torch.ones(SEQ, device="cuda"), target_logits=logits,
+                               anchor_pos=anchor_pos, depth=depth)
     out.loss.backward()
     assert peagle_draft._peagle_flex_attention_compile_failed is False
     assert torch.isfinite(out.loss)

@@ -13,7 +13,9 @@ from peagle_ext.draft_llama import (
     Eagle3LlamaPeagleLayer,
     LlamaEagle3DraftModel,
 )
-from draft_helpers import cod_indices, random_sequence, tiny_config, tiny_model, single_thread  # noqa: F401 (autouse fixture)
+
+from draft_helpers import cod_indices, random_sequence, single_thread, tiny_config, tiny_model  # noqa: F401 (autouse fixture)
+from helpers import dense_rule
 
 
 def test_config_defaults_and_derived_fields():
@@ -36,7 +38,8 @@ def test_config_defaults_and_derived_fields():
         ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "unsupported rope_type 'dynamic'"),
         ({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "beta_fast": 4}}, "unknown rope option 'beta_fast'"),
         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "needs the rope option 'low_freq_factor'"),
-        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}},
+         "partial_rotary_factor"),
         ({"rope_scaling": {"rope_type": "yarn", "type": "linear", "factor": 2.0}}, "two types"),
         ({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "rope_theta"),
     ],
@@ -117,23 +120,6 @@ def test_rope_is_relative_and_honours_arbitrary_positions():
 # --- an independent dense reference of the whole P-EAGLE forward -------------------------------------------
 
 
-def _rule(anchor_pos, depth, doc):
-    """DESIGN.md §1, pair by pair: [N, N] bool, True where query q may see key k."""
-    a, d = anchor_pos.tolist(), depth.tolist()
-    n = len(a)
-    return torch.tensor(
-        [
-            [
-                doc[a[q]] != -1
-                and doc[a[q]] == doc[a[k]]
-                and ((d[k] == 0 and a[k] <= a[q]) or (a[k] == a[q] and d[k] <= d[q]))
-                for k in range(n)
-            ]
-            for q in range(n)
-        ]
-    )
-
-
 def _rope(x, positions, theta):
     """Rotary embedding in complex form: pairs (i, i + D/2) rotated by position * theta^(-2i/D)."""
     half = x.shape[-1] // 2
@@ -201,12 +187,12 @@ def test_forward_matches_dense_reference(layout, overrides):
     else:
         anchor_pos, depth = cod_indices(seq_len, 4)
     ids, aux = random_sequence(model, seq_len)
-    doc = [0] * 11 + [1] * 9
     flat_ids, projected, positions = build_peagle_inputs(model, ids, aux, anchor_pos, depth)
     with torch.no_grad():
         block_mask = model.build_peagle_block_mask(anchor_pos, depth, lengths, seq_len)
         actual = model.forward_peagle(flat_ids, projected, positions, block_mask)[0]
-        expected = _reference_forward(model, flat_ids[0], projected[0], positions[0], _rule(anchor_pos, depth, doc))
+        visible = dense_rule(anchor_pos, depth, lengths, seq_len)
+        expected = _reference_forward(model, flat_ids[0], projected[0], positions[0], visible)
     torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-4)
 
 

@@ -7,11 +7,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import arbitrary_cases, cod_cases
 
 import peagle_ext
 from peagle_ext.training import peagle_training_step
-from draft_helpers import random_sequence, tiny_model, single_thread  # noqa: F401 (autouse fixture)
+
+from draft_helpers import random_sequence, single_thread, tiny_model  # noqa: F401 (autouse fixture)
+from strategies import arbitrary_cases, cod_cases
 
 
 def _seq_length(case) -> int:
@@ -48,8 +49,15 @@ def test_assignment_follows_the_rollout():
         peagle_ext.assign_cod_segments(anchor_pos, depth, 8, 0)
     with pytest.raises(ValueError, match="seq_length"):
         peagle_ext.assign_cod_segments(anchor_pos, depth, 0, 2)
-    with pytest.raises(TypeError, match="anchor_pos must be a 1-D integer tensor"):
+    with pytest.raises(TypeError, match="anchor_pos must be an integer tensor"):
         peagle_ext.assign_cod_segments(anchor_pos.float(), depth, 8, 2)
+    with pytest.raises(ValueError, match=r"same shape, got \(11,\) and \(1, 11\)"):
+        peagle_ext.assign_cod_segments(anchor_pos, depth[None], 8, 2)
+    # Elementwise, as NeMo Automodel's: a [1, N] pair gives the [1, N] assignment.
+    assert torch.equal(peagle_ext.assign_cod_segments(anchor_pos[None], depth[None], 8, 2),
+                       peagle_ext.assign_cod_segments(anchor_pos, depth, 8, 2)[None])
+    with pytest.raises(TypeError, match="anchor_pos must be a 1-D integer tensor"):
+        peagle_ext.cod_segments(anchor_pos[None], depth[None], 8, 2)
 
 
 SEQ = 40
@@ -94,7 +102,8 @@ def test_partitioned_step_accumulates_the_flat_gradients(layout, num_layers):
         assert torch.equal(split.depth_count, flat.depth_count)
         torch.testing.assert_close(split.depth_accuracy, flat.depth_accuracy, equal_nan=True)
         for name, grad in flat_grads.items():
-            torch.testing.assert_close(split_grads[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(split_grads[name], grad, atol=1e-5, rtol=1e-4,
+                                       msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_partitioned_step_rejects_bad_partition_counts():
@@ -102,4 +111,5 @@ def test_partitioned_step_rejects_bad_partition_counts():
     ids, aux = random_sequence(model, 12)
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="sequence_partitions must be an int >= 1"):
-            peagle_training_step(model, ids, aux, torch.ones(12), target_logits=torch.randn(12, 96), sequence_partitions=bad)
+            peagle_training_step(model, ids, aux, torch.ones(12), target_logits=torch.randn(12, 96),
+                                 sequence_partitions=bad)

@@ -8,6 +8,7 @@ import torch
 
 from peagle_ext.draft import rope
 from peagle_ext.draft.llama import LlamaRotaryEmbedding
+
 from draft_helpers import single_thread  # noqa: F401 (autouse fixture)
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference for the rope math")

@@ -9,7 +9,8 @@ import torch
 
 from peagle_ext.cli.train_demo import TinyTarget
 from peagle_ext.training import build_peagle_inputs, eagle_pairs, peagle_training_step
-from draft_helpers import cod_indices, random_sequence, tiny_model, single_thread  # noqa: F401 (autouse fixture)
+
+from draft_helpers import cod_indices, random_sequence, single_thread, tiny_model  # noqa: F401 (autouse fixture)
 
 SEQ = 24
 
@@ -91,7 +92,8 @@ def test_last_hidden_with_lm_head_equals_logits_and_padding_is_unsupervised():
     last_hidden, lm_head = torch.randn(SEQ, 16, generator=generator), torch.nn.Linear(16, 96, bias=False)
     kwargs = {"lengths": torch.tensor([10, 8])}  # positions 18.. are padding
     from_logits = _step(model, ids, aux, torch.ones(SEQ), target_logits=lm_head(last_hidden).detach(), **kwargs)
-    from_hidden = _step(model, ids, aux, torch.ones(SEQ), target_last_hidden=last_hidden, target_lm_head=lm_head, **kwargs)
+    from_hidden = _step(model, ids, aux, torch.ones(SEQ), target_last_hidden=last_hidden, target_lm_head=lm_head,
+                        **kwargs)
     torch.testing.assert_close(from_hidden.loss, from_logits.loss)
     anchor_pos, depth = cod_indices(SEQ)
     assert from_logits.num_supervised == int((anchor_pos + depth < 18).sum())
@@ -117,7 +119,8 @@ def test_step_samples_cod_and_reports_every_depth():
     model = tiny_model()
     ids, aux = random_sequence(model, SEQ)
     out = peagle_training_step(
-        model, ids, aux, torch.ones(SEQ), target_logits=torch.randn(SEQ, 96), num_depths=6, generator=torch.Generator().manual_seed(0)
+        model, ids, aux, torch.ones(SEQ), target_logits=torch.randn(SEQ, 96), num_depths=6,
+        generator=torch.Generator().manual_seed(0)
     )
     assert out.depth_accuracy.shape == out.depth_count.shape == (6,)
     assert out.depth_count[0] == SEQ and (out.depth_count[1:] > 0).all()
@@ -135,7 +138,8 @@ def test_loss_falls_over_30_adamw_steps():
         with torch.no_grad():
             tokens = target.sample(33, generator)
             ids, aux, logits, _ = eagle_pairs(tokens, *target(tokens))
-        out = peagle_training_step(model, ids, aux, torch.ones(32), target_logits=logits, num_depths=3, generator=generator)
+        out = peagle_training_step(model, ids, aux, torch.ones(32), target_logits=logits, num_depths=3,
+                                   generator=generator)
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()

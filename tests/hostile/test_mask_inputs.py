@@ -14,7 +14,7 @@ from hypothesis import given, strategies as st
 import peagle_ext
 from peagle_ext import _python_builder
 from peagle_ext._inputs import FIELD_MAX
-from conftest import backends_here, oracle_block_mask
+from helpers import backends_here, oracle_block_mask
 from strategies import arbitrary_cases, separate_key_cases
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -162,7 +162,8 @@ def test_any_int64_values_are_refused_by_name_or_built_without_validation(elemen
     if apart:
         kwargs.update(kv_anchor_pos=anchor_pos.flip(0)[: max(1, len(elements) // 2)],
                       kv_depth=depth.flip(0)[: max(1, len(elements) // 2)])
-    try:
+    try:  # the validation, then the oracle (which evaluates the rule as stated, unchecked)
+        peagle_ext.create_peagle_mask_mod(anchor_pos, depth, **{k: v for k, v in kwargs.items() if k != "BLOCK_SIZE"})
         oracle = oracle_block_mask(anchor_pos, depth, **kwargs)
     except ValueError as error:
         assert any(name in str(error) for name in ("anchor_pos", "depth")), error

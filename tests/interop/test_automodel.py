@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from peagle_ext.draft.llama import Eagle3DraftConfig, LlamaEagle3DraftModel
+
 from checkpoint_peers import (
     AUTOMODEL_VERSION,
     LLAMA3,
@@ -84,11 +85,13 @@ def test_weights_both_ways_with_equal_logits(draft_llama, name):
     ours = our_model(config, seed=0)
     theirs = automodel_draft(draft_llama, config)
     theirs.load_state_dict(ours.state_dict(), strict=True)
-    assert_logits_close(our_logits(ours, inputs), automodel_logits(theirs, inputs), MEASURED, ("loads peagle_ext's", name))
+    assert_logits_close(our_logits(ours, inputs), automodel_logits(theirs, inputs), MEASURED,
+                        ("loads peagle_ext's", name))
 
     randomize_(theirs, seed=1)
     if hasattr(theirs, "d2t"):
         theirs.set_vocab_mapping(draft_vocab(config, seed=1))
     ours = LlamaEagle3DraftModel(config).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)
-    assert_logits_close(our_logits(ours, inputs), automodel_logits(theirs, inputs), MEASURED, ("weights, peagle_ext loads", name))
+    assert_logits_close(our_logits(ours, inputs), automodel_logits(theirs, inputs), MEASURED,
+                        ("weights, peagle_ext loads", name))

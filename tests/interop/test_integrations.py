@@ -154,7 +154,8 @@ def speculators_step(model, forward=None, layout="padded") -> dict:
     docs = document_ids(layout)
     batch = dict(hidden_states=torch.randn(1, S, AUX * HIDDEN, generator=g),
                  input_ids=torch.randint(0, VOCAB - 1, (1, S), generator=g), document_ids=docs[None],
-                 loss_mask=(docs >= 0).float()[None], verifier_last_hidden_states=torch.randn(1, S, HIDDEN, generator=g),
+                 loss_mask=(docs >= 0).float()[None],
+                 verifier_last_hidden_states=torch.randn(1, S, HIDDEN, generator=g),
                  num_depths=8, loss_config=resolve_loss_config("kl_div", "eager"))  # the default is a Triton kernel
     record, remove = record_masks_and_logits(model.layers, model.lm_head)
     sample = peagle_core.generate_cod_sample_indices
@@ -371,10 +372,10 @@ def test_automodel_enable_disable_restore_exactly():
     assert vars(mixin)["build_peagle_block_mask"] is patched is not original
 
     # Something else replaced it after enable(): disable refuses rather than undo that.
-    setattr(mixin, "build_peagle_block_mask", original)
+    mixin.build_peagle_block_mask = original
     with pytest.raises(RuntimeError, match="_PeagleDraftMixin.build_peagle_block_mask was replaced"):
         integrations.disable("automodel")
-    setattr(mixin, "build_peagle_block_mask", patched)
+    mixin.build_peagle_block_mask = patched
 
     integrations.disable("automodel")
     integrations.disable("automodel")

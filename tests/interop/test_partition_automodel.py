@@ -37,3 +37,10 @@ def test_assignment_equals_automodels_on_cod_layouts():
         anchor_pos, depth = peagle_ext.generate_cod_sample_indices(seq_length, torch.ones(seq_length))
         assert torch.equal(peagle_ext.assign_cod_segments(anchor_pos, depth, seq_length, num_segments),
                            automodel_data.assign_cod_segments(anchor_pos, depth, seq_length, num_segments))
+
+
+def test_assignment_is_elementwise_as_automodels():
+    anchor_pos, depth = peagle_ext.generate_cod_sample_indices(64, torch.ones(64))
+    ours = peagle_ext.assign_cod_segments(anchor_pos[None], depth[None], 64, 3)
+    assert ours.shape == (1, anchor_pos.numel())
+    assert torch.equal(ours, automodel_data.assign_cod_segments(anchor_pos[None], depth[None], 64, 3))

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from peagle_ext.draft import checkpoint
 from peagle_ext.draft.llama import LlamaEagle3DraftModel
+
 from checkpoint_peers import (
     SPECULATORS_VERSION,
     VARIANTS,

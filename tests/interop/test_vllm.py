@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from peagle_ext.draft import checkpoint
+
 from checkpoint_peers import VARIANTS, our_model, variant_config
 from draft_helpers import single_thread  # noqa: F401 (autouse fixture)
 from vllm_source import build_draft, load_vllm, read_sources
@@ -96,7 +97,8 @@ def test_vllm_loads_our_weights_with_our_projection_and_logits(vllm, saved):
 
     with torch.no_grad():
         aux = torch.randn(7, config.num_aux_hidden_states * config.target_hidden_size)
-        torch.testing.assert_close(draft.combine_hidden_states(aux), model.project_hidden_states(aux), rtol=0, atol=ATOL)
+        torch.testing.assert_close(draft.combine_hidden_states(aux), model.project_hidden_states(aux), rtol=0,
+                                   atol=ATOL)
         hidden = torch.randn(7, config.hidden_size)
         ours = torch.full((7, config.vocab_size), float("-inf"))
         ours[:, model.draft_to_target_ids()] = model.lm_head(hidden)
@@ -106,7 +108,8 @@ def test_vllm_loads_our_weights_with_our_projection_and_logits(vllm, saved):
                                        model.masked_projected_hidden()[0], rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize("saved", [("peagle-fc_norm-aux4-vocab-llama3-norm_output", {})], ids=["fc_norm"], indirect=True)
+@pytest.mark.parametrize("saved", [("peagle-fc_norm-aux4-vocab-llama3-norm_output", {})], ids=["fc_norm"],
+                         indirect=True)
 @pytest.mark.parametrize("damage", ["single-fc_norm-key", "no-layer-config-fc_norm"])
 def test_vllm_loader_refuses_what_it_cannot_place(vllm, saved, damage):
     """vLLM's loader raises on a key it has no parameter for, so the acceptance above means

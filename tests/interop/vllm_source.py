@@ -135,7 +135,8 @@ class _Linear(nn.Module):
             shard_id = getattr(loaded, "shard_id", None)
             start, size = self.shards[shard_id] if shard_id is not None else (0, param.shape[0])
             target = param.data[start : start + size]
-            assert target.shape == loaded.shape, f"{name} shard {shard_id}: {tuple(loaded.shape)} into {tuple(target.shape)}"
+            assert target.shape == loaded.shape, (
+                f"{name} shard {shard_id}: {tuple(loaded.shape)} into {tuple(target.shape)}")
             target.copy_(loaded)
             yield name
 
@@ -178,7 +179,8 @@ class _BaseLlamaDecoderLayer(nn.Module):
         heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         self.self_attn = nn.Module()
-        self.self_attn.head_dim, self.self_attn.total_num_heads, self.self_attn.total_num_kv_heads = head_dim, heads, kv_heads
+        attention = self.self_attn
+        attention.head_dim, attention.total_num_heads, attention.total_num_kv_heads = head_dim, heads, kv_heads
         self.self_attn.qkv_proj = _qkv(config.hidden_size, head_dim, heads, kv_heads, bias=bias)
         self.self_attn.o_proj = _Linear(heads * head_dim, config.hidden_size, bias=bias)
         intermediate, mlp_bias = config.intermediate_size, getattr(config, "mlp_bias", False)

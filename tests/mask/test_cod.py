@@ -23,6 +23,7 @@ def sampler_args(draw):
         num_depths=draw(st.integers(1, 10)),
         down_sample_ratio=draw(st.floats(0.05, 1.0)),
         down_sample_ratio_min=draw(st.floats(0.0, 1.0)),
+        filter_position_zero=draw(st.booleans()),
         max_anchors=draw(st.one_of(st.none(), st.integers(0, 50))),
     ), seed
 
@@ -40,22 +41,25 @@ def test_cod_sampler_properties(drawn):
     counts = torch.bincount(depth, minlength=args["num_depths"]).tolist()
     assert all(a >= b for a, b in zip(counts, counts[1:]))
     assert len(counts) <= args["num_depths"]
-    valid = int(loss_mask.sum())
-    for d in range(1, len(counts)):
-        expected = cod_depth_count(valid, d, args["down_sample_ratio"], args["down_sample_ratio_min"])
-        if args["max_anchors"] is not None:
-            expected = min(expected, args["max_anchors"])
-        assert counts[d] <= expected
-        chunk = anchor_pos[depth == d]
-        assert torch.all(chunk[1:] > chunk[:-1])  # sorted, no repeats
+    seeds = int(loss_mask.sum())
+    if args["max_anchors"] is not None:
+        seeds = min(seeds, args["max_anchors"])
     reference = anchor_pos + depth
-    assert int(anchor_pos.min()) >= 0
-    assert int(reference.max()) < seq_len
+    for d in range(1, len(counts)):
+        assert counts[d] <= cod_depth_count(seeds, d, args["down_sample_ratio"], args["down_sample_ratio_min"])
+        chunk = reference[depth == d]
+        assert chunk.unique().numel() == chunk.numel()
+        if args["filter_position_zero"]:  # sorted; a chain wrapping to position 0 may come last
+            assert torch.all(chunk[1:] > chunk[:-1])
+    assert int(reference.min()) >= 0 and int(reference.max()) < seq_len
     deeper = depth > 0
     assert torch.all(loss_mask[reference[deeper]] == 1)
-    # Each deeper element continues a chain: its predecessor (same anchor, depth - 1) exists.
-    present = set(zip(anchor_pos.tolist(), depth.tolist()))
-    assert all((a, d - 1) in present for a, d in present if d > 0)
+    if args["filter_position_zero"]:
+        assert not torch.any(reference[deeper] == 0) and int(anchor_pos.min()) >= 0
+    # Each deeper element continues a chain: the position before it (wrapping around from 0 to
+    # seq_len - 1 without filter_position_zero) is present one depth shallower.
+    present = set(zip(reference.tolist(), depth.tolist()))
+    assert all(((p - 1) % seq_len, d - 1) in present for p, d in present if d > 0)
 
 
 def test_full_pool_keeps_formula_count():
@@ -64,6 +68,20 @@ def test_full_pool_keeps_formula_count():
                                                     generator=torch.Generator().manual_seed(0))
     counts = torch.bincount(depth).tolist()
     assert counts == [1000, int(999 * 0.7), int(998 * 0.49), int(997 * max(0.343, 0.2))]
+
+
+def test_one_row_mask_equals_flat_mask():
+    mask = (torch.arange(200) % 3 != 0).to(torch.float32)
+    flat = generate_cod_sample_indices(200, mask, generator=torch.Generator().manual_seed(3))
+    row = generate_cod_sample_indices(200, mask[None].bool(), generator=torch.Generator().manual_seed(3))
+    assert all(torch.equal(x, y) for x, y in zip(flat, row))
+
+
+def test_max_anchors_limits_the_seeds():
+    """At most max_anchors depth-1 elements, and every deeper count follows from that many seeds."""
+    anchor_pos, depth = generate_cod_sample_indices(1000, torch.ones(1000), num_depths=4, down_sample_ratio=1.0,
+                                                    max_anchors=50, generator=torch.Generator().manual_seed(0))
+    assert torch.bincount(depth).tolist() == [1000, 49, 48, 47]
 
 
 def test_reproducible_with_generator():
@@ -80,7 +98,9 @@ def test_reproducible_with_generator():
     [
         ({"seq_length": 0}, "seq_length must be an int in \\[1, 2147483647\\]"),
         ({"loss_mask": torch.ones(4)}, "expected seq_length=5"),
-        ({"loss_mask": torch.ones(1, 5)}, "loss_mask must be a 1-D tensor"),
+        ({"loss_mask": torch.ones(2, 5)}, r"loss_mask must have shape \[seq_length\] or \[1, seq_length\]"),
+        ({"loss_mask": torch.ones(1, 1, 5)}, r"loss_mask must have shape .*got \(1, 1, 5\)"),
+        ({"loss_mask": torch.tensor([0, 1, 2, 1, 0])}, "loss_mask must hold only 0 and 1"),
         ({"num_depths": 0}, "num_depths must be an int in \\[1, 2147483647\\]"),
         ({"down_sample_ratio": 0.0}, "down_sample_ratio must be in"),
         ({"down_sample_ratio_min": 1.5}, "down_sample_ratio_min must be in"),
@@ -90,4 +110,17 @@ def test_reproducible_with_generator():
 def test_bad_sampler_arguments(kwargs, message):
     args = {"seq_length": 5, "loss_mask": torch.ones(5), **kwargs}
     with pytest.raises(ValueError, match=message):
+        generate_cod_sample_indices(**args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"loss_mask": [1, 1, 1, 1, 1]}, "loss_mask must be a tensor"),
+        ({"filter_position_zero": 1}, "filter_position_zero must be a bool"),
+    ],
+)
+def test_bad_sampler_argument_types(kwargs, message):
+    args = {"seq_length": 5, "loss_mask": torch.ones(5), **kwargs}
+    with pytest.raises(TypeError, match=message):
         generate_cod_sample_indices(**args)

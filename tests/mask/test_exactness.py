@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BACKEND_DEVICE, backends_here, oracle_block_mask
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from strategies import BLOCK_SIZES, Case, arbitrary_cases, cod_cases, separate_key_cases
 
 import peagle_ext
+
+from helpers import BACKEND_DEVICE, backends_here, oracle_block_mask
+from strategies import BLOCK_SIZES, Case, arbitrary_cases, cod_cases, separate_key_cases
+
 
 def check_case(case: Case, block_size) -> None:
     """The oracle once, on the CPU; every backend that runs here, on its own device, against it."""
@@ -35,7 +37,8 @@ def check_case(case: Case, block_size) -> None:
             raise AssertionError(f"backend {backend!r}: {error}") from None
         assert built.kv_indices.device == on_device.anchor_pos.device, backend
         device_pairs = pairs.to(built.kv_indices.device)
-        got = built.mask_mod(zero.to(device_pairs.device), zero.to(device_pairs.device), device_pairs[0], device_pairs[1])
+        zero_there = zero.to(device_pairs.device)
+        got = built.mask_mod(zero_there, zero_there, device_pairs[0], device_pairs[1])
         assert torch.equal(got.cpu(), expected_pairs), backend
 
 
@@ -51,7 +54,8 @@ def test_cod_layout_matches_create_block_mask(case, block_size):
 
 @given(case=arbitrary_cases(), block_size=BLOCK_SIZES)
 @example(  # every element on one anchor: the whole grid is one rollout chain
-    case=Case(torch.zeros(40, dtype=torch.int64), torch.arange(40) % 5, {"lengths": torch.tensor([3]), "total_seq_len": 3}),
+    case=Case(torch.zeros(40, dtype=torch.int64), torch.arange(40) % 5,
+              {"lengths": torch.tensor([3]), "total_seq_len": 3}),
     block_size=4,
 )
 @example(  # every position padding: an empty mask
@@ -86,14 +90,17 @@ def test_thousands_of_elements_with_several_documents(block_size, sliding_window
     generator = torch.Generator().manual_seed(0)
     anchor_pos, depth = peagle_ext.generate_cod_sample_indices(seq_len, torch.ones(seq_len), generator=generator)
     lengths = torch.tensor([300, 200, 400, 24])
-    case = Case(anchor_pos, depth, {"lengths": lengths, "total_seq_len": 1000 + 24 + 0, "sliding_window": sliding_window})
+    case = Case(anchor_pos, depth,
+                {"lengths": lengths, "total_seq_len": 1000 + 24 + 0, "sliding_window": sliding_window})
     check_case(case, block_size)
 
 
 def test_full_and_partial_blocks_both_occur(cpu_backend):
     """Guard against a vacuous suite: the canonical case has full, partial and empty tiles."""
-    anchor_pos, depth = peagle_ext.generate_cod_sample_indices(2048, torch.ones(2048), generator=torch.Generator().manual_seed(1))
-    mask = peagle_ext.build_block_mask(anchor_pos, depth, torch.tensor([2048]), 2048, BLOCK_SIZE=64, backend=cpu_backend)
+    generator = torch.Generator().manual_seed(1)
+    anchor_pos, depth = peagle_ext.generate_cod_sample_indices(2048, torch.ones(2048), generator=generator)
+    mask = peagle_ext.build_block_mask(anchor_pos, depth, torch.tensor([2048]), 2048, BLOCK_SIZE=64,
+                                       backend=cpu_backend)
     tiles = mask.kv_indices.shape[-2] * mask.kv_indices.shape[-1]
     partial, full = int(mask.kv_num_blocks.sum()), int(mask.full_kv_num_blocks.sum())
     assert partial > 0 and full > 0 and partial + full < tiles

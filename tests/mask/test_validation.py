@@ -109,7 +109,7 @@ def test_backend_for_another_device_is_refused():
 
 
 def test_cuda_emulated_is_a_test_aid_on_cpu_tensors_never_picked_by_auto():
-    from conftest import skip_unless_backend
+    from helpers import skip_unless_backend
 
     skip_unless_backend("cuda_emulated")
     assert "cuda_emulated" not in peagle_ext.available_backends()

@@ -1,0 +1,46 @@
+"""The flat P-EAGLE forward of one sequence: its inputs from a target's outputs, and the draft's logits
+at the supervised elements.
+
+Both the draft model's ``forward`` (``peagle_training_inputs=``) and the training step use these, so
+the model needs nothing from :mod:`peagle_ext.draft.training`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def build_peagle_inputs(model, input_ids, aux_hidden_states, anchor_pos, depth):
+    """The flat P-EAGLE inputs for N COD elements of one sequence.
+
+    input_ids: [S]; aux_hidden_states: [S, num_aux * target_hidden]; anchor_pos, depth: int [N].
+    Returns (ids [1, N]: real ids at depth 0, ``mask_token_id`` deeper; projected [1, N, H]:
+    ``fc``-projected aux states at depth 0, the projected ``mask_hidden`` deeper;
+    position_ids [1, N]: ``anchor_pos + depth``). A draft without parallel drafting (EAGLE-3: no
+    ``mask_hidden``) takes depth-0 elements only.
+    """
+    real = (depth == 0).unsqueeze(-1)
+    mask_id = torch.full_like(anchor_pos, model.draft_config.mask_token_id)
+    ids = torch.where(real.squeeze(-1), input_ids[anchor_pos], mask_id)
+    projected = model.project_hidden_states(aux_hidden_states)[anchor_pos]
+    if model.draft_config.parallel_drafting:
+        projected = torch.where(real, projected, model.masked_projected_hidden().to(projected.dtype))
+    elif not bool(real.all()):
+        raise ValueError("depth must be 0 everywhere for a draft without parallel_drafting (it has no mask_hidden)")
+    return ids.unsqueeze(0), projected.unsqueeze(0), (anchor_pos + depth).unsqueeze(0)
+
+
+def supervised_draft_logits(model, input_ids, aux_hidden_states, anchor_pos, depth, block_mask, rows,
+                            query_rows=None, query_block_mask=None) -> torch.Tensor:
+    """One flat P-EAGLE forward over the N elements (anchor_pos, depth: int [N]) of a sequence,
+    and the draft's logits at the elements ``rows`` (int [M]): [M, draft_vocab]. With
+    ``query_rows`` (int [Q]) only those elements are queries in the last layer (see
+    ``forward_peagle``) and ``rows`` index them.
+
+    This is what ``LlamaEagle3DraftModel.forward(peagle_training_inputs=...)`` runs, so that a
+    DistributedDataParallel wrapper around the draft sees the whole step's forward.
+    """
+    ids, projected, position_ids = build_peagle_inputs(model, input_ids, aux_hidden_states, anchor_pos, depth)
+    hidden = model.forward_peagle(ids, projected, position_ids, block_mask, query_rows=query_rows,
+                                  query_block_mask=query_block_mask)[0]
+    return model.compute_logits(hidden[rows])
