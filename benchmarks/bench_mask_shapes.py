@@ -62,7 +62,7 @@ def batch(rows: int, seq_len: int, backend: str, repeats: int) -> dict:
     samples = [cod_sample(seq_len, seed) for seed in range(rows)]
     singles = median_seconds(lambda: [peagle_ext.build_block_mask(a, d, l, seq_len, backend=backend)
                                       for a, d, l in samples], repeats)
-    anchor_pos, depth = peagle_ext.pad_rows([(a, d) for a, d, _ in samples])
+    anchor_pos, depth = peagle_ext.pad_rows([(a, d) for a, d, _ in samples], seq_len)
     lengths = [l for _, _, l in samples]
     batched = median_seconds(lambda: peagle_ext.build_block_mask(anchor_pos, depth, lengths, seq_len, backend=backend),
                              repeats)

@@ -6,7 +6,6 @@ namespace peagle {
 namespace {
 using torch::headeronly::ScalarType;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 constexpr int64_t kMaxRows = 65535;  // a CUDA grid's second dimension, which holds the rows
 }  // namespace
 
@@ -37,12 +36,12 @@ OpInputs check_inputs(const Tensor& anchor_pos, const Tensor& depth, const Tenso
   STD_TORCH_CHECK(num_positions <= kFieldMax, "build_block_index: more than 2^31 - 1 positions");
   STD_TORCH_CHECK(num_queries <= kFieldMax && num_keys <= kFieldMax, "build_block_index: more than 2^31 - 1 elements");
   STD_TORCH_CHECK(q_block_size > 0 && kv_block_size > 0, "build_block_index: block sizes must be positive");
-  // ceil_div(N, size) overflows for sizes near 2^63 (and gives no blocks at all).
+  // num_blocks(N, size) overflows for sizes near 2^63 (and gives no blocks at all).
   STD_TORCH_CHECK(q_block_size <= kFieldMax && kv_block_size <= kFieldMax,
                   "build_block_index: block sizes must be <= 2^31 - 1");
   STD_TORCH_CHECK(!sliding_window.has_value() || *sliding_window >= 1,
                   "build_block_index: sliding_window must be >= 1");
-  const int64_t num_q_blocks = ceil_div(num_queries, q_block_size), num_kv_blocks = ceil_div(num_keys, kv_block_size);
+  const int64_t num_q_blocks = num_blocks(num_queries, q_block_size), num_kv_blocks = num_blocks(num_keys, kv_block_size);
   int64_t tiles = 0;
   STD_TORCH_CHECK(!__builtin_mul_overflow(num_q_blocks, num_kv_blocks, &tiles) &&
                       !__builtin_mul_overflow(tiles, rows, &tiles),

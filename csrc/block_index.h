@@ -14,7 +14,7 @@
 #include <optional>
 #include <tuple>
 
-#include "peagle_tile_rule.h"
+#include "rule/tile_rule.h"
 
 namespace peagle {
 

@@ -14,7 +14,7 @@ imported on first use, so building masks does not import the draft model or safe
 """
 
 from .block_mask import available_backends, build_block_mask
-from .cod import assign_cod_segments, cod_segments, generate_cod_sample_indices
+from .cod import assign_cod_segments, cod_segments, generate_cod_sample_indices, pad_rows
 from .mask_mod import PeagleMaskMod, create_peagle_mask_mod
 from .testing import assert_block_masks_equal
 
@@ -41,5 +41,6 @@ __all__ = [
     "cod_segments",
     "create_peagle_mask_mod",
     "generate_cod_sample_indices",
+    "pad_rows",
 ]
 __version__ = "0.1.0"

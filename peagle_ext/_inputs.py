@@ -43,12 +43,13 @@ def check_fits(what: str, needed_bytes: int, device: torch.device) -> None:
 
 @dataclass(frozen=True)
 class MaskInputs:
-    """The rule's inputs in one canonical form.
+    """The rule's inputs in one canonical form, for one row or a batch of B rows (each its own mask).
 
-    anchor_pos, depth:       int64 [N], the chain start and COD round of each query element.
-    kv_anchor_pos, kv_depth: int64 [KV], the same for each key element; the very same tensors as
-                             anchor_pos and depth when queries and keys are one set (Q_LEN == KV_LEN).
-    doc_of_position:         int64 [P], the document of each original position, -1 for padding.
+    anchor_pos, depth:       int64 [N] or [B, N], the chain start and COD round of each query element.
+    kv_anchor_pos, kv_depth: int64 [KV] or [B, KV], the same for each key element; the very same
+                             tensors as anchor_pos and depth when queries and keys are one set.
+    doc_of_position:         int64 [P] or [B, P], the document of each original position, -1 for
+                             padding. In a batch an anchor equal to P marks a padding element.
     sliding_window:          None (unbounded causal context) or an int in [1, P + 2^31 - 1): a
                              wider window excludes nothing and is normalized to None.
     block_size:              (Q_BLOCK_SIZE, KV_BLOCK_SIZE).
@@ -64,13 +65,25 @@ class MaskInputs:
 
     @property
     def num_elements(self) -> int:
-        """Q_LEN: the number of query elements."""
-        return self.anchor_pos.numel()
+        """Q_LEN: the number of query elements (of each row)."""
+        return self.anchor_pos.shape[-1]
 
     @property
     def num_keys(self) -> int:
-        """KV_LEN: the number of key elements."""
-        return self.kv_anchor_pos.numel()
+        """KV_LEN: the number of key elements (of each row)."""
+        return self.kv_anchor_pos.shape[-1]
+
+    @property
+    def num_rows(self) -> int | None:
+        """B for a batch of rows, None for one row given as 1-D tensors."""
+        return self.anchor_pos.shape[0] if self.anchor_pos.dim() == 2 else None
+
+    def row(self, index: int) -> "MaskInputs":
+        """Row ``index`` of a batch as 1-D inputs (the keys still the queries' own tensors when they
+        are one set)."""
+        anchor_pos, depth = self.anchor_pos[index], self.depth[index]
+        keys = (anchor_pos, depth) if self.keys_are_queries else (self.kv_anchor_pos[index], self.kv_depth[index])
+        return MaskInputs(anchor_pos, depth, self.doc_of_position[index], self.sliding_window, self.block_size, *keys)
 
     @property
     def keys_are_queries(self) -> bool:
@@ -115,31 +128,43 @@ def normalize_block_size(BLOCK_SIZE) -> tuple[int, int]:
 
 def doc_of_position_from_lengths(lengths: torch.Tensor, total_seq_len: int) -> torch.Tensor:
     """Documents packed in order from position 0; positions past sum(lengths) are padding (-1).
+    ``lengths`` [D] gives [total_seq_len]; a batch's zero-padded [B, D] gives [B, total_seq_len].
 
     Built with searchsorted rather than repeat_interleave so that no output size has to be read
     back from the device (no host sync on CUDA), in five launches: every one costs the CUDA path
     host time per build.
     """
-    ends = torch.cumsum(lengths.to(torch.int64), 0)
+    ends = torch.cumsum(lengths.to(torch.int64), -1)
     positions = torch.arange(total_seq_len, dtype=torch.int64, device=lengths.device)
+    if lengths.dim() == 2:
+        positions = positions.expand(lengths.shape[0], total_seq_len).contiguous()
     doc = torch.searchsorted(ends, positions, right=True)
-    return doc.masked_fill_(doc == lengths.numel(), -1)  # past every document's end: padding
+    return doc.masked_fill_(doc == lengths.shape[-1], -1)  # past every document's end: padding
 
 
-def _check_elements(anchor_name: str, anchor_pos, depth_name: str, depth) -> tuple[torch.Tensor, torch.Tensor]:
-    """A pair of element arrays: integer 1-D tensors of one non-zero length (at most 2^31 - 1, the
-    kernels' element indices) on one device."""
-    anchor_pos = _check_int_tensor(anchor_name, anchor_pos)
-    depth = _check_int_tensor(depth_name, depth)
-    if anchor_pos.numel() != depth.numel():
-        raise ValueError(
-            f"{anchor_name} and {depth_name} must have the same length, got {anchor_pos.numel()} and {depth.numel()}"
-        )
+def stack_lengths(lengths) -> torch.Tensor:
+    """A batch's documents, one lengths tensor per row, as one zero-padded [B, D] tensor."""
+    rows = [_check_int_tensor(f"lengths[{index}]", row) for index, row in enumerate(lengths)]
+    if not rows:
+        raise ValueError("lengths must hold one tensor per row, got none")
+    width = max(1, max(row.numel() for row in rows))
+    return torch.stack([torch.nn.functional.pad(row.to(torch.int64), (0, width - row.numel())) for row in rows])
+
+
+def _check_elements(anchor_name: str, anchor_pos, depth_name: str, depth,
+                    ndim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pair of element arrays: integer tensors of ``ndim`` dims ([N], or [B, N] for a batch) of one
+    non-zero shape on one device."""
+    anchor_pos = _check_int_tensor(anchor_name, anchor_pos, ndim)
+    depth = _check_int_tensor(depth_name, depth, ndim)
+    if anchor_pos.shape != depth.shape:
+        raise ValueError(f"{anchor_name} and {depth_name} must have the same shape, got {tuple(anchor_pos.shape)} "
+                         f"and {tuple(depth.shape)}")
     if anchor_pos.numel() == 0:
         raise ValueError(f"{anchor_name} and {depth_name} must not be empty (N == 0)")
-    if anchor_pos.numel() > FIELD_MAX:
-        raise ValueError(f"{anchor_name} and {depth_name} must have at most {FIELD_MAX} elements, "
-                         f"got {anchor_pos.numel()}")
+    if anchor_pos.shape[-1] > FIELD_MAX:
+        raise ValueError(f"{anchor_name} and {depth_name} must have at most {FIELD_MAX} elements (per row), "
+                         f"got {anchor_pos.shape[-1]}")
     if depth.device != anchor_pos.device:
         raise ValueError(f"{depth_name} is on {depth.device} but {anchor_name} is on {anchor_pos.device}")
     return anchor_pos, depth
@@ -169,15 +194,20 @@ def normalize_mask_inputs(
     the CUDA path stays sync-free and capturable in a CUDA graph. The kernels never read out of
     bounds either way: they treat an out-of-range anchor as padding.
     """
-    anchor_pos, depth = _check_elements("anchor_pos", anchor_pos, "depth", depth)
+    batched = isinstance(anchor_pos, torch.Tensor) and anchor_pos.dim() == 2  # a batch of rows: [B, N]
+    ndim = 2 if batched else 1
+    anchor_pos, depth = _check_elements("anchor_pos", anchor_pos, "depth", depth, ndim)
     device = anchor_pos.device
     if (kv_anchor_pos is None) != (kv_depth is None):
         raise ValueError("give kv_anchor_pos and kv_depth together (or neither: the queries are the keys)")
     separate_keys = kv_anchor_pos is not None
     if separate_keys:
-        kv_anchor_pos, kv_depth = _check_elements("kv_anchor_pos", kv_anchor_pos, "kv_depth", kv_depth)
+        kv_anchor_pos, kv_depth = _check_elements("kv_anchor_pos", kv_anchor_pos, "kv_depth", kv_depth, ndim)
         if kv_anchor_pos.device != device:
             raise ValueError(f"kv_anchor_pos is on {kv_anchor_pos.device} but anchor_pos is on {device}")
+        if batched and kv_anchor_pos.shape[0] != anchor_pos.shape[0]:
+            raise ValueError(f"kv_anchor_pos must have anchor_pos's {anchor_pos.shape[0]} rows, "
+                             f"got {kv_anchor_pos.shape[0]}")
     block_size = normalize_block_size(BLOCK_SIZE)
     if sliding_window is not None:
         sliding_window = _check_int("sliding_window", sliding_window, 1)
@@ -185,7 +215,12 @@ def normalize_mask_inputs(
     if (lengths is None) == (document_ids is None):
         raise ValueError("give exactly one of lengths (with total_seq_len) and document_ids")
     if lengths is not None:
-        lengths = _check_int_tensor("lengths", lengths)
+        if batched and isinstance(lengths, (list, tuple)):
+            lengths = stack_lengths(lengths)
+        lengths = _check_int_tensor("lengths", lengths, ndim)
+        if batched and lengths.shape[0] != anchor_pos.shape[0]:
+            raise ValueError(f"lengths must have one row per row of anchor_pos ({anchor_pos.shape[0]}), "
+                             f"got {lengths.shape[0]}")
         if total_seq_len is None:
             raise ValueError("total_seq_len is required with lengths")
         total_seq_len = _check_int("total_seq_len", total_seq_len, 1, FIELD_MAX)
@@ -195,22 +230,27 @@ def normalize_mask_inputs(
     else:
         if total_seq_len is not None:
             raise ValueError("total_seq_len goes with lengths; with document_ids it is len(document_ids)")
-        document_ids = _check_int_tensor("document_ids", document_ids)
+        document_ids = _check_int_tensor("document_ids", document_ids, ndim)
         if document_ids.numel() == 0:
             raise ValueError("document_ids must not be empty")
-        if document_ids.numel() > FIELD_MAX:
-            raise ValueError(f"document_ids must have at most {FIELD_MAX} entries, got {document_ids.numel()}")
+        if document_ids.shape[-1] > FIELD_MAX:
+            raise ValueError(f"document_ids must have at most {FIELD_MAX} entries, got {document_ids.shape[-1]}")
+        if batched and document_ids.shape[0] != anchor_pos.shape[0]:
+            raise ValueError(f"document_ids must have one row per row of anchor_pos ({anchor_pos.shape[0]}), "
+                             f"got {document_ids.shape[0]}")
         if document_ids.device != device:
             raise ValueError(f"document_ids is on {document_ids.device} but anchor_pos is on {device}")
         position_bound = "len(document_ids)"
 
-    num_positions = total_seq_len if lengths is not None else document_ids.numel()
+    num_positions = total_seq_len if lengths is not None else document_ids.shape[-1]
     # A window wider than every a_q + d_q (< num_positions + FIELD_MAX once validated) excludes
     # nothing: it is no window, for every backend and the mask_mod alike, and no sum overflows.
     if sliding_window is not None and sliding_window >= num_positions + FIELD_MAX:
         sliding_window = None
     if lengths is not None:  # the position -> document table: an arange, searchsorted's output, a mask
-        check_fits(f"the document table of total_seq_len={total_seq_len} positions", 17 * total_seq_len, device)
+        rows = lengths.shape[0] if lengths.dim() == 2 else 1
+        check_fits(f"the document table of {f'{rows} rows of ' if lengths.dim() == 2 else ''}"
+                   f"total_seq_len={total_seq_len} positions", 17 * rows * total_seq_len, device)
 
     anchor_pos = anchor_pos.to(torch.int64).contiguous()
     depth = depth.to(torch.int64).contiguous()
@@ -221,7 +261,7 @@ def normalize_mask_inputs(
         kv_anchor_pos, kv_depth = anchor_pos, depth
     if validate:
         _check_values(anchor_pos, depth, lengths, total_seq_len, document_ids, position_bound,
-                      (kv_anchor_pos, kv_depth) if separate_keys else None)
+                      (kv_anchor_pos, kv_depth) if separate_keys else None, padding_anchor=batched)
     if lengths is not None:
         doc_of_position = doc_of_position_from_lengths(lengths, total_seq_len)
     else:
@@ -237,18 +277,20 @@ def normalize_mask_inputs(
     )
 
 
-def _check_values(anchor_pos, depth, lengths, total_seq_len, document_ids, position_bound, keys=None) -> None:
+def _check_values(anchor_pos, depth, lengths, total_seq_len, document_ids, position_bound, keys=None,
+                  padding_anchor: bool = False) -> None:
     """The value checks: one stacked reduction, so one device sync for all of them. ``keys``:
-    (kv_anchor_pos, kv_depth) when the keys are elements of their own, checked as the queries are."""
-    num_positions = total_seq_len if lengths is not None else document_ids.numel()
+    (kv_anchor_pos, kv_depth) when the keys are elements of their own, checked as the queries are.
+    ``padding_anchor``: a batch, whose rows may be padded with elements anchored at P."""
+    num_positions = total_seq_len if lengths is not None else document_ids.shape[-1]
     element_stats = [anchor_pos.min(), anchor_pos.max(), depth.min(), depth.max()]
     if keys is not None:
         element_stats += [keys[0].min(), keys[0].max(), keys[1].min(), keys[1].max()]
     stats = list(element_stats)
     if lengths is not None and lengths.numel():
         lengths64 = lengths.to(torch.int64)
-        # The max first: once every length is <= total_seq_len (< 2^31), the sum cannot wrap.
-        stats += [lengths64.min(), lengths64.max(), lengths64.sum()]
+        # Each length's max first: once every one is <= total_seq_len (< 2^31), no sum can wrap.
+        stats += [lengths64.min(), lengths64.max(), lengths64.sum(-1).max()]
     elif document_ids is not None:
         document_ids64 = document_ids.to(torch.int64)
         stats += [document_ids64.min(), document_ids64.max()]
@@ -263,15 +305,18 @@ def _check_values(anchor_pos, depth, lengths, total_seq_len, document_ids, posit
             raise ValueError(f"{depth_name} must be non-negative, got a minimum of {low_depth}")
         if high_depth > FIELD_MAX:
             raise ValueError(f"{depth_name} must be <= {FIELD_MAX}, got a maximum of {high_depth}")
-        if high_anchor >= num_positions:
-            raise ValueError(f"{anchor_name} must be < {position_bound}={num_positions}, got a maximum of {high_anchor}")
+        if high_anchor > num_positions or (high_anchor == num_positions and not padding_anchor):
+            bound = f"<= {position_bound}={num_positions} ({position_bound} marks a padding element in a batch)" \
+                if padding_anchor else f"< {position_bound}={num_positions}"
+            raise ValueError(f"{anchor_name} must be {bound}, got a maximum of {high_anchor}")
     if lengths is not None and lengths.numel():
         if values[0] < 0:
             raise ValueError(f"lengths must be non-negative, got a minimum of {values[0]}")
         if values[1] > total_seq_len:
             raise ValueError(f"lengths must each be <= total_seq_len={total_seq_len}, got a maximum of {values[1]}")
         if values[2] > total_seq_len:
-            raise ValueError(f"lengths sum to {values[2]}, past total_seq_len={total_seq_len}")
+            raise ValueError(f"lengths sum to {values[2]}{' in a row' if lengths.dim() == 2 else ''}, "
+                             f"past total_seq_len={total_seq_len}")
     if document_ids is not None:
         if values[0] < -1:
             raise ValueError(f"document_ids values must be >= -1 (-1 marks padding), got {values[0]}")

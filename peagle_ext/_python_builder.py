@@ -1,6 +1,6 @@
 """The pure-PyTorch builder: the block index from interval arithmetic, never the dense grid.
 
-How it works (the same algorithm as csrc/peagle_tile_rule.h, vectorized):
+How it works (the same algorithm as csrc/rule/tile_rule.h, vectorized):
 
 * For a query q the visible keys are two sets, each contiguous in a sorted order of the keys:
   - context: depth-0 keys of q's document with anchor in (lo_q, a_q], where lo_q = -1 without
@@ -13,9 +13,9 @@ How it works (the same algorithm as csrc/peagle_tile_rule.h, vectorized):
 * A tile (q-block Qt, kv-block T) is non-empty when some interval of a query in Qt contains a
   rank whose key lies in T. Per q-block the intervals are merged, and each merged interval is
   walked run by run, a run being consecutive ranks whose keys share a kv-block.
-* A tile is full when it is not a tail tile, every query of Qt is a real element, every key of T
-  is visible, and every key of T lies in every query's interval: compared through the min/max
-  ranks of T's keys and the max start / min end of Qt's intervals.
+* A tile is full when every key of T is seen by every query of Qt: no tail on either side, every
+  element real, and a few extremes of the two blocks compared (row_summary, column_summary,
+  tile_is_full: the names and the test of rule/tile_rule.h).
 
 Memory is O(N + P + nQ * nKV) (the walk goes in bounded chunks); nothing has N x N elements.
 """
@@ -26,7 +26,9 @@ import torch
 from torch.nn.attention.flex_attention import _dense_to_ordered
 
 from ._block_index import BlockIndex, num_blocks
-from ._inputs import MaskInputs
+from ._inputs import FIELD_MAX, MaskInputs
+
+FIELD_BASE = FIELD_MAX + 1  # above every value the extremes compare, as the C++ cells' kCellBase
 
 # Runs marked per step of a walk (see _nonempty_tiles): about 40 bytes each at its peak.
 _WALK_CHUNK = 1 << 20
@@ -69,13 +71,24 @@ def _sorted_keys(keys: torch.Tensor, members: torch.Tensor):
     return sorted_keys, element[order]
 
 
-def _document(anchor: torch.Tensor, doc_of_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(doc, real) of elements: the document of each anchor, -1 for padding and for an anchor
-    outside the sequence (only reachable with validate=False: it is never read)."""
+def _document(anchor: torch.Tensor, depth: torch.Tensor,
+              doc_of_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(doc, real) of elements, as element_info reads them: the document of each anchor, -1 for
+    padding and for an element outside the rule's domain (an anchor outside the sequence, a
+    negative depth: only reachable with validate=False)."""
     num_positions = doc_of_position.numel()
-    in_range = (anchor >= 0) & (anchor < num_positions)
+    in_range = (anchor >= 0) & (anchor < num_positions) & (depth >= 0)
     doc = torch.where(in_range, doc_of_position[anchor.clamp(0, num_positions - 1)], -1)
-    return doc, doc >= 0
+    return doc.clamp(max=FIELD_MAX), doc >= 0  # documents clamped as the kernels' sort keys clamp them
+
+
+def context_first(anchor: torch.Tensor, depth: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """The lowest anchor of the depth-0 keys each query sees (element_info's context_first): 0
+    without a window, else the window's bound widened to keep the query's own depth-0 element."""
+    if sliding_window is None:
+        return torch.zeros_like(anchor)
+    lowest_excluded = torch.minimum(anchor + depth - sliding_window, anchor - 1)
+    return (lowest_excluded + 1).clamp(min=0)
 
 
 def query_intervals(inputs: MaskInputs):
@@ -89,8 +102,8 @@ def query_intervals(inputs: MaskInputs):
     num_positions = doc_of_position.numel()
     anchor, depth = inputs.anchor_pos, inputs.depth
     kv_anchor, kv_depth = inputs.kv_anchor_pos, inputs.kv_depth
-    doc, real = _document(anchor, doc_of_position)
-    kv_doc, kv_real = _document(kv_anchor, doc_of_position)
+    doc, real = _document(anchor, depth, doc_of_position)
+    kv_doc, kv_real = _document(kv_anchor, kv_depth, doc_of_position)
     # Rollout keys are (anchor, depth) packed as anchor * depth_span + depth; a query's bound uses
     # its own depth, so the span exceeds every depth on either side.
     depth_span = int(torch.maximum(depth.max(), kv_depth.max())) + 1
@@ -99,10 +112,7 @@ def query_intervals(inputs: MaskInputs):
     rollout_keys, rollout_elements = _sorted_keys(kv_anchor * depth_span + kv_depth, kv_real & (kv_depth > 0))
     num_context = context_keys.numel()
 
-    lowest_excluded = torch.full_like(anchor, -1)
-    if inputs.sliding_window is not None:
-        lowest_excluded = torch.minimum(anchor + depth - inputs.sliding_window, anchor - 1)
-    context_lo = doc * num_positions + (lowest_excluded + 1).clamp(min=0)
+    context_lo = doc * num_positions + context_first(anchor, depth, inputs.sliding_window)
     context_start = torch.searchsorted(context_keys, context_lo)
     context_end = torch.searchsorted(context_keys, doc * num_positions + anchor, right=True)
     rollout_start = num_context + torch.searchsorted(rollout_keys, anchor * depth_span + 1)
@@ -167,7 +177,85 @@ def _mark_runs(nonempty, q_block, first_run, runs, tile_of_run) -> None:
 
 
 def build_python(inputs: MaskInputs) -> BlockIndex:
-    """Exact partial/full kv blocks and their transposes for any input the rule accepts."""
+    """Exact partial/full kv blocks and their transposes for any input the rule accepts; a batch
+    row by row (this backend serves where nothing was compiled, so it stays plain)."""
+    if inputs.num_rows is None:
+        return _build_row(inputs)
+    rows = [_build_row(inputs.row(index)) for index in range(inputs.num_rows)]
+    return BlockIndex(*(torch.cat(parts) for parts in zip(*rows)))
+
+
+def _block_min(values, block, size, selected):
+    """Per block, the minimum of ``values`` over the ``selected`` elements (FIELD_BASE: none)."""
+    return _segment_reduce(values[selected], block[selected], size, "amin", FIELD_BASE)
+
+
+def _block_max(values, block, size, selected):
+    """Per block, the maximum of ``values`` over the ``selected`` elements (-1: none)."""
+    return _segment_reduce(values[selected], block[selected], size, "amax", -1)
+
+
+def row_summary(inputs: MaskInputs, real, q_block, num_q_blocks) -> dict:
+    """The q-block side of the full-tile test (QueryExtremes / row_summary of rule/tile_rule.h):
+    whether all Q_BLOCK_SIZE queries are real (no tail), and extremes over the real queries."""
+    q_block_size = inputs.block_size[0]
+    doc, _ = _document(inputs.anchor_pos, inputs.depth, inputs.doc_of_position)
+    anchor = inputs.anchor_pos
+    count = _segment_reduce(real.to(torch.int64), q_block, num_q_blocks, "sum", 0)
+    return {
+        "all_real": count == q_block_size,
+        "doc_min": _block_min(doc, q_block, num_q_blocks, real),
+        "doc_max": _block_max(doc, q_block, num_q_blocks, real),
+        "anchor_min": _block_min(anchor, q_block, num_q_blocks, real),
+        "anchor_max": _block_max(anchor, q_block, num_q_blocks, real),
+        "first_max": _block_max(context_first(anchor, inputs.depth, inputs.sliding_window), q_block, num_q_blocks,
+                                real),
+        "depth_min": _block_min(inputs.depth, q_block, num_q_blocks, real),
+    }
+
+
+def column_summary(inputs: MaskInputs, num_kv_blocks) -> dict:
+    """The kv-block side (KeyExtremes / column_summary): whether all KV_BLOCK_SIZE keys are real (no
+    tail), and extremes over its depth-0 (context) keys and its deeper (rollout) keys apart."""
+    anchor, depth = inputs.kv_anchor_pos, inputs.kv_depth
+    doc, real = _document(anchor, depth, inputs.doc_of_position)
+    kv_block = torch.arange(anchor.numel(), device=anchor.device) // inputs.block_size[1]
+    context, rollout = real & (depth == 0), real & (depth > 0)
+    count = _segment_reduce(real.to(torch.int64), kv_block, num_kv_blocks, "sum", 0)
+    return {
+        "complete": count == inputs.block_size[1],
+        "has_context": _block_max(anchor, kv_block, num_kv_blocks, context) >= 0,
+        "has_rollout": _block_max(anchor, kv_block, num_kv_blocks, rollout) >= 0,
+        "context_doc_min": _block_min(doc, kv_block, num_kv_blocks, context),
+        "context_doc_max": _block_max(doc, kv_block, num_kv_blocks, context),
+        "context_anchor_min": _block_min(anchor, kv_block, num_kv_blocks, context),
+        "context_anchor_max": _block_max(anchor, kv_block, num_kv_blocks, context),
+        "rollout_anchor_min": _block_min(anchor, kv_block, num_kv_blocks, rollout),
+        "rollout_anchor_max": _block_max(anchor, kv_block, num_kv_blocks, rollout),
+        "rollout_depth_max": _block_max(depth, kv_block, num_kv_blocks, rollout),
+    }
+
+
+def tile_is_full(row: dict, column: dict) -> torch.Tensor:
+    """[nQ, nKV]: every key of the kv-block seen by every query of the q-block (tile_is_full of
+    rule/tile_rule.h): its depth-0 keys share the queries' one document and lie in
+    [max first_q, min a_q]; its deeper keys all sit on the one anchor every query has, no deeper
+    than the shallowest query."""
+    r = {name: value[:, None] for name, value in row.items()}
+    c = {name: value[None, :] for name, value in column.items()}
+    one_document = r["doc_min"] == r["doc_max"]
+    context_seen = ~c["has_context"] | (
+        one_document & (c["context_doc_min"] == r["doc_min"]) & (c["context_doc_max"] == r["doc_min"])
+        & (r["first_max"] <= c["context_anchor_min"]) & (c["context_anchor_max"] <= r["anchor_min"]))
+    one_anchor = r["anchor_min"] == r["anchor_max"]
+    rollout_seen = ~c["has_rollout"] | (
+        one_anchor & (c["rollout_anchor_min"] == r["anchor_min"]) & (c["rollout_anchor_max"] == r["anchor_min"])
+        & (c["rollout_depth_max"] <= r["depth_min"]))
+    return r["all_real"] & c["complete"] & context_seen & rollout_seen
+
+
+def _build_row(inputs: MaskInputs) -> BlockIndex:
+    """build_python for one row (1-D inputs): [1, 1, ...] index tensors."""
     q_block_size, kv_block_size = inputs.block_size
     num_q_blocks = num_blocks(inputs.num_elements, q_block_size)
     num_kv_blocks = num_blocks(inputs.num_keys, kv_block_size)
@@ -186,33 +274,7 @@ def build_python(inputs: MaskInputs) -> BlockIndex:
         num_kv_blocks,
     )
 
-    # Full tiles. Row side: all QB queries real, and the tightest interval bounds over the row.
-    big = key_of_rank.numel() + 1
-    row_real = _segment_reduce(real.to(torch.int64), q_block, num_q_blocks, "sum", 0) == q_block_size
-    row_context_start = _segment_reduce(context_start, q_block, num_q_blocks, "amax", 0)
-    row_context_end = _segment_reduce(context_end, q_block, num_q_blocks, "amin", big)
-    row_rollout_start = _segment_reduce(rollout_start, q_block, num_q_blocks, "amax", 0)
-    row_rollout_end = _segment_reduce(rollout_end, q_block, num_q_blocks, "amin", big)
-    # Column side: all KVB keys visible to someone (in a sorted list), and their rank extremes.
-    rank = torch.arange(key_of_rank.numel(), device=device)
-    is_context = rank < num_context
-    col_listed = _segment_reduce(torch.ones_like(rank), kv_tile_of_rank, num_kv_blocks, "sum", 0)
-    col_complete = col_listed == kv_block_size
-
-    def column_extremes(selected):
-        tile = kv_tile_of_rank[selected]
-        low = _segment_reduce(rank[selected], tile, num_kv_blocks, "amin", big)
-        high = _segment_reduce(rank[selected], tile, num_kv_blocks, "amax", -1)
-        return low, high, high >= 0
-
-    context_low, context_high, has_context = column_extremes(is_context)
-    rollout_low, rollout_high, has_rollout = column_extremes(~is_context)
-    context_covered = ~has_context[None, :] | (
-        (row_context_start[:, None] <= context_low[None, :]) & (context_high[None, :] < row_context_end[:, None])
-    )
-    rollout_covered = ~has_rollout[None, :] | (
-        (row_rollout_start[:, None] <= rollout_low[None, :]) & (rollout_high[None, :] < row_rollout_end[:, None])
-    )
-    full = row_real[:, None] & col_complete[None, :] & context_covered & rollout_covered
+    full = nonempty & tile_is_full(row_summary(inputs, real, q_block, num_q_blocks),
+                                   column_summary(inputs, num_kv_blocks))
     partial = nonempty & ~full
     return block_index_from_grids(partial, full)

@@ -72,12 +72,13 @@ _NATIVE_BYTES_PER_TILE = 24
 def _block_index(inputs: MaskInputs, backend: str) -> BlockIndex:
     q_block_size, kv_block_size = inputs.block_size
     rows, columns = num_blocks(inputs.num_elements, q_block_size), num_blocks(inputs.num_keys, kv_block_size)
-    what = (f"a {rows} x {columns}-tile block mask (Q_LEN {inputs.num_elements}, KV_LEN {inputs.num_keys}, "
+    batch = inputs.num_rows or 1
+    what = (f"{batch} x a {rows} x {columns}-tile block mask (Q_LEN {inputs.num_elements}, KV_LEN {inputs.num_keys}, "
             f"BLOCK_SIZE {inputs.block_size})")
     if backend == "python":
-        check_fits(what, _PYTHON_BYTES_PER_TILE * rows * columns, inputs.device)
+        check_fits(what, _PYTHON_BYTES_PER_TILE * rows * columns * batch, inputs.device)
         return build_python(inputs)
-    check_fits(what, _NATIVE_BYTES_PER_TILE * rows * columns, inputs.device)
+    check_fits(what, _NATIVE_BYTES_PER_TILE * rows * columns * batch, inputs.device)
     # A block longer than its side holds all of it as one tail block (never full), just as a block
     # of that length + 1 does: the kernels get that, so none of their sizes grows with BLOCK_SIZE.
     capped = (min(q_block_size, inputs.num_elements + 1), min(kv_block_size, inputs.num_keys + 1))
@@ -105,10 +106,16 @@ def build_block_mask(
     BLOCK_SIZE=BLOCK_SIZE)`` describes, carries the rule's mask_mod, and lives on anchor_pos's
     device. No tensor with Q_LEN x KV_LEN elements is ever allocated.
 
+    A batch of B rows, each its own mask, gives the BlockMask of B rows that
+    ``create_block_mask(mask_mod, B, None, N, N)`` gives (its mask_mod reads ``b``), in one build:
+    ``anchor_pos``/``depth`` [B, N] (rows brought to one N with padding elements, whose anchor is
+    the number of positions: :func:`pad_rows`), ``lengths`` as a list of B tensors or a zero-padded
+    [B, D] tensor (one ``total_seq_len`` for all), or ``document_ids`` [B, S]; keys apart [B, KV].
+
     Args:
-        anchor_pos, depth: int32/int64 [N] (see :func:`create_peagle_mask_mod`).
+        anchor_pos, depth: int32/int64 [N] or [B, N] (see :func:`create_peagle_mask_mod`).
         lengths, total_seq_len / document_ids / sliding_window: the documents and window, as in
-            :func:`create_peagle_mask_mod`.
+            :func:`create_peagle_mask_mod` (per row for a batch, as above).
         BLOCK_SIZE: int or (Q_BLOCK_SIZE, KV_BLOCK_SIZE).
         backend: "auto" (the fastest available for the tensors' device), "python", "cpu", "cuda",
             or "cuda_emulated" (a test aid: the CUDA kernels' code run on CPU tensors, one thread
@@ -116,7 +123,7 @@ def build_block_mask(
         validate: check argument values (one device sync on CUDA). ``False`` keeps the CUDA path
             free of host syncs and capturable in a CUDA graph; unchecked out-of-range values then
             give a wrong mask but never an out-of-bounds read.
-        kv_anchor_pos, kv_depth: int [KV], the key elements when they differ from the query
+        kv_anchor_pos, kv_depth: int [KV] (or [B, KV]), the key elements when they differ from the query
             elements (``anchor_pos``/``depth``), e.g. queries that are a subset of the keys: the mask
             is then Q_LEN x KV_LEN, ``create_block_mask(create_peagle_mask_mod(..., kv_anchor_pos=,
             kv_depth=), None, None, Q_LEN, KV_LEN)``'s.

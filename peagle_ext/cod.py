@@ -23,7 +23,7 @@ def generate_cod_sample_indices(
     max_anchors: int | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample the flattened COD layout for one sequence.
+    """Sample the flattened COD layout for one sequence, or for each row of a batch.
 
     The signature and the draws are those of NeMo Automodel 0.7.0's and speculators 0.9.0's
     ``generate_cod_sample_indices``: with the same global RNG state (``generator`` None) and a CPU
@@ -40,7 +40,8 @@ def generate_cod_sample_indices(
     Args:
         seq_length: length of the original sequence.
         loss_mask: [seq_length] or [1, seq_length], 0/1 (any dtype, bool included); 1 where the
-            position is supervised.
+            position is supervised. [B, seq_length] with B > 1: a batch, each row sampled in turn
+            (with the same arguments and generator), brought to one N by :func:`pad_rows`.
         num_depths: number of COD depths, depth 0 included.
         filter_position_zero: keep position 0 out of every pool, so no anchor is negative
             (Automodel's meaning; speculators 0.9.0 leaves a supervised position 0 in depth 1's
@@ -50,10 +51,14 @@ def generate_cod_sample_indices(
         generator: makes the draw reproducible apart from the global RNG (draws happen on CPU).
 
     Returns:
-        (anchor_pos, depth), int64 [N] on ``loss_mask``'s device, depth-major.
+        (anchor_pos, depth), int64 [N] on ``loss_mask``'s device, depth-major; [B, N] for a batch.
     """
     if isinstance(seq_length, bool) or not isinstance(seq_length, int) or not 1 <= seq_length <= FIELD_MAX:
         raise ValueError(f"seq_length must be an int in [1, {FIELD_MAX}], got {seq_length!r}")
+    if isinstance(loss_mask, torch.Tensor) and loss_mask.dim() == 2 and loss_mask.shape[0] > 1:
+        rows = [generate_cod_sample_indices(seq_length, row, num_depths, down_sample_ratio, down_sample_ratio_min,
+                                            filter_position_zero, max_anchors, generator) for row in loss_mask]
+        return pad_rows(rows, seq_length)
     supervised = _supervised_positions(loss_mask, seq_length)
     if isinstance(num_depths, bool) or not isinstance(num_depths, int) or not 1 <= num_depths <= FIELD_MAX:
         raise ValueError(f"num_depths must be an int in [1, {FIELD_MAX}], got {num_depths!r}")
@@ -96,6 +101,27 @@ def generate_cod_sample_indices(
     return torch.cat(anchors).to(device), torch.cat(depths).to(device)
 
 
+def pad_rows(rows, num_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's rows, a list of (anchor_pos, depth) pairs of int [N_i], as [B, max N_i] int64 tensors
+    for :func:`build_block_mask`: each row filled up with padding elements, anchor ``num_positions``
+    (the rows' total_seq_len or len(document_ids): no position, so they see nothing and are seen by
+    none) and depth 0. A batch's masks equal its rows' own ones on the real elements."""
+    if isinstance(num_positions, bool) or not isinstance(num_positions, int) or num_positions < 1:
+        raise ValueError(f"num_positions must be a positive int, got {num_positions!r}")
+    rows = list(rows)
+    if not rows:
+        raise ValueError("rows must hold at least one (anchor_pos, depth) pair")
+    for index, row in enumerate(rows):
+        if (not isinstance(row, (tuple, list)) or len(row) != 2 or not all(isinstance(t, torch.Tensor) for t in row)
+                or row[0].dim() != 1 or row[0].shape != row[1].shape):
+            raise ValueError(f"rows[{index}] must be an (anchor_pos, depth) pair of 1-D tensors of one length")
+    width = max(anchor.numel() for anchor, _ in rows)
+    pad = torch.nn.functional.pad
+    anchor_pos = torch.stack([pad(a.to(torch.int64), (0, width - a.numel()), value=num_positions) for a, _ in rows])
+    depth = torch.stack([pad(d.to(torch.int64), (0, width - d.numel()), value=0) for _, d in rows])
+    return anchor_pos, depth
+
+
 def _supervised_positions(loss_mask, seq_length: int) -> torch.Tensor:
     """bool [seq_length] on the CPU from a 0/1 ``loss_mask`` of shape [S] or [1, S]."""
     if not isinstance(loss_mask, torch.Tensor):
@@ -103,7 +129,7 @@ def _supervised_positions(loss_mask, seq_length: int) -> torch.Tensor:
     if loss_mask.dim() == 2 and loss_mask.shape[0] == 1:
         loss_mask = loss_mask[0]
     if loss_mask.dim() != 1:
-        raise ValueError(f"loss_mask must have shape [seq_length] or [1, seq_length] (one sequence), "
+        raise ValueError(f"loss_mask must have shape [seq_length], [1, seq_length] or [B, seq_length], "
                          f"got {tuple(loss_mask.shape)}")
     if loss_mask.numel() != seq_length:
         raise ValueError(f"loss_mask has {loss_mask.numel()} entries, expected seq_length={seq_length}")

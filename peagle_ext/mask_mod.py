@@ -23,7 +23,8 @@ class PeagleMaskMod:
     Holds the rule's inputs as plain attributes: ``anchor_pos``, ``depth`` (int64 [Q_LEN], the
     queries), ``kv_anchor_pos``, ``kv_depth`` (int64 [KV_LEN], the keys: the very same tensors as
     the queries' when they are one set), ``doc_of_position`` (int64 [P], -1 for padding) and
-    ``sliding_window`` (None or an int >= 1).
+    ``sliding_window`` (None or an int >= 1). For a batch of rows each tensor has a leading [B]
+    dim and the mask_mod reads row ``b``.
 
     An element is padding (sees nothing, seen by none) when its anchor lies outside [0, P), its
     depth is negative or its anchor's document is negative, exactly as the kernels read
@@ -46,18 +47,26 @@ class PeagleMaskMod:
     def keys_are_queries(self) -> bool:
         return self.kv_anchor_pos is self.anchor_pos and self.kv_depth is self.depth
 
-    def _document(self, anchor: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+    @property
+    def batched(self) -> bool:
+        """A batch of rows: every tensor has a leading [B] dim, and row ``b`` is read for batch index b."""
+        return self.anchor_pos.dim() == 2
+
+    def _read(self, table: torch.Tensor, b, index):
+        return table[b, index] if self.batched else table[index]
+
+    def _document(self, b, anchor: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
         """Each element's document, -1 for padding (any negative document read means padding)."""
-        last_position = self.doc_of_position.shape[0] - 1
+        last_position = self.doc_of_position.shape[-1] - 1
         in_range = (anchor >= 0) & (anchor <= last_position) & (depth >= 0)
-        doc = self.doc_of_position[anchor.clamp(0, last_position)]
+        doc = self._read(self.doc_of_position, b, anchor.clamp(0, last_position))
         return torch.where(in_range & (doc >= 0), doc.clamp(max=FIELD_MAX), -1)
 
     def __call__(self, b, h, q_idx, kv_idx):
-        a_q, a_k = self.anchor_pos[q_idx], self.kv_anchor_pos[kv_idx]
-        d_q, d_k = self.depth[q_idx], self.kv_depth[kv_idx]
-        doc_q = self._document(a_q, d_q)
-        same_doc = (doc_q >= 0) & (doc_q == self._document(a_k, d_k))
+        a_q, a_k = self._read(self.anchor_pos, b, q_idx), self._read(self.kv_anchor_pos, b, kv_idx)
+        d_q, d_k = self._read(self.depth, b, q_idx), self._read(self.kv_depth, b, kv_idx)
+        doc_q = self._document(b, a_q, d_q)
+        same_doc = (doc_q >= 0) & (doc_q == self._document(b, a_k, d_k))
         context = (d_k == 0) & (a_k <= a_q)
         if self.sliding_window is not None:
             context = context & (a_k > a_q + d_q - self.sliding_window)
@@ -77,8 +86,9 @@ class PeagleMaskMod:
         return self.map_tensors(torch.Tensor.pin_memory)
 
     def __repr__(self) -> str:
-        return (f"PeagleMaskMod(Q_LEN={self.anchor_pos.numel()}, KV_LEN={self.kv_anchor_pos.numel()}, "
-                f"positions={self.doc_of_position.numel()}, sliding_window={self.sliding_window}, "
+        rows = f"B={self.anchor_pos.shape[0]}, " if self.batched else ""
+        return (f"PeagleMaskMod({rows}Q_LEN={self.anchor_pos.shape[-1]}, KV_LEN={self.kv_anchor_pos.shape[-1]}, "
+                f"positions={self.doc_of_position.shape[-1]}, sliding_window={self.sliding_window}, "
                 f"device={self.anchor_pos.device})")
 
 

@@ -43,7 +43,7 @@ def assert_block_masks_equal(actual: BlockMask, expected: BlockMask) -> None:
                 f"or {count_name} shape {tuple(a_count.shape)} != {tuple(e_count.shape)}"
             )
         if not torch.equal(a_count.cpu(), e_count.cpu()):
-            row = int((a_count.cpu() != e_count.cpu()).nonzero()[0][-1])
+            row = int((a_count.cpu() != e_count.cpu()).flatten().nonzero()[0])  # over [B, H, rows], flattened
             raise AssertionError(
                 f"{count_name} differs first at row {row}: "
                 f"{int(a_count.flatten()[row])} != {int(e_count.flatten()[row])}"

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../block_index.h"
+#include "cpu_lists.h"
 
 namespace peagle {
 namespace {

@@ -135,7 +135,7 @@ struct CountKernel {
 
   // The kv-blocks of this block's keys: [first, first + count).
   PEAGLE_HD void columns(const Thread& t, int64_t* first, int64_t* count) const {
-    const int64_t begin = t.block * t.block_dim, end = min64(s.num_keys, begin + t.block_dim);
+    const int64_t begin = t.block * t.block_dim, end = min_value(s.num_keys, begin + t.block_dim);
     *first = begin < end ? begin / s.kv_block_size : 0;
     *count = begin < end ? (end - 1) / s.kv_block_size - *first + 1 : 0;
   }
@@ -281,7 +281,7 @@ struct RowKernel {
 
   PEAGLE_HD void phase(int p, Shared& sh, uint8_t* dynamic_shared, const Thread& t) const {
     const int64_t row = t.block;
-    const int64_t q_begin = row * s.q_block_size, q_end = min64(s.num_queries, q_begin + s.q_block_size);
+    const int64_t q_begin = row * s.q_block_size, q_end = min_value(s.num_queries, q_begin + s.q_block_size);
     uint8_t* marks = marks_in_shared ? dynamic_shared : b.states + row * s.num_kv_blocks;
     int64_t first, last;  // this thread's queries
     chunk_of(q_begin, q_end, t, &first, &last);
@@ -358,7 +358,7 @@ struct RowKernel {
         // position order (the walk's document filter keeps it exact when they do not).
         int64_t context_first = e.context_first;
         if (e.doc < positions && b.doc_first[e.doc] != 0)
-          context_first = max64(context_first, positions - b.doc_first[e.doc]);
+          context_first = max_value(context_first, positions - b.doc_first[e.doc]);
         cs = b.buckets[context_first];
         ce = b.buckets[e.anchor + 1];
         if (e.depth > 0) {
@@ -373,10 +373,10 @@ struct RowKernel {
       b.query_doc[q] = static_cast<int32_t>(e.doc);
       b.query_depth[q] = static_cast<int32_t>(e.depth);
       if (ce > cs) {
-        maxima.v[0] = max64(maxima.v[0], (e.doc << 32) | cs);
-        maxima.v[1] = max64(maxima.v[1], (e.doc << 32) | ce);
+        maxima.v[0] = max_value(maxima.v[0], (e.doc << 32) | cs);
+        maxima.v[1] = max_value(maxima.v[1], (e.doc << 32) | ce);
       }
-      if (re > rs) maxima.v[2] = max64(maxima.v[2], e.anchor);
+      if (re > rs) maxima.v[2] = max_value(maxima.v[2], e.anchor);
     }
     return maxima;
   }
@@ -393,20 +393,20 @@ struct RowKernel {
       if (ce > cs) {
         const int64_t ks = (doc << 32) | cs, ke = (doc << 32) | ce;
         if (carry.v[0] > ks) sh.context_unsorted = 1;
-        start = carry.v[1] >= 0 && (carry.v[1] >> 32) == doc ? max64(cs, carry.v[1] & kLow32) : cs;
-        carry.v[0] = max64(carry.v[0], ks);
-        carry.v[1] = max64(carry.v[1], ke);
+        start = carry.v[1] >= 0 && (carry.v[1] >> 32) == doc ? max_value(cs, carry.v[1] & kLow32) : cs;
+        carry.v[0] = max_value(carry.v[0], ks);
+        carry.v[1] = max_value(carry.v[1], ke);
       }
       b.walk_start[q] = static_cast<int32_t>(start);
       if (b.rollout_end[q] > b.rollout_start[q]) {
         if (carry.v[2] >= b.anchor[q]) sh.rollout_unsorted = 1;
-        carry.v[2] = max64(carry.v[2], b.anchor[q]);
+        carry.v[2] = max_value(carry.v[2], b.anchor[q]);
       }
     }
   }
 
   // Ranks of the context run query q walks.
-  PEAGLE_HD int64_t context_walk(int64_t q) const { return max64(0, b.context_end[q] - b.walk_start[q]); }
+  PEAGLE_HD int64_t context_walk(int64_t q) const { return max_value(0, b.context_end[q] - b.walk_start[q]); }
 
   // What each query walks, merged pairwise where the q-block was not sorted: a context interval's
   // new part starts at the largest end among the intervals of its document that come before it in
@@ -420,9 +420,9 @@ struct RowKernel {
         int64_t covered = -1;
         for (int64_t j = q_begin; j < q_end; ++j) {
           const int64_t sj = b.context_start[j], ej = b.context_end[j];
-          if (j != q && ej > sj && b.query_doc[j] == doc && (sj < cs || (sj == cs && j < q))) covered = max64(covered, ej);
+          if (j != q && ej > sj && b.query_doc[j] == doc && (sj < cs || (sj == cs && j < q))) covered = max_value(covered, ej);
         }
-        b.walk_start[q] = static_cast<int32_t>(max64(cs, covered));
+        b.walk_start[q] = static_cast<int32_t>(max_value(cs, covered));
       }
       int64_t rollout = b.rollout_end[q] - b.rollout_start[q];
       if (rollout > 0 && sh.rollout_unsorted) {

@@ -92,16 +92,14 @@ inline Buffers bind(const Layout& l, uint8_t* workspace, const int64_t* anchor, 
   return b;
 }
 
-inline int64_t blocks_for(int64_t items, int64_t threads) { return (items + threads - 1) / threads; }
-
 // The pipeline: a memset of the workspace's counters, then the four kernels, in order, each over
 // every row of the batch at once (the launcher's second grid dimension).
 template <class Launcher>
 void launch_pipeline(Launcher& launcher, uint8_t* workspace, const Buffers& b, const Sizes& s, const Layout& l) {
   launcher.zero(workspace, l.zeroed_bytes);
   const int64_t count_items = s.num_keys > s.num_positions ? s.num_keys : s.num_positions;
-  launcher.launch(CountKernel{b, s}, blocks_for(count_items, CountKernel::kThreads), 0);
-  launcher.launch(ScatterKernel{b, s}, blocks_for(s.num_keys, ScatterKernel::kThreads), 0);
+  launcher.launch(CountKernel{b, s}, num_blocks(count_items, CountKernel::kThreads), 0);
+  launcher.launch(ScatterKernel{b, s}, num_blocks(s.num_keys, ScatterKernel::kThreads), 0);
   launcher.launch(RowKernel{b, s, l.marks_in_shared}, s.num_q_blocks,
                   l.marks_in_shared ? static_cast<size_t>(s.num_kv_blocks) : 0);
   launcher.launch(ColumnKernel{b, s}, s.num_kv_blocks, 0);

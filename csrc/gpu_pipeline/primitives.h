@@ -11,7 +11,7 @@
 
 #include <cstdint>
 
-#include "../peagle_tile_rule.h"
+#include "../rule/tile_rule.h"
 
 namespace peagle {
 namespace pipeline {
@@ -58,14 +58,12 @@ PEAGLE_HD int32_t load_coherent(const int32_t* address) {
 #endif
 }
 
-PEAGLE_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-PEAGLE_HD int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 // Thread t's contiguous share of the items [begin, end): [*first, *last).
 PEAGLE_HD void chunk_of(int64_t begin, int64_t end, const Thread& t, int64_t* first, int64_t* last) {
   const int64_t size = (end - begin + t.block_dim - 1) / t.block_dim;
-  *first = min64(end, begin + t.index * size);
-  *last = min64(end, *first + size);
+  *first = min_value(end, begin + t.index * size);
+  *last = min_value(end, *first + size);
 }
 
 // A few int64 lanes combined lane by lane, by maximum or by sum.
@@ -79,7 +77,7 @@ struct Lanes {
   }
   PEAGLE_HD static Lanes combine(const Lanes& a, const Lanes& b) {
     Lanes l;
-    for (int i = 0; i < kLanes; ++i) l.v[i] = kMax ? max64(a.v[i], b.v[i]) : a.v[i] + b.v[i];
+    for (int i = 0; i < kLanes; ++i) l.v[i] = kMax ? max_value(a.v[i], b.v[i]) : a.v[i] + b.v[i];
     return l;
   }
 };

@@ -31,6 +31,15 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         raise UsageError(message)
 
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        # argparse hands "--x=--" to a one-value option as a list, without calling its type.
+        for action in self._actions:
+            if action.type is not None and action.nargs is None and isinstance(getattr(parsed, action.dest), list):
+                self.error(f"argument {'/'.join(action.option_strings)}: expected one value, "
+                           f"got {getattr(parsed, action.dest)!r}")
+        return parsed
+
 
 def parser_for(command: str) -> Parser:
     return Parser(prog=f"python -m peagle_ext {command}", description=COMMANDS[command][1])

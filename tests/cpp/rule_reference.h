@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "peagle_tile_rule.h"
+#include "rule/tile_rule.h"
 
 namespace reference {
 
@@ -28,7 +28,7 @@ inline std::vector<uint8_t> brute_states(const std::vector<int64_t>& q_anchor, c
                                          const std::vector<int64_t>& k_anchor, const std::vector<int64_t>& k_depth,
                                          const std::vector<int64_t>& doc, int64_t window, int64_t qb, int64_t kvb) {
   const int64_t n_q = static_cast<int64_t>(q_anchor.size()), n_k = static_cast<int64_t>(k_anchor.size());
-  const int64_t nq = (n_q + qb - 1) / qb, nkv = (n_k + kvb - 1) / kvb;
+  const int64_t nq = peagle::num_blocks(n_q, qb), nkv = peagle::num_blocks(n_k, kvb);
   std::vector<int64_t> count(nq * nkv, 0);
   for (int64_t q = 0; q < n_q; ++q)
     for (int64_t k = 0; k < n_k; ++k)

@@ -10,6 +10,7 @@
 #include <random>
 #include <vector>
 
+#include "cpu/cpu_lists.h"
 #include "gpu_pipeline/pipeline.h"
 #include "gpu_pipeline/sequential_launcher.h"
 #include "rule_reference.h"
@@ -34,7 +35,7 @@ static bool check(const std::vector<Case>& rows, int index) {
   const int64_t b = static_cast<int64_t>(rows.size());
   const int64_t n_q = static_cast<int64_t>(c.anchor.size()), n_k = static_cast<int64_t>(c.keys_anchor().size());
   const int64_t positions = static_cast<int64_t>(c.doc.size());
-  const int64_t nq = (n_q + c.qb - 1) / c.qb, nkv = (n_k + c.kvb - 1) / c.kvb, tiles = nq * nkv;
+  const int64_t nq = num_blocks(n_q, c.qb), nkv = num_blocks(n_k, c.kvb), tiles = nq * nkv;
   const pipeline::Sizes sizes{b, n_q, n_k, positions, c.window, c.qb, c.kvb, nq, nkv};
   const pipeline::Layout layout = pipeline::plan(sizes);
   std::vector<int64_t> anchor, depth, key_anchor, key_depth, doc;  // the rows one after another

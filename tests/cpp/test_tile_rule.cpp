@@ -1,5 +1,5 @@
-// Tests of csrc/peagle_tile_rule.h on its own (no torch): unit checks of each function, then a
-// randomized comparison of tile states built from the header against the element-level rule
+// Tests of csrc/rule/tile_rule.h and the CPU kernel's helpers (csrc/cpu/cpu_lists.h) on their own
+// (no torch): unit checks of each function, then a randomized comparison of tile states built from the header against the element-level rule
 // evaluated pair by pair (the specification, docs/rule.md).
 #include <algorithm>
 #include <cstdio>
@@ -7,7 +7,7 @@
 #include <random>
 #include <vector>
 
-#include "peagle_tile_rule.h"
+#include "cpu/cpu_lists.h"
 #include "rule_reference.h"
 
 using namespace peagle;
@@ -27,7 +27,7 @@ static int failures = 0;
 static std::vector<uint8_t> header_states(const std::vector<int64_t>& anchor, const std::vector<int64_t>& depth,
                                           const std::vector<int64_t>& doc, int64_t window, int64_t qb, int64_t kvb) {
   const int64_t n = static_cast<int64_t>(anchor.size());
-  const int64_t nq = (n + qb - 1) / qb, nkv = (n + kvb - 1) / kvb;
+  const int64_t nq = num_blocks(n, qb), nkv = num_blocks(n, kvb);
   std::vector<ElementKeys> keys;
   for (int64_t i = 0; i < n; ++i)
     keys.push_back(element_keys(anchor[i], depth[i], doc.data(), static_cast<int64_t>(doc.size()), window));

@@ -9,15 +9,17 @@ import pickle
 
 import pytest
 import torch
-from conftest import backends_here, skip_unless_backend
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import BLOCK_SIZES, WINDOWS, arbitrary_cases, cod_cases, separate_key_cases
 from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention
 
 import peagle_ext
 from peagle_ext.data import SAFE_GLOBALS
 from peagle_ext.mask_mod import PeagleMaskMod
+
+from helpers import backends_here, skip_unless_backend
+from strategies import BLOCK_SIZES, WINDOWS, arbitrary_cases, cod_cases, separate_key_cases
+
 
 def dense(mask_mod, q_len, kv_len):
     return create_mask(mask_mod, None, None, q_len, kv_len, device="cpu")
@@ -113,12 +115,7 @@ def test_unvalidated_blocks_follow_the_mask_mod(cpu_backend, case, block_size):
     assert_blocks_follow_the_mask_mod(*case, block_size, cpu_backend)
 
 
-@pytest.mark.parametrize("backend", [
-    "cpu", "cuda_emulated",
-    pytest.param("python", marks=pytest.mark.xfail(
-        strict=True, reason="the python builder reads a query of negative depth as real; the kernels and "
-                            "the mask_mod read it as padding")),
-])
+@pytest.mark.parametrize("backend", ["cpu", "cuda_emulated", "python"])
 @given(case=unvalidated_cases(negative_depths=True), block_size=BLOCK_SIZES)
 def test_unvalidated_negative_depths_are_padding(backend, case, block_size):
     skip_unless_backend(backend)

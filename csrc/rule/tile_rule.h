@@ -34,6 +34,11 @@ constexpr int64_t kNotListed = INT64_MAX;
 
 enum TileState : uint8_t { kEmpty = 0, kPartial = 1, kFull = 2 };
 
+PEAGLE_HD int64_t min_value(int64_t a, int64_t b) { return a < b ? a : b; }
+PEAGLE_HD int64_t max_value(int64_t a, int64_t b) { return a > b ? a : b; }
+// Blocks of `size` covering `count` items: ceil(count / size), for positive sizes.
+PEAGLE_HD int64_t num_blocks(int64_t count, int64_t size) { return (count + size - 1) / size; }
+
 PEAGLE_HD int64_t clamp_field(int64_t v) { return v < 0 ? 0 : (v > kFieldMax ? kFieldMax : v); }
 PEAGLE_HD int64_t pack(int64_t high, int64_t low) { return (clamp_field(high) << kFieldBits) | clamp_field(low); }
 PEAGLE_HD int64_t low_field(int64_t key) { return key & kFieldMax; }
@@ -63,49 +68,6 @@ PEAGLE_HD ElementInfo element_info(int64_t anchor, int64_t depth, const int64_t*
   return e;
 }
 
-// The CPU kernel's sort keys and search bounds for one element. A query's context interval is
-// [lower_bound(context_lo), upper_bound(context_hi)) in the sorted context keys; its rollout
-// interval likewise in the sorted rollout keys. A padding element has no keys and empty intervals.
-struct ElementKeys {
-  int64_t context_key;  // (doc, anchor) for a real depth-0 element, else kNotListed
-  int64_t rollout_key;  // (anchor, depth) for a real deeper element, else kNotListed
-  int64_t context_lo, context_hi;
-  int64_t rollout_lo, rollout_hi;
-  bool real;
-};
-
-PEAGLE_HD ElementKeys element_keys(const ElementInfo& e) {
-  ElementKeys k;
-  k.real = e.real;
-  if (!e.real) {
-    k.context_key = k.rollout_key = kNotListed;
-    k.context_lo = k.rollout_lo = kNotListed;  // lower_bound lands past every real key...
-    k.context_hi = k.rollout_hi = -1;          // ...and upper_bound at 0: an empty interval.
-    return k;
-  }
-  k.context_key = e.depth == 0 ? pack(e.doc, e.anchor) : kNotListed;
-  k.rollout_key = e.depth > 0 ? pack(e.anchor, e.depth) : kNotListed;
-  k.context_lo = pack(e.doc, e.context_first);
-  k.context_hi = pack(e.doc, e.anchor);
-  k.rollout_lo = pack(e.anchor, 1);
-  k.rollout_hi = pack(e.anchor, e.depth);  // depth 0: hi < lo, empty
-  return k;
-}
-
-PEAGLE_HD ElementKeys element_keys(int64_t anchor, int64_t depth, const int64_t* doc_of_position,
-                                   int64_t num_positions, int64_t window) {
-  return element_keys(element_info(anchor, depth, doc_of_position, num_positions, window));
-}
-
-// Mark the kv-blocks of the ranks in [start, end): walk run by run, a run being consecutive
-// ranks whose keys share a kv-block.
-PEAGLE_HD void mark_interval(int64_t start, int64_t end, const int64_t* run_of_rank, const int64_t* tile_of_run,
-                             uint8_t* row_marks) {
-  if (end <= start) return;
-  const int64_t last_run = run_of_rank[end - 1];
-  for (int64_t run = run_of_rank[start]; run <= last_run; ++run) row_marks[tile_of_run[run]] = 1;
-}
-
 // The full-tile test needs extremes over a q-block's queries and over a kv-block's keys. They
 // are gathered as maxima of uint32 cells, 0 meaning "nothing seen", so that contributions combine
 // in any order (atomicMax on the GPU): a maximum of v is kept as v + 1, a minimum of v as 2^31 - v
@@ -129,8 +91,6 @@ PEAGLE_HD uint32_t min_cell(int64_t v) { return static_cast<uint32_t>(kCellBase 
 PEAGLE_HD int64_t max_of(uint32_t cell) { return static_cast<int64_t>(cell) - 1; }
 PEAGLE_HD int64_t min_of(uint32_t cell) { return kCellBase - static_cast<int64_t>(cell); }
 
-PEAGLE_HD int64_t min_value(int64_t a, int64_t b) { return a < b ? a : b; }
-PEAGLE_HD int64_t max_value(int64_t a, int64_t b) { return a > b ? a : b; }
 
 // A block's extremes as plain values, added element by element and written as cells once. Minima
 // start at kCellBase and maxima at -1, which the cells encode as 0 ("nothing seen"). A block
@@ -260,40 +220,10 @@ PEAGLE_HD int64_t list_position(bool listed, int64_t i, int64_t listed_before, i
   return listed ? listed_before : listed_total + (i - listed_before);
 }
 
-// One BlockMask list from a line of tile states (a row, or a column when stride is the row
-// length), laid out by list_position. Returns the count.
-PEAGLE_HD int32_t write_ordered(const uint8_t* states, int64_t stride, int64_t length, uint8_t wanted,
-                                int32_t* indices) {
-  int64_t total = 0;
-  for (int64_t i = 0; i < length; ++i) total += states[i * stride] == wanted;
-  int64_t before = 0;
-  for (int64_t i = 0; i < length; ++i) {
-    const bool listed = states[i * stride] == wanted;
-    indices[list_position(listed, i, before, total)] = static_cast<int32_t>(i);
-    before += listed;
-  }
-  return static_cast<int32_t>(total);
-}
-
-// The four BlockMask lists of a [rows, cols] state grid, as 2 * (rows + cols) lines: row lists
-// (partial, full) then column lists (partial, full). Output tensors in BlockMask order.
+// The output tensors' rows, in BlockMask order (one batch row's part of each).
 struct ListOutputs {
   int32_t* num[4];  // kv_num_blocks, full_kv_num_blocks, q_num_blocks, full_q_num_blocks
   int32_t* idx[4];  // kv_indices, full_kv_indices, q_indices, full_q_indices
 };
-
-PEAGLE_HD void write_list_line(const uint8_t* states, int64_t num_rows, int64_t num_cols, int64_t line,
-                               const ListOutputs& out) {
-  const bool is_row = line < 2 * num_rows;
-  const int64_t local = is_row ? line : line - 2 * num_rows;
-  const int64_t count = is_row ? num_rows : num_cols;
-  const int list = (is_row ? 0 : 2) + static_cast<int>(local / count);
-  const int64_t index = local % count;
-  const uint8_t wanted = (list % 2 == 0) ? kPartial : kFull;
-  const uint8_t* first = is_row ? states + index * num_cols : states + index;
-  const int64_t stride = is_row ? 1 : num_cols;
-  const int64_t length = is_row ? num_cols : num_rows;
-  out.num[list][index] = write_ordered(first, stride, length, wanted, out.idx[list] + index * length);
-}
 
 }  // namespace peagle
