@@ -14,8 +14,16 @@ import warnings
 import torch
 from torch import nn
 
-from . import (UsageError, add_device_option, check_directory_writable, check_memory, int_at_least, parser_for,
-               positive_float, resolve_device)
+from . import (
+    UsageError,
+    add_device_option,
+    check_directory_writable,
+    check_memory,
+    int_at_least,
+    parser_for,
+    positive_float,
+    resolve_device,
+)
 
 # The demo draft's attention heads (key/value heads: half as many), and the tiny target's width.
 DEMO_HEADS = 4

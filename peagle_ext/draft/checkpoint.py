@@ -468,7 +468,7 @@ def open_checkpoint(directory) -> OpenedCheckpoint:
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} is not a directory" if directory.exists() else f"{directory} does not exist")
+        raise FileNotFoundError(f"{directory} {'is not a directory' if directory.exists() else 'does not exist'}")
     with _locked(directory, exclusive=False):
         paths = _checkpoint_files(directory)
         config_path, weights_path = paths[CONFIG_NAME], paths[WEIGHTS_NAME]

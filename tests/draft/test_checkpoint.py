@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from peagle_ext import checkpoint
 from peagle_ext.draft_llama import LlamaEagle3DraftModel
 from peagle_ext.training import build_peagle_inputs
-from draft_helpers import cod_indices, random_sequence, tiny_model, single_thread  # noqa: F401 (autouse fixture)
+
+from draft_helpers import cod_indices, random_sequence, single_thread, tiny_model  # noqa: F401 (autouse fixture)
 
 # Most saves here have no verifier and a target hidden size unlike the draft's; the tests of the
 # warning itself catch it with pytest.warns, which sees it regardless of this filter.

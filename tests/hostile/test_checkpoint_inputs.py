@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from peagle_ext.draft_llama import LlamaEagle3DraftModel
+
 from draft_helpers import single_thread, tiny_model  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore::peagle_ext.draft.checkpoint.InteropWarning")
@@ -74,7 +76,8 @@ VALUES = st.one_of(
 def _set(config: dict, path: tuple, value) -> bool:
     node = config
     for key in path[:-1]:
-        if isinstance(node, dict) and key in node or isinstance(node, list) and isinstance(key, int) and key < len(node):
+        in_dict = isinstance(node, dict) and key in node
+        if in_dict or isinstance(node, list) and isinstance(key, int) and key < len(node):
             node = node[key]
         else:
             return False
@@ -114,7 +117,8 @@ def _safetensors(header: dict, data: bytes = b"") -> bytes:
          "not a readable safetensors file"),
         (_safetensors({"fc.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 2**60]}}, b"\0" * 4),
          "not a readable safetensors file"),
-        (_safetensors({"fc.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), "num_hidden_layers is 2 but .* holds only 1 tensors"),
+        (_safetensors({"fc.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+         "num_hidden_layers is 2 but .* holds only 1 tensors"),
     ],
     ids=["empty", "header-past-end", "not-json", "shape-overflow", "offsets-past-end", "keys-missing"],
 )

@@ -7,7 +7,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from peagle_ext.cli import main
 
@@ -51,7 +52,8 @@ def test_every_numeric_option_refuses_hostile_values_in_one_line(capsys, command
     [
         (["demo", "--seq-len", "3000000000"], "--seq-len", "must be <= 2147483647"),
         (["demo", "--seq-len", "2000000000"], "--seq-len/--depths/--block-size", "more than 2147483647 COD elements"),
-        (["demo", "--seq-len", "1000000", "--block-size", "1"], "--seq-len/--depths/--block-size", "GiB, more than the"),
+        (["demo", "--seq-len", "1000000", "--block-size", "1"], "--seq-len/--depths/--block-size",
+         "GiB, more than the"),
         (["train-demo", "--seq-len", "1000000"], "--seq-len/--hidden-size/--layers/--vocab", "GiB, more than the"),
         (["train-demo", "--vocab", "2147483647"], "--seq-len/--hidden-size/--layers/--vocab", "GiB, more than the"),
         (["train-demo", "--layers", "257"], "--layers", "must be <= 256"),

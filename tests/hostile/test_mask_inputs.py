@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_mask
 
 import peagle_ext
 from peagle_ext import _python_builder
 from peagle_ext._inputs import FIELD_MAX
+
 from helpers import backends_here, oracle_block_mask
 from strategies import arbitrary_cases, separate_key_cases
 
@@ -72,10 +74,12 @@ def test_the_python_walk_in_tiny_chunks_is_exact(case):
         built = peagle_ext.build_block_mask(case.anchor_pos, case.depth, backend="python", BLOCK_SIZE=4, **case.kwargs)
     finally:
         _python_builder._WALK_CHUNK = previous
-    peagle_ext.assert_block_masks_equal(built, oracle_block_mask(case.anchor_pos, case.depth, BLOCK_SIZE=4, **case.kwargs))
+    expected = oracle_block_mask(case.anchor_pos, case.depth, BLOCK_SIZE=4, **case.kwargs)
+    peagle_ext.assert_block_masks_equal(built, expected)
 
 
 ANCHORS, DEPTHS = torch.arange(4), torch.zeros(4, dtype=torch.long)
+FOUR = dict(lengths=torch.tensor([4]), total_seq_len=4)
 
 
 @pytest.mark.parametrize(
@@ -83,12 +87,12 @@ ANCHORS, DEPTHS = torch.arange(4), torch.zeros(4, dtype=torch.long)
     [
         (dict(lengths=torch.tensor([4]), total_seq_len=2**31), ValueError, "total_seq_len must be <= 2147483647"),
         (dict(lengths=torch.tensor([4]), total_seq_len=2**64 - 1), ValueError, "total_seq_len must be <="),
-        (dict(lengths=torch.tensor([4]), total_seq_len=4, BLOCK_SIZE=2**31), ValueError, "BLOCK_SIZE must be <="),
-        (dict(lengths=torch.tensor([4]), total_seq_len=4, BLOCK_SIZE=(1, 2**64)), ValueError, r"BLOCK_SIZE\[1\] must be <="),
-        (dict(lengths=torch.tensor([4]), total_seq_len=4, BLOCK_SIZE=0), ValueError, "BLOCK_SIZE must be >= 1"),
-        (dict(lengths=torch.tensor([4]), total_seq_len=4, BLOCK_SIZE=4.0), TypeError, "BLOCK_SIZE must be an int"),
-        (dict(lengths=torch.tensor([4]), total_seq_len=4, sliding_window=-2**63), ValueError, "sliding_window must be >= 1"),
-        (dict(lengths=torch.tensor([4]), total_seq_len=4, sliding_window=True), TypeError, "sliding_window must be an int"),
+        (dict(**FOUR, BLOCK_SIZE=2**31), ValueError, "BLOCK_SIZE must be <="),
+        (dict(**FOUR, BLOCK_SIZE=(1, 2**64)), ValueError, r"BLOCK_SIZE\[1\] must be <="),
+        (dict(**FOUR, BLOCK_SIZE=0), ValueError, "BLOCK_SIZE must be >= 1"),
+        (dict(**FOUR, BLOCK_SIZE=4.0), TypeError, "BLOCK_SIZE must be an int"),
+        (dict(**FOUR, sliding_window=-2**63), ValueError, "sliding_window must be >= 1"),
+        (dict(**FOUR, sliding_window=True), TypeError, "sliding_window must be an int"),
         # Four lengths of 2^62 sum to 0 in int64: the maximum is checked first.
         (dict(lengths=torch.full((4,), 2**62), total_seq_len=4), ValueError, "lengths must each be <= total_seq_len=4"),
         (dict(lengths=torch.tensor([2**63 - 1, 2]), total_seq_len=4), ValueError, "lengths must each be <="),
