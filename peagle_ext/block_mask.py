@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 
@@ -79,10 +78,7 @@ def _block_index(inputs: MaskInputs, backend: str) -> BlockIndex:
         check_fits(what, _PYTHON_BYTES_PER_TILE * rows * columns * batch, inputs.device)
         return build_python(inputs)
     check_fits(what, _NATIVE_BYTES_PER_TILE * rows * columns * batch, inputs.device)
-    # A block longer than its side holds all of it as one tail block (never full), just as a block
-    # of that length + 1 does: the kernels get that, so none of their sizes grows with BLOCK_SIZE.
-    capped = (min(q_block_size, inputs.num_elements + 1), min(kv_block_size, inputs.num_keys + 1))
-    return _native.build_native(dataclasses.replace(inputs, block_size=capped), emulated=backend == "cuda_emulated")
+    return _native.build_native(inputs, emulated=backend == "cuda_emulated")
 
 
 def build_block_mask(
