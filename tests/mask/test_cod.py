@@ -98,7 +98,7 @@ def test_reproducible_with_generator():
     [
         ({"seq_length": 0}, "seq_length must be an int in \\[1, 2147483647\\]"),
         ({"loss_mask": torch.ones(4)}, "expected seq_length=5"),
-        ({"loss_mask": torch.ones(2, 5)}, r"loss_mask must have shape \[seq_length\] or \[1, seq_length\]"),
+        ({"loss_mask": torch.ones(2, 4)}, "loss_mask has 4 entries, expected seq_length=5"),
         ({"loss_mask": torch.ones(1, 1, 5)}, r"loss_mask must have shape .*got \(1, 1, 5\)"),
         ({"loss_mask": torch.tensor([0, 1, 2, 1, 0])}, "loss_mask must hold only 0 and 1"),
         ({"num_depths": 0}, "num_depths must be an int in \\[1, 2147483647\\]"),
