@@ -52,7 +52,9 @@ def native_extensions() -> list:
     from torch.utils import cpp_extension
 
     stable = [f"-D{define}" for define in settings["PEAGLE_STABLE_ABI_DEFINES"]]
-    cxx_flags = ["-O3", "-std=c++20"] + stable
+    # Hidden by default: the libraries export their module init alone (the registrations run from
+    # static initializers), so the two never resolve each other's copies of shared code.
+    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"] + stable
     cpu_sources = settings["PEAGLE_SOURCES"] + ["csrc/python_module.cpp"]  # the module init: pip builds only
     if not cuda_home:
         if not want_cuda:
@@ -77,7 +79,7 @@ def native_extensions() -> list:
         cpp_extension.CUDAExtension(
             "peagle_ext_cuda",
             settings["PEAGLE_CUDA_SOURCES"] + ["csrc/cuda/python_module_cuda.cpp"],
-            extra_compile_args={"cxx": cxx_flags + ["-DUSE_CUDA"], "nvcc": ["-O3", "-std=c++20"] + cuda_flags},
+            extra_compile_args={"cxx": cxx_flags + ["-DUSE_CUDA"], "nvcc": ["-O3", "-std=c++20", "-Xcompiler=-fvisibility=hidden"] + cuda_flags},
             py_limited_api=True,
         ),
     ]

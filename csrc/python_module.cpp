@@ -15,7 +15,7 @@
 #define PEAGLE_STRING(name) #name
 #define PEAGLE_NAME(name) PEAGLE_STRING(name)
 
-extern "C" PyObject* PEAGLE_INIT(PEAGLE_MODULE)(void) {
+PyMODINIT_FUNC PEAGLE_INIT(PEAGLE_MODULE)(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, PEAGLE_NAME(PEAGLE_MODULE), nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }

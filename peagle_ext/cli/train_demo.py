@@ -25,9 +25,12 @@ from . import (
     resolve_device,
 )
 
-# The demo draft's attention heads (key/value heads: half as many), and the tiny target's width.
+# The demo draft's attention heads (key/value heads: half as many).
 DEMO_HEADS = 4
+# The demo target's hidden size (the draft reads three of its states).
 TARGET_HIDDEN = 32
+# The acceptance check after training: prompts drawn from the target, their length, new tokens each.
+EVAL_PROMPTS, EVAL_PROMPT_LEN, EVAL_NEW_TOKENS = 8, 8, 32
 
 
 class TinyTarget(nn.Module):
@@ -66,6 +69,27 @@ class TinyTarget(nn.Module):
         for _ in range(length - 1):
             tokens.append(int(torch.multinomial(table[tokens[-1]], 1, generator=generator)))
         return torch.tensor(tokens, device=self.embed.weight.device)
+
+
+def demo_target(vocab_size: int, seed: int = 0, device="cpu") -> TinyTarget:
+    """The demo's target for a vocabulary size and seed (what ``train-demo --vocab --seed`` trains
+    against): ``TinyTarget(vocab_size, 32)`` built right after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    return TinyTarget(vocab_size, TARGET_HIDDEN).to(device).eval()
+
+
+def demo_acceptance(draft, target: TinyTarget, num_speculative_tokens: int, seed: int = 0) -> float:
+    """Mean acceptance length (tokens per target forward) of ``draft`` speculating for ``target`` on
+    prompts drawn from the target (greedy verification)."""
+    from ..draft.speculative import TokenwiseTarget, speculative_generate
+
+    generator = torch.Generator().manual_seed(seed)
+    prompts = [target.sample(EVAL_PROMPT_LEN, generator).tolist() for _ in range(EVAL_PROMPTS)]
+    was_training = draft.training
+    draft.eval()
+    result = speculative_generate(TokenwiseTarget(target), draft, prompts, num_speculative_tokens, EVAL_NEW_TOKENS)
+    draft.train(was_training)
+    return result.acceptance_length
 
 
 def _progress(step: int, total: int, loss: float, accuracy: torch.Tensor, width: int = 24) -> str:
@@ -159,7 +183,8 @@ def parse_args(argv: list[str]):
     add_device_option(parser)
     parser.add_argument("--out", default="peagle_demo_checkpoint", help="checkpoint directory to write")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the checkpoint at --out (its config.json and model.safetensors; other files stay)")
+                        help="replace the checkpoint at --out (its config.json and model.safetensors; "
+                             "other files stay)")
     parser.add_argument("--verifier", metavar="NAME_OR_PATH", default=None,
                         help="the target model's hub id or local directory, recorded in the checkpoint as "
                              "speculators' verifier (speculators' from_pretrained needs it)")
@@ -205,11 +230,11 @@ def main(argv: list[str]) -> int:
 
     rank, world_size, device = start_distributed(args.device)
     device = torch.device(device)
-    torch.manual_seed(args.seed)  # the same target and initial draft on every rank
+    target = demo_target(args.vocab, args.seed, device)  # seeds torch: the same target and initial draft on every rank
     generator = torch.Generator().manual_seed(args.seed + rank)  # each rank its own sequences and layouts
-    target = TinyTarget(args.vocab, TARGET_HIDDEN).to(device).eval()
     config = demo_config(args)
     model = LlamaEagle3DraftModel(config).to(device).train()
+    initial_state = {name: tensor.clone() for name, tensor in model.state_dict().items()} if rank == 0 else None
     trained = DistributedDataParallel(model) if world_size > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     loss_mask = torch.ones(args.seq_len, device=device)
@@ -255,4 +280,9 @@ def main(argv: list[str]) -> int:
     print(f"last-step accuracy per depth: {accuracy}")
     print(f"trained in {time.perf_counter() - started:.1f} s; checkpoint (config.json, model.safetensors) "
           f"written to {args.out}")
+    trained_length = demo_acceptance(model, target, args.depths, args.seed)
+    model.load_state_dict(initial_state)
+    untrained_length = demo_acceptance(model, target, args.depths, args.seed)
+    print(f"acceptance length at K = {args.depths} (tokens per target forward, greedy, {EVAL_PROMPTS} prompts drawn "
+          f"from the target): trained {trained_length:.2f}, untrained {untrained_length:.2f}")
     return 0

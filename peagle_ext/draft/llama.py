@@ -29,6 +29,7 @@ from .peagle_draft import (
     _PeagleDecoderLayerMixin,
     _PeagleDraftMixin,
     _PeagleVanillaLayerMixin,
+    _select_rows,
 )
 
 # Every size field's upper bound: products of two sizes stay within int64, and no dimension of a
@@ -291,8 +292,8 @@ class Eagle3LlamaAttention(_PeagleAttentionMixin, nn.Module):
 
     def _project_qkv(self, hidden_states: torch.Tensor, query_rows: torch.Tensor | None = None):
         """[B, N, input_size] -> q [B, heads, Q, D], k and v [B, kv_heads, N, D]; the queries are
-        the elements ``query_rows`` (int [Q]) when given, else all N."""
-        queries = hidden_states if query_rows is None else hidden_states[:, query_rows]
+        the elements ``query_rows`` (int [Q] or [B, Q]) when given, else all N."""
+        queries = hidden_states if query_rows is None else _select_rows(hidden_states, query_rows)
 
         def heads(proj, states):
             return proj(states).view(states.shape[0], states.shape[1], -1, self.head_dim).transpose(1, 2)

@@ -85,7 +85,7 @@ def _dense_masked_attention(q, k, v, block_mask, scale) -> torch.Tensor:
     """Attention through ``scaled_dot_product_attention`` with ``block_mask.mask_mod`` materialized.
 
     q: [B, H, Q, D]; k, v: [B, H, KV, D] (grouped heads already repeated). Materializes a
-    [1, 1, Q, KV] bool mask: fine for the small N of CPU training and tests. A query row that
+    [1 or B, 1, Q, KV] bool mask: fine for the small N of CPU training and tests. A query row that
     sees no key gives zeros (as flex_attention does), not NaN, with zero gradient.
     """
     global _dense_fallback_warned
@@ -99,7 +99,8 @@ def _dense_masked_attention(q, k, v, block_mask, scale) -> torch.Tensor:
             q_len,
             kv_len,
         )
-    mask = create_mask(block_mask.mask_mod, None, None, q_len, kv_len, device=q.device)
+    rows = block_mask.kv_num_blocks.shape[0]  # a batch's mask has a row per sequence; one row broadcasts
+    mask = create_mask(block_mask.mask_mod, rows if rows > 1 else None, None, q_len, kv_len, device=q.device)
     visible = mask.any(dim=-1, keepdim=True)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~visible, scale=scale)
     return out * visible
@@ -133,6 +134,15 @@ def _peagle_flex_attention(q, k, v, block_mask, scale):
     return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
 
 
+def _select_rows(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``values`` [B, N, ...] at the elements ``rows`` along dim 1: [Q] (the same for every row of
+    the batch) or [B, Q] (each row its own) -> [B, Q, ...]."""
+    if rows.dim() == 1:
+        return values[:, rows]
+    index = rows.reshape(*rows.shape, *([1] * (values.dim() - 2))).expand(*rows.shape, *values.shape[2:])
+    return values.gather(1, index)
+
+
 def _attention_then_mlp(layer, attn_input, residual, position_ids, block_mask, query_rows=None) -> torch.Tensor:
     """``residual + attn(attn_input)``, then the post-attention-norm MLP with its residual.
 
@@ -141,7 +151,7 @@ def _attention_then_mlp(layer, attn_input, residual, position_ids, block_mask, q
     ``query_rows`` only (keys and values still come from all N).
     """
     if query_rows is not None:
-        residual = residual[:, query_rows]
+        residual = _select_rows(residual, query_rows)
     hidden = residual + layer.self_attn.forward_peagle(attn_input, position_ids, block_mask, query_rows=query_rows)
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
@@ -159,12 +169,13 @@ class _PeagleAttentionMixin:
 
         combined_states: [B, N, in_features] (2H for the fused first layer, H otherwise);
         position_ids: [B, N] or [N] reference positions; returns [B, N, hidden_size].
-        ``query_rows`` (int [Q], beyond NeMo Automodel's signature): only these elements are queries
-        (``block_mask`` is then Q x N); returns [B, Q, hidden_size].
+        ``query_rows`` (int [Q], or [B, Q] for each row its own; beyond NeMo Automodel's signature):
+        only these elements are queries (``block_mask`` is then Q x N); returns [B, Q, hidden_size].
         """
         batch = combined_states.shape[0]
         q, k, v = self._project_qkv(combined_states, query_rows)
-        query_positions = None if query_rows is None else position_ids[..., query_rows]
+        query_positions = None if query_rows is None else _select_rows(
+            position_ids.expand(combined_states.shape[0], -1), query_rows)
         q, k = self.rotary_emb(q, k, position_ids, query_positions)
         out = _peagle_flex_attention(q, self._repeat_kv(k), self._repeat_kv(v), block_mask, self.scaling)
         return self.o_proj(out.transpose(1, 2).reshape(batch, q.shape[-2], -1))

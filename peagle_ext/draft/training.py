@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from .._inputs import stack_lengths
 from ..cod import cod_segments, generate_cod_sample_indices
 from .flat_inputs import build_peagle_inputs, supervised_draft_logits
 from .llama import LlamaEagle3DraftModel
@@ -119,6 +120,14 @@ def peagle_training_step(
     are keys only, through a mask whose queries are the segment's own elements (Q_LEN < KV_LEN);
     they need states of their own only for the layers before it.
 
+    A batch of B sequences of one length S in one forward: input_ids [B, S], aux_hidden_states
+    [B, S, A], loss_mask [B, S], the target [B, S, ...], lengths a list of B tensors or a
+    zero-padded [B, D], anchor_pos/depth (if given) [B, N] with padding elements anchored at S
+    (:func:`peagle_ext.pad_rows`; sampled so when not given). The loss is the KL sum over every
+    row's supervised elements over their total count, so that loss and gradients equal those of
+    the rows' own steps weighted by their supervised counts; partitioned steps run segment k of
+    every row in one forward.
+
     ``model`` may be the draft or a ``DistributedDataParallel`` wrapping it (each rank passes its
     own sequence and samples its own layout). The loss is then normalized by the supervised count
     of all ranks together (one all-reduce) and multiplied by the number of ranks, so that DDP's
@@ -129,9 +138,14 @@ def peagle_training_step(
     draft = model.module if isinstance(model, DistributedDataParallel) else model
     if isinstance(sequence_partitions, bool) or not isinstance(sequence_partitions, int) or sequence_partitions < 1:
         raise ValueError(f"sequence_partitions must be an int >= 1, got {sequence_partitions!r}")
-    seq_len = input_ids.numel()
+    batched = input_ids.dim() == 2
+    seq_len = input_ids.shape[-1]
     if lengths is None:
         lengths = torch.tensor([seq_len], device=input_ids.device)
+        if batched:
+            lengths = lengths.expand(input_ids.shape[0], 1)
+    elif batched and isinstance(lengths, (list, tuple)):
+        lengths = stack_lengths(lengths).to(input_ids.device)
     num_depths = draft.draft_config.num_depths if num_depths is None else num_depths
     if anchor_pos is None or depth is None:
         anchor_pos, depth = generate_cod_sample_indices(seq_len, loss_mask, num_depths, down_sample_ratio,
@@ -139,7 +153,11 @@ def peagle_training_step(
                                                         generator=generator)
     reference, supervised = _supervision(anchor_pos, depth, loss_mask, lengths)
     scale = _loss_scale(model, supervised)
-    segments = _segment_plan(anchor_pos, depth, seq_len, sequence_partitions, keys_only_completion, supervised)
+    if batched:
+        anchor_pos, depth, supervised, reference, segments = _batch_segment_plan(
+            anchor_pos, depth, seq_len, sequence_partitions, keys_only_completion, supervised, reference)
+    else:
+        segments = _segment_plan(anchor_pos, depth, seq_len, sequence_partitions, keys_only_completion, supervised)
     partitioned = sequence_partitions > 1
     world_size, _ = _world(model)
     metrics = _DepthMetrics(max(num_depths, int(depth.max()) + 1), input_ids.device)
@@ -154,15 +172,24 @@ def peagle_training_step(
             if partitioned:  # this segment's activations go now; a flat step leaves backward() to the caller
                 (kl * scale).backward()
         total_kl = total_kl + (kl.detach() if partitioned else kl)
-        metrics.add(depth[segment.queries[segment.rows]], draft_log_probs, target_log_probs)
+        metrics.add(_take(depth, segment.queries)[segment.rows], draft_log_probs, target_log_probs)
     return PeagleStepOutput(total_kl * scale, *metrics.accuracy_and_count())
 
 
 def _supervision(anchor_pos, depth, loss_mask, lengths) -> tuple[torch.Tensor, torch.Tensor]:
     """(reference, supervised) per element: its reference position ``anchor + depth``, and whether
-    the target supervises it there (``loss_mask`` set, inside the documents)."""
+    the target supervises it there (``loss_mask`` set, inside the documents). A batch's ([B, N],
+    lengths [B, D]) padding elements, anchored at S, are never supervised."""
     reference = anchor_pos + depth
-    return reference, (loss_mask[reference] != 0) & (reference < lengths.sum())
+    if reference.dim() == 1:
+        return reference, (loss_mask[reference] != 0) & (reference < lengths.sum())
+    inside = reference < lengths.sum(-1, keepdim=True)
+    return reference, (loss_mask.gather(1, reference.clamp(max=loss_mask.shape[-1] - 1)) != 0) & inside
+
+
+def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[index]`` for one sequence ([N], index [E]); row by row for a batch ([B, N], [B, E])."""
+    return values[index] if index.dim() == 1 else values.gather(1, index)
 
 
 def _loss_scale(model, supervised: torch.Tensor) -> torch.Tensor:
@@ -181,12 +208,13 @@ class _Segment:
     step's elements); query_rows: int [Q] into ``elements``, the last layer's queries when the
     completion is keys only, else None (every element a query); queries: int [Q], the query
     elements (indices into the step's elements); rows: int [M] into the queries, the supervised
-    ones among the segment's own elements."""
+    ones among the segment's own elements. For a batch: elements [B, E], query_rows and queries
+    [B, Q] (each row filled up with a padding element), rows a (row [M], query [M]) pair."""
 
     elements: torch.Tensor
     query_rows: torch.Tensor | None
     queries: torch.Tensor
-    rows: torch.Tensor
+    rows: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 def _segment_plan(anchor_pos, depth, seq_len: int, sequence_partitions: int, keys_only_completion: bool,
@@ -208,27 +236,76 @@ def _segment_plan(anchor_pos, depth, seq_len: int, sequence_partitions: int, key
     return segments
 
 
+def _batch_segment_plan(anchor_pos, depth, seq_len: int, sequence_partitions: int, keys_only_completion: bool,
+                        supervised, reference):
+    """_segment_plan for a batch ([B, N] elements): segment k of every row in one forward, rows
+    filled up to one size with a padding element (anchored at S) appended to every row. Returns the
+    elements, supervision and reference with that column appended, and the segments."""
+    rows, n = anchor_pos.shape
+    padding = n  # the appended element's index in every row
+    anchor_pos = torch.cat([anchor_pos, anchor_pos.new_full((rows, 1), seq_len)], 1)
+    depth = torch.cat([depth, depth.new_zeros((rows, 1))], 1)
+    supervised = torch.cat([supervised, supervised.new_zeros((rows, 1))], 1)
+    reference = anchor_pos + depth
+    device = anchor_pos.device
+    if sequence_partitions == 1:
+        everything = torch.arange(n + 1, device=device).expand(rows, -1)
+        return anchor_pos, depth, supervised, reference, [
+            _Segment(everything, None, everything, tuple(torch.nonzero(supervised).t()))]
+    per_row = []  # per row, its segments as (elements, own) over the row's real elements
+    for row in range(rows):
+        real = torch.nonzero(anchor_pos[row] < seq_len).flatten()
+        per_row.append([(real[elements], own) for elements, own in
+                        cod_segments(anchor_pos[row, real], depth[row, real], seq_len, sequence_partitions)])
+
+    def filled(tensors, length):
+        return torch.stack([torch.cat([t, t.new_full((length - t.numel(),), padding)]) for t in tensors])
+
+    segments = []
+    for k in range(sequence_partitions):
+        parts = [row_segments[k] for row_segments in per_row]
+        if not any(elements.numel() for elements, _ in parts):
+            continue
+        width = max(elements.numel() for elements, _ in parts) + 1  # at least one padding slot per row
+        elements = filled([e for e, _ in parts], width)
+        own = torch.stack([torch.cat([o, o.new_zeros(width - o.numel())]) for _, o in parts])
+        if keys_only_completion:
+            own_rows = [torch.nonzero(o).flatten() for _, o in parts]
+            slot = width - 1  # a padding slot of every row
+            query_rows = torch.stack([torch.cat([r, r.new_full((max(map(len, own_rows)) - r.numel(),), slot)])
+                                      for r in own_rows])
+        else:
+            query_rows = None
+        queries = elements if query_rows is None else elements.gather(1, query_rows)
+        own_queries = own if query_rows is None else own.gather(1, query_rows)
+        picked = tuple(torch.nonzero(own_queries & supervised.gather(1, queries)).t())
+        segments.append(_Segment(elements, query_rows, queries, picked))
+    return anchor_pos, depth, supervised, reference, segments
+
+
 def _segment_forward(model, draft, segment: _Segment, anchor_pos, depth, input_ids, aux_hidden_states, lengths,
                      sliding_window, reference, target_logits, target_last_hidden, target_lm_head):
     """One segment's masks and forward (through ``model``, the DDP wrapper if any) and its KL sum
     against the target: (kl, draft log-probs [M, V], target log-probs [M, V])."""
-    seq_len = input_ids.numel()
-    part_anchor, part_depth = anchor_pos[segment.elements], depth[segment.elements]
+    seq_len = input_ids.shape[-1]
+    part_anchor, part_depth = _take(anchor_pos, segment.elements), _take(depth, segment.elements)
     block_mask = query_block_mask = None
     if segment.query_rows is None or len(draft.model.layers) > 1:  # a one-layer draft's last layer is its only one
         block_mask = draft.build_peagle_block_mask(part_anchor, part_depth, lengths, seq_len,
                                                    sliding_window=sliding_window)
     if segment.query_rows is not None:
         query_block_mask = draft.build_peagle_block_mask(
-            anchor_pos[segment.queries], depth[segment.queries], lengths, seq_len, sliding_window=sliding_window,
-            kv_anchor_pos=part_anchor, kv_depth=part_depth)
+            _take(anchor_pos, segment.queries), _take(depth, segment.queries), lengths, seq_len,
+            sliding_window=sliding_window, kv_anchor_pos=part_anchor, kv_depth=part_depth)
     logits = model(peagle_training_inputs=dict(
         input_ids=input_ids, aux_hidden_states=aux_hidden_states, anchor_pos=part_anchor, depth=part_depth,
         block_mask=block_mask, rows=segment.rows, query_rows=segment.query_rows, query_block_mask=query_block_mask))
     draft_log_probs = F.log_softmax(logits.float(), dim=-1)
     with torch.no_grad():
-        target = _target_draft_logits(draft, reference[segment.queries[segment.rows]], target_logits,
-                                      target_last_hidden, target_lm_head)
+        positions = _take(reference, segment.queries)[segment.rows]  # where the target supervises them
+        if isinstance(segment.rows, tuple):
+            positions = (segment.rows[0], positions)
+        target = _target_draft_logits(draft, positions, target_logits, target_last_hidden, target_lm_head)
         target_log_probs = F.log_softmax(target.float(), dim=-1)
     kl = F.kl_div(draft_log_probs, target_log_probs, reduction="sum", log_target=True)
     return kl, draft_log_probs, target_log_probs

@@ -172,6 +172,7 @@ def test_train_demo_runs_and_saves_a_loadable_checkpoint(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "3/3 loss" in captured.err and "acc/depth" in captured.err
     assert "loss: first" in captured.out and f"written to {out}" in captured.out
+    assert "acceptance length at K = 2" in captured.out and "trained" in captured.out
     model = LlamaEagle3DraftModel.from_pretrained(out)
     assert model.config.num_depths == 2 and model.config.parallel_drafting
     # An existing checkpoint is kept unless --overwrite is given.

@@ -17,10 +17,12 @@ NUMERIC_OPTIONS = {
     "train-demo": ["--steps", "--seq-len", "--depths", "--seed", "--lr", "--vocab", "--hidden-size", "--layers",
                    "--sequence-partitions"],
     "bench": ["--lengths", "--depths", "--compiled-max-len", "--repeats", "--budget-s"],
+    "eval": ["-k", "--max-new-tokens", "--batch-size", "--temperature", "--seed", "--target-seed", "--threads"],
 }
 # An output that fails its check, so a value that happens to be valid ends in that refusal instead of work.
 BAD_OUT = {"demo": ("--out", "/nonexistent-dir/mask.png"), "train-demo": ("--out", "/proc/version"),
-           "bench": ("--json", "/nonexistent-dir/bench.json")}
+           "bench": ("--json", "/nonexistent-dir/bench.json"),
+           "eval": ("--draft", "/nonexistent-dir", "--target", "tiny", "--prompts", "/nonexistent-dir/p.txt")}
 
 HOSTILE_VALUES = st.one_of(
     st.sampled_from(["0", "-1", "3000000000", "2147483648", "18446744073709551615", "-9223372036854775809",
@@ -38,7 +40,8 @@ HOSTILE_VALUES = st.one_of(
 def test_every_numeric_option_refuses_hostile_values_in_one_line(capsys, command_option, value):
     command, option = command_option
     capsys.readouterr()
-    status = main([command, f"{option}={value}", *BAD_OUT[command], "--device", "cpu"])
+    device = [] if command == "eval" else ["--device", "cpu"]
+    status = main([command, f"{option}={value}", *BAD_OUT[command], *device])
     err = capsys.readouterr().err
     assert status == 2
     assert "Traceback" not in err and err.count("\n") == 1, err

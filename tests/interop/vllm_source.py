@@ -44,6 +44,7 @@ _SOURCES = {
     "llama_eagle3": "vllm/model_executor/models/llama_eagle3.py",
     "models_utils": "vllm/model_executor/models/utils.py",
     "weight_utils": "vllm/model_executor/model_loader/weight_utils.py",
+    "spec_decode_utils": "vllm/v1/spec_decode/utils.py",
 }
 _DOWNLOAD_TIMEOUT_S = 1200
 

@@ -1,0 +1,76 @@
+"""``python -m peagle_ext eval``: a train-demo checkpoint against the tiny target, the JSON it writes,
+and every usage mistake as one line and exit status 2 before any work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from draft_helpers import single_thread  # noqa: F401 (autouse fixture)
+from peagle_ext.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo_draft(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "draft"
+    assert main(["train-demo", "--steps", "120", "--vocab", "64", "--device", "cpu", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("1 2 3\n5\n\n7 8 9 10\n")
+    return path
+
+
+def test_eval_on_the_tiny_target_writes_the_measurements(demo_draft, prompts, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--draft", str(demo_draft), "--target", "tiny", "--prompts", str(prompts), "-k", "3",
+                 "--max-new-tokens", "20", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "acceptance length" in printed and "greedy outputs equal to the plain decode: 3/3" in printed
+    report = json.loads(out.read_text())
+    assert report["method"] == "peagle" and report["num_speculative_tokens"] == 3
+    assert len(report["prompts"]) == 3
+    for entry in report["prompts"]:
+        assert len(entry["generated_ids"]) == 20 and all(isinstance(t, int) for t in entry["generated_ids"])
+        assert 1 <= entry["acceptance_length"] <= 4 and entry["matches_target"]
+    assert report["acceptance_length"] > 1.5  # the trained draft is accepted
+    assert report["target_forwards"] == sum(e["target_forwards"] for e in report["prompts"])
+    assert set(report["tokens_per_second"]) == {"speculative", "target"} and report["speedup"] > 0
+
+
+def test_eval_sampling_without_baseline(demo_draft, prompts, tmp_path):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--draft", str(demo_draft), "--target", "tiny", "--prompts", str(prompts), "-k", "2",
+                 "--max-new-tokens", "8", "--temperature", "0.7", "--no-baseline", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert "speedup" not in report and all(len(e["generated_ids"]) == 8 for e in report["prompts"])
+
+
+@pytest.mark.parametrize("extra, option", [
+    (["-k", "0"], "--num-speculative-tokens"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--temperature", "nan"], "--temperature"),
+    (["--draft", "/nonexistent"], "--draft"),
+    (["--target", "/nonexistent"], "--target"),
+    (["--gguf-file", "x.gguf"], "--gguf-file"),
+    (["--prompts", "/nonexistent"], "--prompts"),
+    (["--prompts", "EMPTY"], "--prompts"),
+    (["--prompts", "WORDS"], "--prompts"),
+    (["--json", "/proc/no/such.json"], "--json"),
+    (["--batch-size", "0"], "--batch-size"),
+])
+def test_eval_usage_mistakes(demo_draft, prompts, tmp_path, extra, option, capsys):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "words.txt").write_text("hello there\n")
+    extra = [{"EMPTY": str(tmp_path / "empty.txt"), "WORDS": str(tmp_path / "words.txt")}.get(a, a) for a in extra]
+    args = ["eval", "--draft", str(demo_draft), "--target", "tiny", "--prompts", str(prompts)] + extra
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m peagle_ext eval: error:") and option in lines[0], lines
+    assert captured.out == ""

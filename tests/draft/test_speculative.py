@@ -1,0 +1,319 @@
+"""Speculative decoding: lossless under greedy verification (the output is the target's own greedy
+decode, token for token), the target's distribution kept under rejection sampling, the cached
+draft forward equal to forward_peagle, and a trained draft accepting far more than a random one."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from draft_helpers import single_thread, tiny_model  # noqa: F401 (autouse fixture)
+from peagle_ext.cli.train_demo import demo_acceptance, demo_target
+from peagle_ext.cli.train_demo import main as train_demo
+from peagle_ext.draft import speculative
+from peagle_ext.draft.llama import Eagle3DraftConfig, LlamaEagle3DraftModel
+from peagle_ext.draft.speculative import (
+    DraftCache,
+    TokenwiseTarget,
+    TransformersTarget,
+    draft_forward,
+    draft_slots,
+    speculative_generate,
+    target_generate,
+)
+
+VOCAB = 64
+PROMPTS = [[1, 2, 3], [5], [7, 8, 9, 10, 11, 12], [40, 41]]
+
+
+def as_eagle3(draft: LlamaEagle3DraftModel) -> LlamaEagle3DraftModel:
+    """The same weights as a sequential EAGLE-3 draft (no mask_hidden)."""
+    config = Eagle3DraftConfig(**{**draft.config.to_dict(), "parallel_drafting": False})
+    eagle3 = LlamaEagle3DraftModel(config)
+    eagle3.load_state_dict({k: v for k, v in draft.state_dict().items() if k != "mask_hidden"})
+    return eagle3.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A P-EAGLE draft trained by train-demo (4 depths) against the demo's target of VOCAB tokens."""
+    out = tmp_path_factory.mktemp("demo") / "draft"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    assert train_demo(["--steps", "150", "--vocab", str(VOCAB), "--device", "cpu", "--out", str(out)]) == 0
+    torch.set_num_threads(threads)
+    return LlamaEagle3DraftModel.from_pretrained(out).eval()
+
+
+def random_draft(parallel: bool, draft_vocab: int = VOCAB, layers: int = 2, target_hidden: int = 32, **options):
+    torch.manual_seed(3)
+    config = Eagle3DraftConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                               num_hidden_layers=layers, vocab_size=VOCAB if "vocab_size" not in options
+                               else options.pop("vocab_size"), draft_vocab_size=draft_vocab,
+                               target_hidden_size=target_hidden, parallel_drafting=parallel, num_depths=4,
+                               max_position_embeddings=256, **options)
+    return LlamaEagle3DraftModel(config).eval()
+
+
+def tokenwise_greedy(module, prompt, count):
+    """The target's own greedy decode: each next token the argmax over the whole sequence so far."""
+    sequence, out = list(prompt), []
+    for _ in range(count):
+        token = int(module(torch.tensor(sequence))[1][-1].argmax())
+        sequence.append(token)
+        out.append(token)
+    return out
+
+
+# --- the draft's cached forward --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [{}, {"norm_output": True, "norm_before_residual": True, "fc_norm": True}],
+                         ids=["plain", "norms"])
+def test_cached_draft_forward_equals_forward_peagle(options):
+    """Two rows of different lengths (left padding), a prefill chunk, then a chunk with a rejected
+    hole and K - 1 masked slots: every slot's state equals forward_peagle's over that row's COD
+    elements (context at depth 0, the masked slots as one chain from the bonus slot)."""
+    torch.manual_seed(0)
+    draft = tiny_model(0, **options).eval()
+    hidden_size, K = draft.config.hidden_size, 4
+    lengths, width = [9, 6], 9
+    ids = torch.randint(draft.config.vocab_size - 1, (2, width))
+    aux = torch.randn(2, width, draft.config.num_aux_hidden_states * draft.config.target_hidden_size)
+    valid = torch.arange(width).view(1, -1) >= torch.tensor([width - n for n in lengths]).view(-1, 1)
+    positions = (valid.cumsum(1) - 1).clamp(min=0)
+    cache = DraftCache(len(draft.model.layers))
+    split = 5
+    with torch.no_grad():
+        projected = draft.project_hidden_states(aux)
+        # chunk 1: the first `split` columns as context (the token after each is known)
+        first = draft_slots(ids[:, :split], positions[:, :split], projected[:, :split], valid[:, :split],
+                            torch.full((2,), split - 1), ids[:, split], 0)
+        out1 = draft_forward(draft, first, cache)
+        # chunk 2: the rest, the last column rejected (a hole), then K - 1 masked slots
+        last = torch.full((2,), width - split - 2)
+        bonus = torch.tensor([17, 23])
+        second = draft_slots(ids[:, split:], positions[:, split:], projected[:, split:], valid[:, split:], last, bonus,
+                             K - 1, draft.config.mask_token_id, draft.masked_projected_hidden()[0])
+        out2 = draft_forward(draft, second, cache)
+    assert not second.valid[:, width - split - 1].any() and second.valid[:, -(K - 1):].all()
+    for row in range(2):
+        slots = [(first, out1), (second, out2)]
+        tokens = torch.cat([s.input_ids[row][s.valid[row]] for s, _ in slots])
+        states = torch.cat([o[row][s.valid[row]] for s, o in slots])
+        hidden = torch.cat([s.hidden[row][s.valid[row]] for s, _ in slots])
+        pos = torch.cat([s.positions[row][s.valid[row]] for s, _ in slots])
+        context = len(tokens) - (K - 1)
+        anchor = torch.cat([torch.arange(context), torch.full((K - 1,), context - 1)])
+        depth = torch.cat([torch.zeros(context, dtype=torch.int64), torch.arange(1, K)])
+        assert torch.equal(pos, anchor + depth)
+        mask = draft.build_peagle_block_mask(anchor, depth, torch.tensor([context]), context)
+        with torch.no_grad():
+            expected = draft.forward_peagle(tokens.view(1, -1), hidden.view(1, -1, hidden_size), pos.view(1, -1), mask)
+        torch.testing.assert_close(states, expected[0], atol=1e-5, rtol=1e-5)
+
+
+def test_draft_slots_need_mask_hidden_for_masked_slots():
+    ids = torch.zeros(1, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="mask_hidden"):
+        draft_slots(ids, ids, torch.zeros(1, 3, 4), ids == 0, torch.tensor([2]), torch.tensor([1]), 2)
+
+
+# --- lossless under greedy verification -------------------------------------------------------
+
+
+@pytest.mark.parametrize("K", [1, 3, 6])
+@pytest.mark.parametrize("kind", ["peagle-trained", "eagle3-trained", "peagle-random", "eagle3-random-vocab"])
+def test_greedy_equals_the_tiny_targets_greedy_decode(trained, kind, K):
+    target = demo_target(VOCAB)
+    if kind == "peagle-trained":
+        draft = trained
+    elif kind == "eagle3-trained":
+        draft = as_eagle3(trained)
+    elif kind == "peagle-random":
+        draft = random_draft(True)
+    else:
+        draft = random_draft(False, draft_vocab=40)
+        draft.set_draft_vocab(torch.randperm(VOCAB)[:40])
+    result = speculative_generate(TokenwiseTarget(target), draft, PROMPTS, K, 24)
+    for prompt, row in zip(PROMPTS, result.rows):
+        assert row.generated_ids == tokenwise_greedy(target, prompt, 24)
+        assert row.target_forwards == 1 + len(row.accepted)
+        assert row.draft_forwards == len(row.accepted) * (1 if draft.config.parallel_drafting else K)
+        assert all(0 <= a <= K for a in row.accepted)
+    if kind.endswith("trained"):
+        assert result.acceptance_length > 1.5  # proposals were accepted: the accept path ran
+
+
+def test_trained_draft_accepts_clearly_more_than_an_untrained_one(trained):
+    target = demo_target(VOCAB)
+    untrained = random_draft(True)
+    assert demo_acceptance(trained, target, 4) > demo_acceptance(untrained, target, 4) + 1.0
+
+
+def tiny_llama(seed=0, vocab=VOCAB):
+    transformers = pytest.importorskip("transformers", reason="the transformers target needs transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def llama_greedy(model, prompt, count):
+    """The model's own greedy decode, recomputing the whole sequence each token (no cache, no EOS)."""
+    sequence = list(prompt)
+    with torch.no_grad():
+        for _ in range(count):
+            sequence.append(int(model(torch.tensor([sequence])).logits[0, -1].argmax()))
+    return sequence[len(prompt):]
+
+
+@pytest.fixture(scope="module")
+def llama_and_reference():
+    model = tiny_llama()
+    return model, [llama_greedy(model, prompt, 16) for prompt in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def llama_draft(llama_and_reference):
+    return llama_trained_draft(llama_and_reference[0])
+
+
+def llama_trained_draft(model):
+    """A P-EAGLE draft trained briefly on the Llama's own greedy continuations (its outputs repeat,
+    so a few steps teach the draft something)."""
+    from peagle_ext.draft.training import eagle_pairs, peagle_training_step
+
+    draft = random_draft(True, layers=1, eagle_aux_hidden_state_layer_ids=[1, 2, 3]).train()
+    optimizer = torch.optim.AdamW(draft.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        sequences = [torch.tensor(p + llama_greedy(model, p, 40)) for p in ([3], [9, 4], [20], [33, 1], [50])]
+    for step in range(60):
+        tokens = sequences[step % len(sequences)]
+        with torch.no_grad():
+            out = model(tokens.view(1, -1), output_hidden_states=True)
+            aux = torch.cat([out.hidden_states[l][0] for l in (1, 2, 3)], -1)
+        input_ids, aux, logits, _ = eagle_pairs(tokens, aux, out.logits[0])
+        optimizer.zero_grad()
+        peagle_training_step(draft, input_ids, aux, torch.ones(len(input_ids)), target_logits=logits,
+                             generator=generator).loss.backward()
+        optimizer.step()
+    return draft.eval()
+
+
+@pytest.mark.parametrize("K", [1, 3, 5])
+@pytest.mark.parametrize("kind", ["peagle-trained", "eagle3-trained", "peagle-random", "eagle3-random"])
+def test_greedy_equals_a_transformers_llamas_greedy_decode(llama_and_reference, llama_draft, kind, K):
+    model, reference = llama_and_reference
+    if "trained" in kind:
+        draft = llama_draft if kind.startswith("peagle") else as_eagle3(llama_draft)
+    else:
+        draft = random_draft(kind.startswith("peagle"), eagle_aux_hidden_state_layer_ids=[1, 2, 3])
+    result = speculative_generate(TransformersTarget(model, [1, 2, 3]), draft, PROMPTS, K, 16)
+    assert [row.generated_ids for row in result.rows] == reference
+    if kind == "peagle-trained":
+        assert result.acceptance_length > 1.0  # some proposals were accepted: the cache kept holes
+
+
+def test_plain_decoding_through_the_target_interface_is_the_greedy_decode(llama_and_reference):
+    model, reference = llama_and_reference
+    generated, seconds = target_generate(TransformersTarget(model, [1, 2, 3]), PROMPTS, 16)
+    assert generated == reference and seconds > 0
+
+
+def test_eos_stops_a_row_and_max_new_tokens_cuts(trained):
+    target = demo_target(VOCAB)
+    reference = tokenwise_greedy(target, PROMPTS[0], 30)
+    eos = reference[7]
+    result = speculative_generate(TokenwiseTarget(target), trained, PROMPTS[:1], 4, 30, eos_token_id=eos)
+    assert result.rows[0].generated_ids == reference[: reference.index(eos) + 1]
+    result = speculative_generate(TokenwiseTarget(target), trained, PROMPTS[:1], 4, 5)
+    assert result.rows[0].generated_ids == reference[:5]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(num_speculative_tokens=0), "num_speculative_tokens"), (dict(max_new_tokens=True), "max_new_tokens"),
+    (dict(temperature=-1.0), "temperature"), (dict(temperature=math.nan), "temperature"),
+    (dict(prompts=[[1], []]), "prompts")])
+def test_bad_arguments_are_named(trained, bad, message):
+    arguments = dict(prompts=PROMPTS, num_speculative_tokens=3, max_new_tokens=4) | bad
+    with pytest.raises(ValueError, match=message):
+        speculative_generate(TokenwiseTarget(demo_target(VOCAB)), trained, **arguments)
+
+
+# --- rejection sampling keeps the target's distribution ---------------------------------------
+
+
+def _chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's test of counts against probabilities, cells expected below 5 pooled."""
+    expected = probs * counts.sum()
+    small = expected < 5
+    observed = torch.cat([counts[~small], counts[small].sum().view(1)])
+    expected = torch.cat([expected[~small], expected[small].sum().view(1)])
+    statistic = ((observed - expected) ** 2 / expected.clamp(min=1e-12)).sum()
+    dof = len(observed) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), statistic.double() / 2))
+
+
+def _sequence_counts(draft, target, temperature, rows=4000, new=3, seed=0):
+    """Counts of the first ``new`` generated tokens (as one index) over ``rows`` decodes of one prompt."""
+    generator = torch.Generator().manual_seed(seed)
+    result = speculative_generate(TokenwiseTarget(target), draft, [[2, 1]] * rows, 2, new, temperature=temperature,
+                                  generator=generator)
+    vocab = target.embed.num_embeddings
+    index = torch.tensor([sum(t * vocab**i for i, t in enumerate(row.generated_ids)) for row in result.rows])
+    return torch.bincount(index, minlength=vocab**new).double(), result
+
+
+def _exact_sequence_probs(target, temperature, new=3):
+    """P(x1..x_new | prompt [2, 1]) from the target's next-token table (it depends on the last token only)."""
+    vocab = target.embed.num_embeddings
+    with torch.no_grad():
+        table = torch.softmax(target(torch.arange(vocab))[1].double() / temperature, -1)
+    probs = table[1]
+    for step in range(1, new):
+        probs = (probs.unsqueeze(-1) * table.view(*(1,) * (step - 1), vocab, vocab)).reshape(*probs.shape, vocab)
+    return probs.permute(*reversed(range(new))).reshape(-1)  # index x1 + V x2 + V^2 x3
+
+
+@pytest.fixture(scope="module")
+def sampling_setup():
+    torch.manual_seed(5)
+    target = type(demo_target(6))(6, 16, sharpness=2.0).eval()
+    torch.manual_seed(6)
+    config = Eagle3DraftConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                               num_hidden_layers=1, vocab_size=6, draft_vocab_size=5, target_hidden_size=16,
+                               parallel_drafting=True, num_depths=2, max_position_embeddings=64)
+    draft = LlamaEagle3DraftModel(config).eval()  # a draft vocabulary without token 0: q(0) = 0
+    draft.set_draft_vocab(torch.tensor([1, 2, 3, 4, 5]))
+    with torch.no_grad():
+        draft.lm_head.weight.mul_(20)  # a peaked draft, far from the target
+    return target, draft
+
+
+@pytest.mark.parametrize("method", ["peagle", "eagle3"])
+def test_rejection_sampling_keeps_the_target_distribution(sampling_setup, method):
+    target, draft = sampling_setup
+    draft = draft if method == "peagle" else as_eagle3(draft)
+    counts, result = _sequence_counts(draft, target, temperature=0.8)
+    accepted = [a for row in result.rows for a in row.accepted]
+    assert 0 < sum(accepted) < 2 * len(accepted)  # both acceptances and rejections happened
+    assert _chi_square_p_value(counts, _exact_sequence_probs(target, 0.8)) > 1e-3
+
+
+def test_the_distribution_test_catches_a_wrong_acceptance_rule(sampling_setup, monkeypatch):
+    """Accepting every proposal (and drawing the bonus token from p) samples from the draft: the same
+    test must reject it."""
+    target, draft = sampling_setup
+
+    def accept_all(proposals, draft_probs, draft_vocab, logits, temperature, generator):
+        batch, K = proposals.shape
+        bonus = torch.multinomial(torch.softmax(logits[:, K] / temperature, -1), 1, generator=generator).view(-1)
+        return torch.full((batch,), K), bonus
+
+    monkeypatch.setattr(speculative, "_rejection_verify", accept_all)
+    counts, _ = _sequence_counts(draft, target, temperature=0.8)
+    assert _chi_square_p_value(counts, _exact_sequence_probs(target, 0.8)) < 1e-6
