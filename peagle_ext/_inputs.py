@@ -15,6 +15,31 @@ FIELD_MAX = 2**31 - 1
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
+# Below this, a size estimate is not worth asking the device how much memory it has left.
+_SMALL_BYTES = 1 << 30
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory for new tensors on ``device``: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def check_fits(what: str, needed_bytes: int, device: torch.device) -> None:
+    """MemoryError, before anything is allocated, when ``what`` would need more memory than ``device``
+    has free; the message gives the estimate."""
+    if needed_bytes > _SMALL_BYTES and needed_bytes > available_memory_bytes(device):
+        raise MemoryError(f"{what} would need about {needed_bytes / 2**30:.1f} GiB, more than the "
+                          f"{available_memory_bytes(device) / 2**30:.1f} GiB free on {device}")
+
 
 @dataclass(frozen=True)
 class MaskInputs:
@@ -25,7 +50,8 @@ class MaskInputs:
                              tensors as anchor_pos and depth when queries and keys are one set.
     doc_of_position:         int64 [P] or [B, P], the document of each original position, -1 for
                              padding. In a batch an anchor equal to P marks a padding element.
-    sliding_window:          None (unbounded causal context) or an int >= 1.
+    sliding_window:          None (unbounded causal context) or an int in [1, P + 2^31 - 1): a
+                             wider window excludes nothing and is normalized to None.
     block_size:              (Q_BLOCK_SIZE, KV_BLOCK_SIZE).
     """
 
@@ -136,6 +162,9 @@ def _check_elements(anchor_name: str, anchor_pos, depth_name: str, depth,
                          f"and {tuple(depth.shape)}")
     if anchor_pos.numel() == 0:
         raise ValueError(f"{anchor_name} and {depth_name} must not be empty (N == 0)")
+    if anchor_pos.shape[-1] > FIELD_MAX:
+        raise ValueError(f"{anchor_name} and {depth_name} must have at most {FIELD_MAX} elements (per row), "
+                         f"got {anchor_pos.shape[-1]}")
     if depth.device != anchor_pos.device:
         raise ValueError(f"{depth_name} is on {depth.device} but {anchor_name} is on {anchor_pos.device}")
     return anchor_pos, depth
@@ -204,12 +233,24 @@ def normalize_mask_inputs(
         document_ids = _check_int_tensor("document_ids", document_ids, ndim)
         if document_ids.numel() == 0:
             raise ValueError("document_ids must not be empty")
+        if document_ids.shape[-1] > FIELD_MAX:
+            raise ValueError(f"document_ids must have at most {FIELD_MAX} entries, got {document_ids.shape[-1]}")
         if batched and document_ids.shape[0] != anchor_pos.shape[0]:
             raise ValueError(f"document_ids must have one row per row of anchor_pos ({anchor_pos.shape[0]}), "
                              f"got {document_ids.shape[0]}")
         if document_ids.device != device:
             raise ValueError(f"document_ids is on {document_ids.device} but anchor_pos is on {device}")
         position_bound = "len(document_ids)"
+
+    num_positions = total_seq_len if lengths is not None else document_ids.shape[-1]
+    # A window wider than every a_q + d_q (< num_positions + FIELD_MAX once validated) excludes
+    # nothing: it is no window, for every backend and the mask_mod alike, and no sum overflows.
+    if sliding_window is not None and sliding_window >= num_positions + FIELD_MAX:
+        sliding_window = None
+    if lengths is not None:  # the position -> document table: an arange, searchsorted's output, a mask
+        rows = lengths.shape[0] if lengths.dim() == 2 else 1
+        check_fits(f"the document table of {f'{rows} rows of ' if lengths.dim() == 2 else ''}"
+                   f"total_seq_len={total_seq_len} positions", 17 * rows * total_seq_len, device)
 
     anchor_pos = anchor_pos.to(torch.int64).contiguous()
     depth = depth.to(torch.int64).contiguous()
@@ -248,7 +289,8 @@ def _check_values(anchor_pos, depth, lengths, total_seq_len, document_ids, posit
     stats = list(element_stats)
     if lengths is not None and lengths.numel():
         lengths64 = lengths.to(torch.int64)
-        stats += [lengths64.min(), lengths64.sum(-1).max()]
+        # Each length's max first: once every one is <= total_seq_len (< 2^31), no sum can wrap.
+        stats += [lengths64.min(), lengths64.max(), lengths64.sum(-1).max()]
     elif document_ids is not None:
         document_ids64 = document_ids.to(torch.int64)
         stats += [document_ids64.min(), document_ids64.max()]
@@ -271,7 +313,9 @@ def _check_values(anchor_pos, depth, lengths, total_seq_len, document_ids, posit
         if values[0] < 0:
             raise ValueError(f"lengths must be non-negative, got a minimum of {values[0]}")
         if values[1] > total_seq_len:
-            raise ValueError(f"lengths sum to {values[1]}{' in a row' if lengths.dim() == 2 else ''}, "
+            raise ValueError(f"lengths must each be <= total_seq_len={total_seq_len}, got a maximum of {values[1]}")
+        if values[2] > total_seq_len:
+            raise ValueError(f"lengths sum to {values[2]}{' in a row' if lengths.dim() == 2 else ''}, "
                              f"past total_seq_len={total_seq_len}")
     if document_ids is not None:
         if values[0] < -1:

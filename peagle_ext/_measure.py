@@ -24,6 +24,7 @@ import warnings
 import torch
 
 from ._block_index import num_blocks
+from ._inputs import available_memory_bytes
 
 # Eager create_block_mask materializes the dense mask plus int64 temporaries: about 11 bytes per
 # (q, kv) pair as measured with peak_memory_bytes (8 GB at N = 27.6K).
@@ -41,20 +42,9 @@ def cod_inputs(seq_len: int, depths: int, device: str, seed: int = 0):
     return anchor_pos.to(device), depth.to(device), lengths.to(device)
 
 
-def available_memory_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
-
-
 def eager_fits(num_elements: int, device: str) -> bool:
     need = EAGER_BYTES_PER_PAIR * num_elements**2
-    have = torch.cuda.mem_get_info()[0] if device == "cuda" else available_memory_bytes()
+    have = available_memory_bytes(torch.device(device))
     return need < 0.7 * have
 
 

@@ -77,10 +77,9 @@ def build_native(inputs, emulated: bool = False) -> BlockIndex:
     """Run the compiled op on validated inputs (a MaskInputs): the CPU or CUDA kernel, by the
     tensors' device, or with ``emulated`` the CUDA pipeline run on CPU tensors. The library must
     have loaded."""
-    # The kernels read the window as int64; a window past every sequence means "no window" anyway.
-    window = None if inputs.sliding_window is None else min(inputs.sliding_window, 2**62)
+    # The window is below P + 2^31 here (a wider one was normalized to None), so int64 holds it.
     keys = () if inputs.keys_are_queries else (inputs.kv_anchor_pos, inputs.kv_depth)
-    arguments = (inputs.anchor_pos, inputs.depth, inputs.doc_of_position, window, *inputs.block_size)
+    arguments = (inputs.anchor_pos, inputs.depth, inputs.doc_of_position, inputs.sliding_window, *inputs.block_size)
     if not emulated:
         return BlockIndex(*torch.ops.peagle_ext.build_block_index(*arguments, *keys))
     seed = schedule_seed(*arguments, *keys)

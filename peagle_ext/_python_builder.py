@@ -17,7 +17,7 @@ How it works (the same algorithm as csrc/rule/tile_rule.h, vectorized):
   element real, and a few extremes of the two blocks compared (row_summary, column_summary,
   tile_is_full: the names and the test of rule/tile_rule.h).
 
-Memory is O(N + merged intervals + runs walked + nQ * nKV); nothing has N x N elements.
+Memory is O(N + P + nQ * nKV) (the walk goes in bounded chunks); nothing has N x N elements.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from ._block_index import BlockIndex, num_blocks
 from ._inputs import FIELD_MAX, MaskInputs
 
 FIELD_BASE = FIELD_MAX + 1  # above every value the extremes compare, as the C++ cells' kCellBase
+
+# Runs marked per step of a walk (see _nonempty_tiles): about 40 bytes each at its peak.
+_WALK_CHUNK = 1 << 20
 
 
 def ordered_from_grid(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,12 +155,25 @@ def _nonempty_tiles(starts, ends, q_block, kv_tile_of_rank, num_q_blocks, num_kv
     tile_of_run = kv_tile_of_rank[run_begins]
     first_run = run_of_rank[segment_start]
     runs_per_segment = run_of_rank[segment_end - 1] - first_run + 1
-    walk_segment = torch.repeat_interleave(torch.arange(num_segments, device=device), runs_per_segment)
-    walk_step = torch.arange(walk_segment.numel(), device=device) - (
-        torch.cumsum(runs_per_segment, 0) - runs_per_segment
-    )[walk_segment]
-    nonempty[segment_q_block[walk_segment], tile_of_run[first_run[walk_segment] + walk_step]] = True
+    # The walk visits sum(runs_per_segment) runs, up to nQ * KV when keys of many kv-blocks
+    # interleave in rank order; it goes in chunks of about _WALK_CHUNK runs (whole segments), so
+    # its memory stays O(chunk) however long it is.
+    walked = torch.cumsum(runs_per_segment, 0)
+    marks = torch.arange(_WALK_CHUNK, max(int(walked[-1]), _WALK_CHUNK), _WALK_CHUNK, device=device)
+    chunk_ends = torch.searchsorted(walked, marks, right=True)
+    bounds = [0, *chunk_ends.tolist(), num_segments]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi > lo:
+            _mark_runs(nonempty, segment_q_block[lo:hi], first_run[lo:hi], runs_per_segment[lo:hi], tile_of_run)
     return nonempty
+
+
+def _mark_runs(nonempty, q_block, first_run, runs, tile_of_run) -> None:
+    """Mark (q_block[s], tile of run r) for each segment s and each of its runs first_run[s] + [0, runs[s])."""
+    device = nonempty.device
+    walk_segment = torch.repeat_interleave(torch.arange(q_block.numel(), device=device), runs)
+    walk_step = torch.arange(walk_segment.numel(), device=device) - (torch.cumsum(runs, 0) - runs)[walk_segment]
+    nonempty[q_block[walk_segment], tile_of_run[first_run[walk_segment] + walk_step]] = True
 
 
 def build_python(inputs: MaskInputs) -> BlockIndex:

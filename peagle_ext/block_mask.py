@@ -9,8 +9,8 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from . import _native
-from ._block_index import BlockIndex
-from ._inputs import MaskInputs, normalize_mask_inputs
+from ._block_index import BlockIndex, num_blocks
+from ._inputs import MaskInputs, check_fits, normalize_mask_inputs
 from ._python_builder import build_python
 from .mask_mod import mask_mod_from_inputs
 
@@ -62,9 +62,22 @@ def _fall_back_to_python(native: str, reason: str) -> None:
         warnings.warn(f"{message}, several times slower; {_native.REBUILD_HINT}", RuntimeWarning, stacklevel=4)
 
 
+# Peak bytes per tile of a build (its tile grids, sorted lists and their transposes), measured by
+# benchmarks/bench_hostile.py, with margin.
+_PYTHON_BYTES_PER_TILE = 48
+_NATIVE_BYTES_PER_TILE = 24
+
+
 def _block_index(inputs: MaskInputs, backend: str) -> BlockIndex:
+    q_block_size, kv_block_size = inputs.block_size
+    rows, columns = num_blocks(inputs.num_elements, q_block_size), num_blocks(inputs.num_keys, kv_block_size)
+    batch = inputs.num_rows or 1
+    what = (f"{batch} x a {rows} x {columns}-tile block mask (Q_LEN {inputs.num_elements}, KV_LEN {inputs.num_keys}, "
+            f"BLOCK_SIZE {inputs.block_size})")
     if backend == "python":
+        check_fits(what, _PYTHON_BYTES_PER_TILE * rows * columns * batch, inputs.device)
         return build_python(inputs)
+    check_fits(what, _NATIVE_BYTES_PER_TILE * rows * columns * batch, inputs.device)
     return _native.build_native(inputs, emulated=backend == "cuda_emulated")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ._inputs import FIELD_MAX
+
 
 def cod_depth_count(valid: int, depth: int, down_sample_ratio: float, down_sample_ratio_min: float) -> int:
     """How many elements depth d >= 1 keeps when its pool is large enough: ``valid`` is the number
@@ -51,15 +53,18 @@ def generate_cod_sample_indices(
     Returns:
         (anchor_pos, depth), int64 [N] on ``loss_mask``'s device, depth-major; [B, N] for a batch.
     """
-    if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 1:
-        raise ValueError(f"seq_length must be a positive int, got {seq_length!r}")
+    if isinstance(seq_length, bool) or not isinstance(seq_length, int) or not 1 <= seq_length <= FIELD_MAX:
+        raise ValueError(f"seq_length must be an int in [1, {FIELD_MAX}], got {seq_length!r}")
     if isinstance(loss_mask, torch.Tensor) and loss_mask.dim() == 2 and loss_mask.shape[0] > 1:
         rows = [generate_cod_sample_indices(seq_length, row, num_depths, down_sample_ratio, down_sample_ratio_min,
                                             filter_position_zero, max_anchors, generator) for row in loss_mask]
         return pad_rows(rows, seq_length)
     supervised = _supervised_positions(loss_mask, seq_length)
-    if isinstance(num_depths, bool) or not isinstance(num_depths, int) or num_depths < 1:
-        raise ValueError(f"num_depths must be an int >= 1, got {num_depths!r}")
+    if isinstance(num_depths, bool) or not isinstance(num_depths, int) or not 1 <= num_depths <= FIELD_MAX:
+        raise ValueError(f"num_depths must be an int in [1, {FIELD_MAX}], got {num_depths!r}")
+    for name, ratio in (("down_sample_ratio", down_sample_ratio), ("down_sample_ratio_min", down_sample_ratio_min)):
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+            raise TypeError(f"{name} must be a number, got {type(ratio).__name__}")
     if not 0.0 < down_sample_ratio <= 1.0:
         raise ValueError(f"down_sample_ratio must be in (0, 1], got {down_sample_ratio}")
     if not 0.0 <= down_sample_ratio_min <= 1.0:
@@ -157,7 +162,9 @@ def assign_cod_segments(anchor_pos: torch.Tensor, depth: torch.Tensor, seq_lengt
         the first segment and positions past L in the last one.
     """
     _check_segment_args(anchor_pos, depth, seq_length, num_segments, any_shape=True)
-    position = torch.where(depth == 0, anchor_pos, anchor_pos + 1).to(torch.int64)
+    # Clamped to [0, L] first (outside it the segment is the first or the last anyway), so that
+    # the product below stays under 2^62 for any anchor.
+    position = torch.where(depth == 0, anchor_pos.to(torch.int64), anchor_pos.to(torch.int64) + 1).clamp(0, seq_length)
     return torch.div(position * num_segments, seq_length, rounding_mode="floor").clamp(0, num_segments - 1)
 
 
@@ -195,5 +202,5 @@ def _check_segment_args(anchor_pos, depth, seq_length, num_segments, any_shape: 
         raise ValueError(f"anchor_pos and depth must have the same shape, got {tuple(anchor_pos.shape)} and "
                          f"{tuple(depth.shape)}")
     for name, value in (("seq_length", seq_length), ("num_segments", num_segments)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= FIELD_MAX:
+            raise ValueError(f"{name} must be an int in [1, {FIELD_MAX}], got {value!r}")

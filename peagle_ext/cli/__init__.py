@@ -32,24 +32,51 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         raise UsageError(message)
 
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        # argparse hands "--x=--" to a one-value option as a list, without calling its type.
+        for action in self._actions:
+            if action.type is not None and action.nargs is None and isinstance(getattr(parsed, action.dest), list):
+                self.error(f"argument {'/'.join(action.option_strings)}: expected one value, "
+                           f"got {getattr(parsed, action.dest)!r}")
+        return parsed
+
 
 def parser_for(command: str) -> Parser:
     return Parser(prog=f"python -m peagle_ext {command}", description=COMMANDS[command][1])
 
 
-def int_at_least(minimum: int):
-    """An argparse type: an int >= minimum."""
+# The largest count or size any option takes (the mask API's bound on positions and sizes).
+MAX_OPTION_INT = 2**31 - 1
+
+
+def int_at_least(minimum: int, maximum: int = MAX_OPTION_INT):
+    """An argparse type: an int in [minimum, maximum]."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        except ValueError:  # also for more digits than Python converts
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text[:40]!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
         return value
 
     return parse
+
+
+def check_memory(option: str, needed_bytes: int, device: str, what: str) -> None:
+    """A usage error naming ``option`` when ``what`` would need more memory than ``device`` has free."""
+    import torch
+
+    from .._inputs import available_memory_bytes
+
+    have = available_memory_bytes(torch.device(device))
+    if needed_bytes > have:
+        raise UsageError(f"argument {option}: {what} would need about {needed_bytes / 2**30:.1f} GiB, more than "
+                         f"the {have / 2**30:.1f} GiB free on {device}")
 
 
 def positive_float(text: str) -> float:
@@ -57,7 +84,7 @@ def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be a number, got {text[:40]!r}") from None
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
@@ -95,6 +122,35 @@ def check_writable(option: str, path: str) -> None:
         raise UsageError(f"argument {option}: cannot write {path} ({error.strerror or error})") from None
     if not existed:
         os.remove(path)
+
+
+def nearest_existing_directory(path: str) -> str:
+    """``path`` if it is a directory, else its nearest ancestor that exists (what a mkdir -p of it
+    creates directories in)."""
+    path = os.path.abspath(path)
+    while not os.path.isdir(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_directory_writable(option: str, path: str, needed_bytes: int = 0) -> None:
+    """Fail now, not after the work, when files cannot be written in the directory ``path`` (or
+    created where it is to be created), or its file system has less than ``needed_bytes`` free.
+
+    Creates and removes a temporary directory there: the real check, also for root on read-only
+    file systems."""
+    import shutil
+    import tempfile
+
+    where = nearest_existing_directory(path)
+    try:
+        tempfile.TemporaryDirectory(dir=where).cleanup()
+    except OSError as error:
+        raise UsageError(f"argument {option}: cannot write in {where} ({error.strerror or error})") from None
+    free = shutil.disk_usage(where).free
+    if free < needed_bytes:
+        raise UsageError(f"argument {option}: {where} has {free / 2**20:.1f} MiB free, the output needs about "
+                         f"{needed_bytes / 2**20:.1f} MiB")
 
 
 def main(argv: list[str] | None = None) -> int:

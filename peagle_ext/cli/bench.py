@@ -169,6 +169,10 @@ def main(argv: list[str]) -> int:
             raise UsageError(f"argument --backends: {backend!r} is not available here; available: {available}")
         if backend != "python" and backend != device:
             raise UsageError(f"argument --backends: {backend!r} needs --device {backend}")
+    from .demo import check_size
+
+    for length in args.lengths:  # the largest build must fit; the default block size
+        check_size(length, args.depths, 128, device, option="--lengths/--depths")
     check_writable("--json", args.json)
     if args.markdown is not None:
         check_writable("--markdown", args.markdown)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from . import UsageError, add_device_option, check_writable, int_at_least, parser_for, resolve_device
+from . import UsageError, add_device_option, check_memory, check_writable, int_at_least, parser_for, resolve_device
 
 # Picture formats matplotlib writes without extra packages; a path without a suffix gets PNG.
 PICTURE_FORMATS = ("png", "svg", "pdf", "jpg", "jpeg")
@@ -68,6 +68,41 @@ def save_picture(grid, depth, block_size: tuple[int, int], path: str, title: str
     return f"{fmt.upper()} picture of the tile layout written to {path}"
 
 
+# What a demo build holds per COD element (its sampling, the inputs, the build's sorted lists) and
+# per tile (the index, the tile grid drawn), with margin.
+BYTES_PER_ELEMENT, BYTES_PER_TILE = 160, 64
+# The demo's COD sampling ratios (generate_cod_sample_indices' defaults).
+RATIO, RATIO_MIN = 0.7, 0.2
+
+
+def cod_size(seq_len: int, depths: int, cap: int) -> int:
+    """The number of COD elements of a fully supervised sequence (counting stops past ``cap``)."""
+    from ..cod import cod_depth_count
+
+    total, pool = seq_len, seq_len
+    for depth in range(1, min(depths, seq_len)):
+        pool = min(pool, seq_len - depth, cod_depth_count(seq_len, depth, RATIO, RATIO_MIN))
+        total += pool
+        if pool == 0 or total > cap:
+            break
+    return total
+
+
+def check_size(seq_len: int, depths: int, block_size: int, device: str,
+               option: str = "--seq-len/--depths/--block-size") -> None:
+    """Usage errors (naming ``option``) for a layout past the mask API's element bound or this
+    machine's memory."""
+    from .._inputs import FIELD_MAX
+
+    n = cod_size(seq_len, depths, FIELD_MAX)
+    if n > FIELD_MAX:
+        raise UsageError(f"argument {option}: {seq_len} positions at {depths} depths make more than {FIELD_MAX} "
+                         "COD elements, the most a mask takes")
+    tiles = (-(-n // block_size)) ** 2
+    check_memory(option, BYTES_PER_ELEMENT * n + BYTES_PER_TILE * tiles, device,
+                 f"N = {n} elements in {tiles} tiles (BLOCK_SIZE {block_size})")
+
+
 def main(argv: list[str]) -> int:
     parser = parser_for("demo")
     parser.add_argument("--seq-len", type=int_at_least(1), default=4096, help="original sequence length")
@@ -77,13 +112,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--block-size", type=int_at_least(1), default=128)
     parser.add_argument("--backend", default="auto", choices=["auto", "python", "cpu", "cuda"])
     add_device_option(parser)
-    parser.add_argument("--seed", type=int_at_least(0), default=0)
+    parser.add_argument("--seed", type=int_at_least(0, 2**63 - 1), default=0)
     parser.add_argument("--out", default="peagle_mask.png",
                         help="picture to write (format from the suffix, PNG without one; needs matplotlib)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     picture_format(args.out)
     check_writable("--out", args.out)
+    check_size(args.seq_len, args.depths, args.block_size, device)
 
     import torch
     from torch.nn.attention.flex_attention import create_block_mask

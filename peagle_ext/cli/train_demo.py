@@ -4,6 +4,7 @@ random target, with a progress bar, then save a checkpoint."""
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import sys
@@ -13,7 +14,16 @@ import warnings
 import torch
 from torch import nn
 
-from . import UsageError, add_device_option, int_at_least, parser_for, positive_float, resolve_device
+from . import (
+    UsageError,
+    add_device_option,
+    check_directory_writable,
+    check_memory,
+    int_at_least,
+    parser_for,
+    positive_float,
+    resolve_device,
+)
 
 # The demo draft's attention heads (key/value heads: half as many).
 DEMO_HEADS = 4
@@ -103,6 +113,68 @@ def _save_noting_interop(model, out: str, verifier: str | None) -> None:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
+def demo_config(args):
+    """The demo draft's Eagle3DraftConfig for these options."""
+    from ..draft.llama import Eagle3DraftConfig
+
+    return Eagle3DraftConfig(
+        hidden_size=args.hidden_size,
+        intermediate_size=2 * args.hidden_size,
+        num_attention_heads=DEMO_HEADS,
+        num_key_value_heads=DEMO_HEADS // 2,
+        num_hidden_layers=args.layers,
+        vocab_size=args.vocab,
+        draft_vocab_size=args.vocab,
+        target_hidden_size=TARGET_HIDDEN,
+        parallel_drafting=True,
+        num_depths=args.depths,
+        max_position_embeddings=args.seq_len,
+    )
+
+
+def check_out(out: str, overwrite: bool) -> None:
+    """--out must be new, an empty directory, or (with --overwrite) a draft checkpoint, whose two
+    files are replaced (anything else in it is kept). Never a directory of other things."""
+    from ..draft.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"argument --out: {out} is a file, expected a checkpoint directory")
+    if not os.path.isdir(out) or not os.listdir(out):
+        return
+    try:
+        with open(os.path.join(out, CONFIG_NAME), "rb") as file:
+            config = json.loads(file.read(1 << 20))
+        is_checkpoint = (isinstance(config, dict) and "speculators_model_type" in config
+                         and os.path.isfile(os.path.join(out, WEIGHTS_NAME)))
+    except (OSError, ValueError, RecursionError):
+        is_checkpoint = False
+    if not is_checkpoint:
+        raise UsageError(f"argument --out: {out} holds other files and is not a draft checkpoint ({CONFIG_NAME} "
+                         f"with speculators_model_type, and {WEIGHTS_NAME}); give a new or empty directory")
+    if not overwrite:
+        raise UsageError(f"argument --out: {out} already exists; pass --overwrite to replace it")
+
+
+def check_resources(args) -> None:
+    """Usage errors, before any work, for a model or a step that would not fit in memory, or a
+    checkpoint that would not fit on --out's file system."""
+    from ..draft.llama import LlamaEagle3DraftModel
+
+    with torch.device("meta"):  # sizes only: nothing is allocated
+        parameters = sum(p.numel() for p in LlamaEagle3DraftModel(demo_config(args)).parameters())
+    elements = args.seq_len * args.depths  # at most: every depth keeps every position
+    # Weights, gradients and AdamW's two moments; the target's transition table (vocab x vocab) and
+    # logits; activations per element and layer; on the CPU the dense attention fallback's N x N mask
+    # and scores.
+    needed = (16 * parameters + 8 * args.vocab**2 + 16 * args.seq_len * args.vocab
+              + 64 * elements * args.hidden_size * args.layers)
+    if args.device == "cpu":
+        needed += 4 * DEMO_HEADS * 8 * elements**2 // args.sequence_partitions
+    check_memory("--seq-len/--hidden-size/--layers/--vocab", needed, args.device,
+                 f"training a {parameters}-parameter draft on up to {elements} elements per step")
+    check_directory_writable("--out", args.out, needed_bytes=4 * parameters + (1 << 20))
+
+
 def parse_args(argv: list[str]):
     parser = parser_for("train-demo")
     parser.add_argument("--steps", type=int_at_least(1), default=200, help="optimizer steps (default 200)")
@@ -110,30 +182,27 @@ def parse_args(argv: list[str]):
     parser.add_argument("--depths", type=int_at_least(1), default=4, help="COD depths, depth 0 included (default 4)")
     add_device_option(parser)
     parser.add_argument("--out", default="peagle_demo_checkpoint", help="checkpoint directory to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the checkpoint at --out (its config.json and model.safetensors; "
+                             "other files stay)")
     parser.add_argument("--verifier", metavar="NAME_OR_PATH", default=None,
                         help="the target model's hub id or local directory, recorded in the checkpoint as "
                              "speculators' verifier (speculators' from_pretrained needs it)")
-    parser.add_argument("--seed", type=int_at_least(0), default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=int_at_least(0, 2**63 - 1 - 2**16), default=0, help="random seed (default 0)")
     parser.add_argument("--lr", type=positive_float, default=3e-3, help="AdamW learning rate (default 3e-3)")
     parser.add_argument("--vocab", type=int_at_least(2), default=128, help="vocabulary size (default 128)")
-    parser.add_argument("--hidden-size", type=int_at_least(1), default=64,
+    parser.add_argument("--hidden-size", type=int_at_least(1, 1 << 16), default=64,
                         help=f"draft hidden size, a multiple of {2 * DEMO_HEADS} (default 64)")
-    parser.add_argument("--layers", type=int_at_least(1), default=2, help="draft layers (default 2)")
+    parser.add_argument("--layers", type=int_at_least(1, 256), default=2, help="draft layers (default 2)")
     parser.add_argument("--sequence-partitions", type=int_at_least(1), default=1,
                         help="segments per sequence, each with its own forward and backward (default 1: flat)")
     args = parser.parse_args(argv)
     if args.hidden_size % (2 * DEMO_HEADS):
         raise UsageError(f"argument --hidden-size: must be a multiple of {2 * DEMO_HEADS} ({DEMO_HEADS} attention "
                          f"heads of an even head dim, as rotary embeddings need), got {args.hidden_size}")
-    if os.path.exists(args.out) and not args.overwrite:
-        raise UsageError(f"argument --out: {args.out} already exists; pass --overwrite to replace it")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"argument --out: {args.out} is a file, expected a checkpoint directory")
-    parent = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise UsageError(f"argument --out: cannot create a directory in {parent}")
+    check_out(args.out, args.overwrite)
     args.device = resolve_device(args.device)
+    check_resources(args)
     return args
 
 
@@ -156,26 +225,14 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     from torch.nn.parallel import DistributedDataParallel
 
-    from ..draft.llama import Eagle3DraftConfig, LlamaEagle3DraftModel
+    from ..draft.llama import LlamaEagle3DraftModel
     from ..draft.training import eagle_pairs, peagle_training_step
 
     rank, world_size, device = start_distributed(args.device)
     device = torch.device(device)
     target = demo_target(args.vocab, args.seed, device)  # seeds torch: the same target and initial draft on every rank
     generator = torch.Generator().manual_seed(args.seed + rank)  # each rank its own sequences and layouts
-    config = Eagle3DraftConfig(
-        hidden_size=args.hidden_size,
-        intermediate_size=2 * args.hidden_size,
-        num_attention_heads=DEMO_HEADS,
-        num_key_value_heads=DEMO_HEADS // 2,
-        num_hidden_layers=args.layers,
-        vocab_size=args.vocab,
-        draft_vocab_size=args.vocab,
-        target_hidden_size=TARGET_HIDDEN,
-        parallel_drafting=True,
-        num_depths=args.depths,
-        max_position_embeddings=args.seq_len,
-    )
+    config = demo_config(args)
     model = LlamaEagle3DraftModel(config).to(device).train()
     initial_state = {name: tensor.clone() for name, tensor in model.state_dict().items()} if rank == 0 else None
     trained = DistributedDataParallel(model) if world_size > 1 else model

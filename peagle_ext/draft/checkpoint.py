@@ -22,21 +22,20 @@ plain dicts; :mod:`peagle_ext.draft.llama` owns the model.
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import errno
-import functools
+import fcntl
 import glob
 import json
 import os
-import re
 import shutil
-import sys
 import uuid
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from . import rope
 
@@ -67,6 +66,9 @@ _VLLM_LAYER_FIELDS = ("num_aux_hidden_states", "fc_norm", "norm_output")
 _ARCHITECTURES = {"peagle": "PEagleDraftModel", "eagle3": "Eagle3DraftModel"}
 # The number of auxiliary states speculators and vLLM assume when no layer ids are given.
 _DEFAULT_NUM_AUX = 3
+# Config fields that size tensors: named when a key's shape differs from what they give.
+_SIZE_FIELDS = ("hidden_size", "intermediate_size", "vocab_size", "draft_vocab_size", "target_hidden_size",
+                "head_dim", "num_attention_heads", "num_key_value_heads", "num_aux_hidden_states")
 
 
 class InteropWarning(UserWarning):
@@ -161,6 +163,11 @@ def warn_interop(directory, notes: list[str]) -> None:
         warnings.warn(f"checkpoint {directory}: " + " ".join(notes), InteropWarning, stacklevel=3)
 
 
+def size_fields(fields: dict) -> dict:
+    """{field: value} of the ``Eagle3DraftConfig`` fields that size tensors."""
+    return {name: fields[name] for name in _SIZE_FIELDS}
+
+
 def _required(mapping: dict, key: str, where: str, kind: type | None = None):
     """mapping[key], which must exist (and be a ``kind`` when given); errors name ``where + key``."""
     if key not in mapping:
@@ -169,11 +176,6 @@ def _required(mapping: dict, key: str, where: str, kind: type | None = None):
     if kind is not None and not isinstance(value, kind):
         raise TypeError(f"{where}{key} must be a JSON {'object' if kind is dict else 'array'}, got {value!r}")
     return value
-
-
-def config_path(directory) -> Path:
-    """Where the config.json of a checkpoint directory is read from (see :func:`load_checkpoint`)."""
-    return _readable_directory(Path(directory)) / CONFIG_NAME
 
 
 def _check_llama_layer(layer: dict) -> None:
@@ -185,6 +187,8 @@ def _check_llama_layer(layer: dict) -> None:
     if layer.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{where}hidden_act is {layer['hidden_act']!r}; a Llama draft's MLP is SwiGLU ('silu')")
     layer_types = layer.get("layer_types") or []
+    if not isinstance(layer_types, list):
+        raise TypeError(f"{where}layer_types must be a JSON array, got {layer_types!r}")
     if "sliding_attention" in layer_types:
         raise ValueError(f"{where}layer_types has sliding_attention layers; peagle_ext drafts attend fully")
 
@@ -224,50 +228,12 @@ def config_fields(config_json: dict) -> dict:
     return fields
 
 
-def check_tensors(expected_shapes: dict, tensors: dict) -> None:
-    """Raise KeyError for a missing or unexpected key, ValueError for a misshapen one, naming it."""
-    missing = sorted(set(expected_shapes) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected_shapes))
-    if missing:
-        raise KeyError(f"{WEIGHTS_NAME}: missing key(s) {missing}")
-    if unexpected:
-        raise KeyError(f"{WEIGHTS_NAME}: unexpected key(s) {unexpected}")
-    for key, shape in expected_shapes.items():
-        if tuple(tensors[key].shape) != tuple(shape):
-            raise ValueError(
-                f"{WEIGHTS_NAME}: key {key!r} has shape {tuple(tensors[key].shape)}, expected {tuple(shape)}"
-            )
-
-
-def _sibling(directory: Path, kind: str) -> Path:
-    """A hidden sibling of ``directory`` owned by this process: ``.{name}.{kind}-{pid}-{random}``."""
-    return directory.with_name(f".{directory.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
-
-
-def _remove_stale_siblings(directory: Path) -> None:
-    """Delete temporaries that earlier saves of ``directory`` left behind when they were killed.
-
-    A sibling is stale when the process named in it no longer runs; those of running processes
-    (a concurrent save) are left alone. If a killed save left ``directory`` renamed aside (the
-    fallback of :func:`save_checkpoint`), that copy is renamed back first, so it is not deleted.
-    """
-    readable = _readable_directory(directory)
-    if readable != directory:
-        readable.rename(directory)
-    for sibling in directory.parent.glob(f".{glob.escape(directory.name)}.*-*-*"):
-        match = re.fullmatch(rf"\.{re.escape(directory.name)}\.(?:tmp|old)-(\d+)-[0-9a-f]+", sibling.name)
-        if match and not _process_alive(int(match.group(1))):
-            shutil.rmtree(sibling, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
+# A save stages its files in a hidden subdirectory of the checkpoint directory, named
+# ``.peagle-save-{pid}-{random}``, and commits by renaming it to the same name + ``.ready``.
+_STAGING_PREFIX = ".peagle-save-"
+_COMMITTED_SUFFIX = ".ready"
+# The files a save writes (and the only ones it replaces), in the order they are moved in.
+CHECKPOINT_FILES = (WEIGHTS_NAME, CONFIG_NAME)
 
 
 def _fsync(path: Path) -> None:
@@ -278,89 +244,247 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two existing directories (Linux renameat2 RENAME_EXCHANGE); False where the
-    system or file system cannot."""
-    renameat2 = getattr(_libc(), "renameat2", None) if sys.platform.startswith("linux") else None
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    error = ctypes.get_errno()
-    if error in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
-        return False
-    raise OSError(error, os.strerror(error), str(b))
+@contextlib.contextmanager
+def _locked(directory: Path, exclusive: bool):
+    """Hold a lock on ``directory`` itself (flock; released by the kernel when the process dies, so
+    a killed save leaves no lock behind): exclusive for a save, shared for a load, so a load never
+    sees a save half done and two saves never interleave. Where the file system has no flock,
+    nothing is locked."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        except OSError as error:
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        yield
+    finally:
+        os.close(fd)
 
 
-@functools.lru_cache(maxsize=None)
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
+def _committed_staging(directory: Path) -> Path | None:
+    """The committed staging directory a killed save left in ``directory``, if any (at most one:
+    every save finishes a committed one before it stages its own)."""
+    for entry in directory.glob(glob.escape(_STAGING_PREFIX) + "*" + _COMMITTED_SUFFIX):
+        if entry.is_dir():
+            return entry
+    return None
+
+
+def _move_in(staging: Path, directory: Path) -> None:
+    """Move a committed save's files into ``directory`` (replacing the old ones, each with one
+    atomic rename), then remove the empty staging directory."""
+    for name in CHECKPOINT_FILES:
+        if (staging / name).exists():
+            (staging / name).rename(directory / name)
+    _fsync(directory)
+    staging.rmdir()
+    _fsync(directory)
+
+
+def _finish_killed_saves(directory: Path) -> None:
+    """Under the save lock: complete a committed save that was killed while moving its files in,
+    and delete the staging directories of saves killed before they committed."""
+    committed = _committed_staging(directory)
+    if committed is not None:
+        _move_in(committed, directory)
+    for entry in directory.glob(glob.escape(_STAGING_PREFIX) + "*"):
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def save_checkpoint(directory, config_json: dict, tensors: dict) -> None:
-    """Write config.json and model.safetensors into ``directory``, replacing it as a whole.
+    """Write config.json and model.safetensors into ``directory`` (created if needed), replacing
+    only those two files: everything else in the directory is left as it is.
 
     Crash-safe: a process killed at any moment (SIGKILL included) leaves ``directory`` holding
-    either the previous checkpoint or the new one, complete. Both files are written and synced
-    into a hidden staging sibling first; an existing checkpoint is then swapped with it in one
-    atomic rename (renameat2 RENAME_EXCHANGE) and the staging name, now holding the old version,
-    is deleted. Where the file system cannot exchange, the old directory is renamed aside before
-    the new one is renamed in, and :func:`load_checkpoint` reads the aside copy if a kill fell
-    between the two renames. Temporaries of killed saves are deleted by the next save.
+    either the previous checkpoint or the new one, complete, for :func:`load_checkpoint`. Both
+    files are written and synced into a hidden staging subdirectory; renaming it to its
+    committed name is the commit; then each file replaces its old version with one atomic rename.
+    A kill between those renames leaves the committed staging directory, whose files
+    :func:`load_checkpoint` reads in place of the ones not moved yet, and which the next save
+    moves in before anything else. Staging directories of saves killed before the commit are
+    deleted by the next save. Saves and loads of one directory lock it (flock), so concurrent
+    saves take turns and a load never sees a half-moved save.
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_siblings(directory)
-    staging = _sibling(directory, "tmp")
-    staging.mkdir()
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory} exists and is not a directory")
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    with _locked(directory, exclusive=True):
+        _finish_killed_saves(directory)
+        staging = directory / f"{_STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        try:
+            staging.mkdir()
+            save_file({key: t.detach().contiguous().cpu() for key, t in tensors.items()}, staging / WEIGHTS_NAME)
+            (staging / CONFIG_NAME).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+            for written in (*(staging / name for name in CHECKPOINT_FILES), staging):
+                _fsync(written)
+            committed = staging.with_name(staging.name + _COMMITTED_SUFFIX)
+            staging.rename(committed)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            if created:  # a failed first save leaves no empty directory behind
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+            raise
+        _fsync(directory)
+        _move_in(committed, directory)
+
+
+def _checkpoint_files(directory: Path) -> dict[str, Path]:
+    """{file name: the path it is read from}: the directory's own file, or a killed committed save's
+    staged one that was not moved in yet. Call under the load lock."""
+    committed = _committed_staging(directory)
+    return {name: committed / name if committed is not None and (committed / name).exists() else directory / name
+            for name in CHECKPOINT_FILES}
+
+
+def config_path(directory) -> Path:
+    """Where the config.json of a checkpoint directory is read from (see :func:`load_checkpoint`)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return directory / CONFIG_NAME
+    with _locked(directory, exclusive=False):
+        return _checkpoint_files(directory)[CONFIG_NAME]
+
+
+# A config.json larger than this is not a draft's config (speculators' are a few KB).
+_MAX_CONFIG_BYTES = 16 * 2**20
+# safetensors' dtype names by kind: a key's stored kind must be its parameter's.
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def _dtype_kind(dtype) -> str:
+    """'float', 'bool' or the exact integer dtype name, for a torch dtype or a safetensors name."""
+    name = dtype if isinstance(dtype, str) else _TORCH_TO_SAFETENSORS.get(dtype, str(dtype))
+    return "float" if name in _FLOAT_DTYPES else name
+
+
+_TORCH_TO_SAFETENSORS = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                         torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                         torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+# Random in-place fills: a no-op for a skeleton.
+_RANDOM_FILLS = {"normal_", "uniform_", "random_", "bernoulli_", "exponential_", "log_normal_", "cauchy_",
+                 "geometric_"}
+
+
+class _Skeleton(torch.overrides.TorchFunctionMode):
+    """Inside torch.device("meta"): skip random fills, and make floating aranges (the rotary tables,
+    head_dim / 2 entries, not in the state dict) on the CPU. On meta both run torch's Python
+    references, whose first use imports the compiler stack: seconds, for a check meant to take
+    milliseconds."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", None) in _RANDOM_FILLS:  # Tensor.normal_(t, ...) or init.normal_(tensor=t)
+            return args[0] if args else kwargs["tensor"]
+        if func is torch.arange and kwargs.get("dtype") is not None and kwargs["dtype"].is_floating_point:
+            with torch.device("cpu"):
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def skeleton_state_dict(build) -> dict:
+    """The state dict of the module ``build()`` returns, built on the meta device: shapes and dtypes,
+    no storage, no initialization computed."""
+    with torch.device("meta"), _Skeleton():
+        return build().state_dict()
+
+
+class OpenedCheckpoint:
+    """A checkpoint opened for loading: its config.json dict and the safetensors header (each
+    key's shape and dtype), read without reading any tensor data; :meth:`tensors` reads the data
+    (from the file as it was when opened, even if a save replaces it since)."""
+
+    def __init__(self, config_json: dict, config_path: Path, weights_path: Path, weights):
+        self.config_json, self.config_path, self.weights_path = config_json, config_path, weights_path
+        self._weights = weights
+        self.header = {}  # key -> (shape tuple, safetensors dtype name)
+        for key in weights.keys():
+            info = weights.get_slice(key)
+            self.header[key] = (tuple(info.get_shape()), info.get_dtype())
+
+    def check_header(self, expected: dict, sizes: dict | None = None) -> None:
+        """Compare the header with ``expected`` ({key: tensor}, meta tensors will do): KeyError for
+        a missing or unexpected key, ValueError for a misshapen key or one of another dtype kind.
+        Errors name the file, the key, the expected and found shape; for a shape, also the
+        ``sizes`` fields ({config field: value}) that give the expected size that differs."""
+        missing = sorted(set(expected) - set(self.header))
+        unexpected = sorted(set(self.header) - set(expected))
+        if missing:
+            raise KeyError(f"{self.weights_path}: missing key(s) {missing}")
+        if unexpected:
+            raise KeyError(f"{self.weights_path}: unexpected key(s) {unexpected}")
+        for key, tensor in expected.items():
+            shape, dtype = self.header[key]
+            if shape != tuple(tensor.shape):
+                raise ValueError(f"{self.weights_path}: key {key!r} has shape {shape}, expected {tuple(tensor.shape)}"
+                                 + _fields_giving(tuple(tensor.shape), shape, sizes or {}))
+            if _dtype_kind(dtype) != _dtype_kind(tensor.dtype):
+                raise ValueError(f"{self.weights_path}: key {key!r} has dtype {dtype}, expected "
+                                 f"{_TORCH_TO_SAFETENSORS.get(tensor.dtype, tensor.dtype)}"
+                                 + (" (any floating dtype)" if tensor.dtype.is_floating_point else ""))
+
+    def tensors(self) -> dict:
+        """{key: tensor} on CPU."""
+        try:
+            return {key: self._weights.get_tensor(key) for key in self.header}
+        except Exception as error:  # safetensors' own error type, without the path
+            raise ValueError(f"{self.weights_path}: not a readable safetensors file ({error})") from None
+
+
+def _fields_giving(expected: tuple, found: tuple, sizes: dict) -> str:
+    """'' or ' (from config.json: hidden_size=8192, ...)': the fields whose value is an expected
+    size where the found shape differs."""
+    differing = {e for i, e in enumerate(expected) if i >= len(found) or found[i] != e}
+    named = [f"{name}={value}" for name, value in sizes.items() if value in differing]
+    return f" (config.json: {', '.join(named)})" if named else ""
+
+
+def _read_config(path: Path) -> dict:
+    with open(path, "rb") as file:
+        text = file.read(_MAX_CONFIG_BYTES + 1)
+    if len(text) > _MAX_CONFIG_BYTES:
+        raise ValueError(f"{path}: larger than {_MAX_CONFIG_BYTES >> 20} MiB, not a draft's config")
     try:
-        save_file({key: t.detach().contiguous().cpu() for key, t in tensors.items()}, staging / WEIGHTS_NAME)
-        (staging / CONFIG_NAME).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
-        for written in (staging / WEIGHTS_NAME, staging / CONFIG_NAME, staging):
-            _fsync(written)
-        if not directory.exists():
-            staging.rename(directory)
-        elif not _exchange(staging, directory):
-            aside = _sibling(directory, "old")
-            directory.rename(aside)
-            staging.rename(directory)
-            shutil.rmtree(aside)
-        _fsync(directory.parent)
-    finally:
-        # After an exchange the staging name holds the previous version; after an error, the partial new one.
-        shutil.rmtree(staging, ignore_errors=True)
+        config_json = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply to be a draft's config") from None
+    if not isinstance(config_json, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config_json).__name__}")
+    return config_json
 
 
-def _readable_directory(directory: Path) -> Path:
-    """``directory``, or, where a save on a file system without atomic exchange was killed between
-    its two renames, the previous version it had renamed aside."""
-    if directory.exists():
-        return directory
-    aside = sorted(directory.parent.glob(f".{glob.escape(directory.name)}.old-*"), key=lambda p: p.stat().st_mtime)
-    complete = [p for p in aside if (p / CONFIG_NAME).is_file() and (p / WEIGHTS_NAME).is_file()]
-    return complete[-1] if complete else directory
+def open_checkpoint(directory) -> OpenedCheckpoint:
+    """Open a checkpoint directory: config.json parsed, the safetensors header read, no tensor data.
+
+    Raises FileNotFoundError for a missing file and ValueError naming the file for one that cannot
+    be parsed (not JSON, too large or too deeply nested, not a JSON object; not a safetensors file).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} {'is not a directory' if directory.exists() else 'does not exist'}")
+    with _locked(directory, exclusive=False):
+        paths = _checkpoint_files(directory)
+        config_path, weights_path = paths[CONFIG_NAME], paths[WEIGHTS_NAME]
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{directory} has no {path.name}")
+        config_json = _read_config(config_path)
+        try:
+            weights = safe_open(weights_path, framework="pt")  # a mapping of the file: data read later
+        except Exception as error:  # safetensors raises its own SafetensorError (and OSError) without the path
+            raise ValueError(f"{weights_path}: not a readable safetensors file ({error})") from None
+    return OpenedCheckpoint(config_json, config_path, weights_path, weights)
 
 
 def load_checkpoint(directory) -> tuple[dict, dict]:
-    """(config.json dict, {key: tensor}) from a checkpoint directory, tensors on CPU.
-
-    Raises FileNotFoundError for a missing file and ValueError naming the file for one that
-    cannot be parsed.
-    """
-    directory = _readable_directory(Path(directory))
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory} has no {name}")
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    try:
-        config_json = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{config_path}: not valid JSON ({error})") from None
-    if not isinstance(config_json, dict):
-        raise ValueError(f"{config_path}: expected a JSON object, got {type(config_json).__name__}")
-    try:
-        tensors = load_file(weights_path)
-    except Exception as error:  # safetensors raises its own SafetensorError (and OSError) without the path
-        raise ValueError(f"{weights_path}: not a readable safetensors file ({error})") from None
-    return config_json, tensors
+    """(config.json dict, {key: tensor}) from a checkpoint directory, tensors on CPU (errors as
+    :func:`open_checkpoint`)."""
+    opened = open_checkpoint(directory)
+    return opened.config_json, opened.tensors()

@@ -13,6 +13,7 @@ from the mixins in :mod:`peagle_ext.peagle_draft` (imports go one way: this modu
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -30,6 +31,10 @@ from .peagle_draft import (
     _PeagleVanillaLayerMixin,
     _select_rows,
 )
+
+# Every size field's upper bound: products of two sizes stay within int64, and no dimension of a
+# real draft comes near it.
+_MAX_SIZE = 2**31 - 1
 
 
 @dataclass
@@ -87,6 +92,15 @@ class Eagle3DraftConfig:
 
     def __post_init__(self) -> None:
         _check_field_types(self)
+        # Ranges first: the defaults below divide by some of these.
+        for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                     "num_hidden_layers", "vocab_size", "target_hidden_size", "num_aux_hidden_states", "num_depths",
+                     "max_position_embeddings", "head_dim"):
+            if getattr(self, name) is not None and not 1 <= getattr(self, name) <= _MAX_SIZE:
+                raise ValueError(f"field {name!r} must be in [1, 2**31 - 1], got {getattr(self, name)}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"field {name!r} must be a finite number > 0, got {getattr(self, name)}")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.target_hidden_size is None:
@@ -113,17 +127,14 @@ class Eagle3DraftConfig:
         if self.norm_before_fc and self.fc_norm:
             raise ValueError("norm_before_fc and fc_norm are mutually exclusive (one norm over the concatenated "
                              "auxiliary states, or one per state): set one of them")
-        for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "num_hidden_layers", "vocab_size", "target_hidden_size", "num_aux_hidden_states", "num_depths",
-                     "max_position_embeddings"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"field {name!r} must be >= 1, got {getattr(self, name)}")
-        for name in ("rms_norm_eps", "rope_theta"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"field {name!r} must be > 0, got {getattr(self, name)}")
+        if self.head_dim < 1:
+            raise ValueError(f"head_dim must be >= 1, got {self.head_dim}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         self.rope_scaling = rope.check_rope_scaling(self.rope_scaling, self.max_position_embeddings)
+        if self.rope_scaling is not None and self.rope_scaling["rope_type"] == "yarn" and self.rope_theta == 1:
+            raise ValueError("field 'rope_theta' must not be 1 with rope_type 'yarn' (its correction range "
+                             "divides by log(rope_theta))")
 
     @property
     def rope_parameters(self) -> dict:
@@ -519,15 +530,22 @@ class LlamaEagle3DraftModel(_PeagleDraftMixin, nn.Module):
         """Load a checkpoint that speculators (P-EAGLE or EAGLE-3, Llama) or :meth:`save_pretrained`
         wrote, onto ``device`` (floating weights cast to ``dtype`` when given). An error names the
         config field or any missing, unexpected or misshapen key."""
-        config_json, tensors = checkpoint.load_checkpoint(directory)
+        opened = checkpoint.open_checkpoint(directory)
         try:
-            config = Eagle3DraftConfig(**checkpoint.config_fields(config_json))
+            config = Eagle3DraftConfig(**checkpoint.config_fields(opened.config_json))
         except (KeyError, TypeError, ValueError) as error:
             message = error.args[0] if error.args else str(error)
-            raise type(error)(f"{checkpoint.config_path(directory)}: {message}") from None
+            raise type(error)(f"{opened.config_path}: {message}") from None
+        # Shapes and dtypes are checked against the file's header before any parameter exists: a
+        # skeleton on the meta device allocates nothing (its layer count is first bounded by the
+        # header's, which a layer contributes several keys to).
+        if config.num_hidden_layers > len(opened.header):
+            raise ValueError(f"{opened.config_path}: num_hidden_layers is {config.num_hidden_layers} but "
+                             f"{opened.weights_path} holds only {len(opened.header)} tensors")
+        skeleton = checkpoint.skeleton_state_dict(lambda: cls(config))
+        names = {checkpoint.disk_key(name): name for name in skeleton}
+        sizes = checkpoint.size_fields(config.to_dict())
+        opened.check_header({key: skeleton[name] for key, name in names.items()}, sizes)
         model = cls(config)
-        own = model.state_dict()
-        names = {checkpoint.disk_key(name): name for name in own}
-        checkpoint.check_tensors({key: own[name].shape for key, name in names.items()}, tensors)
-        model.load_state_dict({names[key]: tensor for key, tensor in tensors.items()})
+        model.load_state_dict({names[key]: tensor for key, tensor in opened.tensors().items()})
         return model.to(device=device, dtype=dtype)

@@ -51,8 +51,12 @@ def _check_option(rope_type: str, name: str, value) -> None:
             raise ValueError(f"{where} must be 1.0: a Llama draft rotates whole heads, got {value!r}")
     elif not _number(value):
         raise TypeError(f"{where} must be a number, got {value!r}")
-    elif name in ("factor", "high_freq_factor", "low_freq_factor") and not value > 0:
+    elif not math.isfinite(value):
+        raise ValueError(f"{where} must be finite, got {value!r}")
+    elif name in ("factor", "high_freq_factor", "low_freq_factor", "attention_factor") and not value > 0:
         raise ValueError(f"{where} must be > 0, got {value!r}")
+    elif name in ("beta_fast", "beta_slow") and value < 0:  # 0 means the default, as in transformers
+        raise ValueError(f"{where} must be >= 0, got {value!r}")
 
 
 def check_rope_scaling(rope_scaling: dict | None, max_position_embeddings: int) -> dict | None:
@@ -83,6 +87,9 @@ def check_rope_scaling(rope_scaling: dict | None, max_position_embeddings: int) 
         raise ValueError(f"rope_type {rope_type!r} needs the rope option {missing[0]!r}")
     for name, value in options.items():
         _check_option(rope_type, name, value)
+    if rope_type == "llama3" and not options["low_freq_factor"] < options["high_freq_factor"]:
+        raise ValueError(f"rope option 'low_freq_factor' ({options['low_freq_factor']}) must be below "
+                         f"'high_freq_factor' ({options['high_freq_factor']}): llama3 blends between them")
     if rope_type == "default" and not options:
         return None
     return {"rope_type": rope_type, **options}

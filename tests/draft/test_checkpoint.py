@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from peagle_ext import checkpoint
 from peagle_ext.draft_llama import LlamaEagle3DraftModel
 from peagle_ext.training import build_peagle_inputs
-from draft_helpers import cod_indices, random_sequence, tiny_model, single_thread  # noqa: F401 (autouse fixture)
+
+from draft_helpers import cod_indices, random_sequence, single_thread, tiny_model  # noqa: F401 (autouse fixture)
 
 # Most saves here have no verifier and a target hidden size unlike the draft's; the tests of the
 # warning itself catch it with pytest.warns, which sees it regardless of this filter.
@@ -72,7 +73,7 @@ def test_round_trip_gives_identical_outputs(tmp_path, overrides):
     state = loaded.state_dict()
     for name, tensor in model.state_dict().items():
         assert torch.equal(state[name], tensor), name
-    assert not list(tmp_path.glob(".draft*"))  # no staging or backup directories left
+    assert sorted(p.name for p in directory.iterdir()) == ["config.json", "model.safetensors"]  # no staging left
 
 
 def test_on_disk_layout(tmp_path):
@@ -291,7 +292,7 @@ def _edit_config(directory, edit):
         (lambda c: c["transformer_layer_config"].update(num_hidden_layers=None), TypeError, "'num_hidden_layers' must be int, got NoneType"),
         (lambda c: c["transformer_layer_config"].update(rms_norm_eps=True), TypeError, "'rms_norm_eps' must be float"),
         (lambda c: c.update(eagle_aux_hidden_state_layer_ids=[1, "5"]), TypeError, "'eagle_aux_hidden_state_layer_ids'"),
-        (lambda c: c["transformer_layer_config"].update(num_attention_heads=0), ValueError, "'num_attention_heads' must be >= 1"),
+        (lambda c: c["transformer_layer_config"].update(num_attention_heads=0), ValueError, "'num_attention_heads' must be in \\[1, 2\\*\\*31 - 1\\], got 0"),
         (lambda c: c.update(transformer_layer_config=[]), TypeError, "transformer_layer_config must be a JSON object"),
         (lambda c: c["speculators_config"].update(proposal_methods=[]), TypeError, "proposal_methods must hold an object"),
         (lambda c: c.update(speculators_model_type="medusa"), ValueError, "speculators_model_type is 'medusa'"),
@@ -349,92 +350,201 @@ def _assert_loads_as_one_version(directory) -> str:
     return version
 
 
-def _paused(step):
-    """``step`` followed by a 10 ms pause, so that kills at random moments land in every gap."""
+# What a user keeps beside a checkpoint: each must survive every save, killed or not.
+NEIGHBOURS = {
+    "tokenizer.json": b'{"model": {}}',
+    ".hidden": b"dotfile",
+    "logs/run.txt": b"step 1 loss 3.2",
+    "sub/config.json": b"not the checkpoint's",
+    "sub/deep/model.safetensors": b"nor this",
+}
+
+
+def _add_neighbours(directory) -> None:
+    for name, data in NEIGHBOURS.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(data)
+
+
+def _assert_neighbours_intact(directory) -> None:
+    for name, data in NEIGHBOURS.items():
+        assert (directory / name).read_bytes() == data, f"{name} was changed or deleted"
+
+
+def _listing(directory) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+
+
+def _file_system_steps(step):
+    """``step`` wrapped so that each call counts as one file-system step of a save (see _save_in_child)."""
 
     def run(*args, **kwargs):
+        _STEP_HOOK()
         result = step(*args, **kwargs)
-        time.sleep(0.01)
+        _STEP_HOOK()
         return result
 
     return run
 
 
-def _save_forever(directory: str, exchange: bool, started) -> None:
-    """The child (forked, so its patches stay in it): alternate saving versions B and A, each file
-    system step of a save followed by a pause, until killed."""
+def _STEP_HOOK():  # replaced in the child
+    pass
+
+
+def _instrument(hook) -> None:
+    """In a forked child: call ``hook`` before and after every file-system step a save takes."""
     import pathlib
 
-    if not exchange:  # the file-system fallback: rename aside, then rename in
-        checkpoint._exchange = lambda a, b: False
-    checkpoint._exchange = _paused(checkpoint._exchange)
-    checkpoint.save_file = _paused(checkpoint.save_file)
-    checkpoint._fsync = _paused(checkpoint._fsync)
-    checkpoint.shutil.rmtree = _paused(checkpoint.shutil.rmtree)
-    pathlib.Path.rename = _paused(pathlib.Path.rename)
+    global _STEP_HOOK
+    _STEP_HOOK = hook
+    checkpoint.save_file = _file_system_steps(checkpoint.save_file)
+    checkpoint._fsync = _file_system_steps(checkpoint._fsync)
+    checkpoint.shutil.rmtree = _file_system_steps(checkpoint.shutil.rmtree)
+    for name in ("rename", "rmdir", "mkdir", "write_text"):
+        setattr(pathlib.Path, name, _file_system_steps(getattr(pathlib.Path, name)))
+
+
+def _save_forever(directory: str, started) -> None:
+    """The child (forked, so its patches stay in it): alternate saving versions B and A, each file
+    system step of a save preceded and followed by a 5 ms pause, until killed."""
+    _instrument(lambda: time.sleep(0.005))
     started.set()
     for step in range(10**9):
         version = VERSIONS[(step + 1) % 2]
         checkpoint.save_checkpoint(directory, {"version": version}, _version_tensors(version))
 
 
-@pytest.mark.parametrize("exchange", [True, False], ids=["atomic-exchange", "rename-aside-fallback"])
-def test_save_survives_sigkill_at_random_moments(tmp_path, exchange):
+def _save_killed_at_step(directory: str, kill_at: int) -> None:
+    """The child: save version B, killing itself with SIGKILL at its ``kill_at``-th file-system step
+    (exits normally if the save takes fewer steps)."""
+    count = [0]
+
+    def hook():
+        count[0] += 1
+        if count[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    _instrument(hook)
+    checkpoint.save_checkpoint(directory, {"version": "B"}, _version_tensors("B"))
+
+
+def _fork(target, *args):
+    import multiprocessing
+
+    child = multiprocessing.get_context("fork").Process(target=target, args=args)
+    child.start()
+    child.join()
+    return child.exitcode
+
+
+@pytest.mark.parametrize("fresh", [False, True], ids=["replacing-a-checkpoint", "first-save"])
+def test_save_killed_at_every_step_leaves_one_version_and_the_neighbours(tmp_path, fresh):
+    """A save of B over A (or into a directory of other files only), killed at each of its file
+    system steps in turn: the directory loads as A or B, complete (or, before a first save commits,
+    has no checkpoint), and every neighbour is untouched; the next save leaves nothing stray."""
+    directory = tmp_path / "draft"
+    kill_at, seen = 1, set()
+    while True:
+        if directory.exists():
+            checkpoint.shutil.rmtree(directory)
+        directory.mkdir()
+        _add_neighbours(directory)
+        if not fresh:
+            checkpoint.save_checkpoint(directory, {"version": "A"}, _version_tensors("A"))
+        exitcode = _fork(_save_killed_at_step, str(directory), kill_at)
+        _assert_neighbours_intact(directory)
+        if fresh and not (directory / "config.json").exists() and checkpoint._committed_staging(directory) is None:
+            with pytest.raises(FileNotFoundError):
+                checkpoint.load_checkpoint(directory)
+            seen.add(None)
+        else:
+            seen.add(_assert_loads_as_one_version(directory))
+        checkpoint.save_checkpoint(directory, {"version": "A"}, _version_tensors("A"))
+        assert _listing(directory) == sorted([*NEIGHBOURS, "config.json", "model.safetensors"])
+        assert _assert_loads_as_one_version(directory) == "A"
+        if exitcode == 0:  # the save finished before its kill_at-th step: every step was tried
+            break
+        assert exitcode == -signal.SIGKILL
+        kill_at += 1
+    assert kill_at > 10, "the save took too few steps for the test to mean anything"
+    assert seen == ({None, "B"} if fresh else {"A", "B"})
+
+
+def test_save_survives_sigkill_at_random_moments(tmp_path):
     import multiprocessing
     import random
 
     directory = tmp_path / "draft"
+    directory.mkdir()
+    _add_neighbours(directory)
     checkpoint.save_checkpoint(directory, {"version": "A"}, _version_tensors("A"))
     context = multiprocessing.get_context("fork")
     rng = random.Random(0)
     seen = set()
     for _ in range(16):
         started = context.Event()
-        child = context.Process(target=_save_forever, args=(str(directory), exchange, started))
+        child = context.Process(target=_save_forever, args=(str(directory), started))
         child.start()
         assert started.wait(30)
-        time.sleep(rng.uniform(0.0, 0.3))
+        time.sleep(rng.uniform(0.0, 1.0))  # a save takes about 0.2 s with its pauses
         os.kill(child.pid, signal.SIGKILL)
         child.join()
         assert child.exitcode == -signal.SIGKILL
         seen.add(_assert_loads_as_one_version(directory))
+        _assert_neighbours_intact(directory)
     assert seen == set(VERSIONS), "every kill landed on the same version: the test did not exercise the swap"
-    # The next save cleans up what the killed saves left behind.
+    # The next save cleans up what the killed saves left behind, and only that.
     checkpoint.save_checkpoint(directory, {"version": "A"}, _version_tensors("A"))
+    assert _listing(directory) == sorted([*NEIGHBOURS, "config.json", "model.safetensors"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["draft"]
     assert _assert_loads_as_one_version(directory) == "A"
 
 
-def _dead_pid() -> int:
-    """The pid of a process that has exited (a finished child)."""
-    import subprocess
-    import sys
-
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    return int(child.stdout)
-
-
-def test_next_save_restores_a_checkpoint_left_renamed_aside(tmp_path, monkeypatch):
-    """A save killed between the fallback's two renames leaves only the renamed-aside copy (named
-    for a dead process); the next save, even one that fails, must not delete it."""
-    checkpoint.save_checkpoint(tmp_path / "draft", {"version": "A"}, _version_tensors("A"))
-    (tmp_path / "draft").rename(tmp_path / f".draft.old-{_dead_pid()}-0123456789ab")
-    assert _assert_loads_as_one_version(tmp_path / "draft") == "A"
-
-    def failing_save(tensors, path):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(checkpoint, "save_file", failing_save)
-    with pytest.raises(OSError):
-        checkpoint.save_checkpoint(tmp_path / "draft", {"version": "B"}, _version_tensors("B"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["draft"]
-    assert _assert_loads_as_one_version(tmp_path / "draft") == "A"
+def test_save_keeps_the_directory_s_other_files(tmp_path):
+    """save_pretrained into a directory of other things (a tokenizer, logs, a subfolder) writes its
+    two files and leaves the rest alone, as transformers' save_pretrained does."""
+    directory = tmp_path / "model"
+    directory.mkdir()
+    _add_neighbours(directory)
+    model = tiny_model()
+    model.save_pretrained(directory)
+    model.save_pretrained(directory)
+    assert _listing(directory) == sorted([*NEIGHBOURS, "config.json", "model.safetensors"])
+    _assert_neighbours_intact(directory)
+    assert torch.equal(_outputs(LlamaEagle3DraftModel.from_pretrained(directory)), _outputs(model))
 
 
-def test_next_save_removes_only_dead_processes_temporaries(tmp_path):
-    stale = tmp_path / f".draft.tmp-{_dead_pid()}-0123456789ab"
-    live = tmp_path / f".draft.tmp-{os.getpid()}-0123456789ab"
-    for sibling in (stale, live):
-        sibling.mkdir()
-    checkpoint.save_checkpoint(tmp_path / "draft", {"version": "A"}, _version_tensors("A"))
-    assert not stale.exists() and live.exists()
+def test_save_refuses_a_file_in_place_of_the_directory(tmp_path):
+    (tmp_path / "draft").write_text("mine")
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        tiny_model().save_pretrained(tmp_path / "draft")
+    assert (tmp_path / "draft").read_text() == "mine"
+
+
+def _save_version_repeatedly(directory: str, version: str, times: int) -> None:
+    for _ in range(times):
+        checkpoint.save_checkpoint(directory, {"version": version}, _version_tensors(version))
+
+
+def test_concurrent_saves_and_loads_take_turns(tmp_path):
+    """Two processes saving A and B into one directory of other files while this one loads it:
+    every load sees one whole version, the neighbours survive, and nothing is left over."""
+    import multiprocessing
+
+    directory = tmp_path / "draft"
+    directory.mkdir()
+    _add_neighbours(directory)
+    checkpoint.save_checkpoint(directory, {"version": "A"}, _version_tensors("A"))
+    context = multiprocessing.get_context("fork")
+    savers = [context.Process(target=_save_version_repeatedly, args=(str(directory), version, 8))
+              for version in VERSIONS]
+    for saver in savers:
+        saver.start()
+    while any(saver.is_alive() for saver in savers):
+        _assert_loads_as_one_version(directory)
+    for saver in savers:
+        saver.join()
+        assert saver.exitcode == 0
+    _assert_loads_as_one_version(directory)
+    _assert_neighbours_intact(directory)
+    assert _listing(directory) == sorted([*NEIGHBOURS, "config.json", "model.safetensors"])

@@ -147,7 +147,7 @@ def test_layers_from_a_llama_config_alone():
     ("hidden_act", "gelu", "hidden_act 'gelu' is not supported"),
     ("partial_rotary_factor", 0.5, "partial_rotary_factor 0.5 is not supported"),
     ("fc_norm", "yes", "field 'fc_norm' must be bool"),
-    ("num_depths", 0, "field 'num_depths' must be >= 1"),
+    ("num_depths", 0, r"field 'num_depths' must be in \[1, 2\*\*31 - 1\]"),
     ("pad_token_id", 500, "pad_token_id must be None or an int in"),
 ])
 def test_what_cannot_be_built_is_refused_by_name(attribute, value, message):

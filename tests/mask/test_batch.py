@@ -139,6 +139,8 @@ def test_a_batched_mask_pickles():
         (lambda a, d, k: (a, d, {**k, "lengths": torch.tensor([10, 20])}), ValueError, "lengths must be 2-D"),
         (lambda a, d, k: (a + 2, d, k), ValueError, r"anchor_pos must be <= total_seq_len=64 \(total_seq_len marks"),
         (lambda a, d, k: (a, d, {**k, "lengths": [torch.tensor([70]), torch.tensor([64])]}), ValueError,
+         "lengths must each be <= total_seq_len=64, got a maximum of 70"),
+        (lambda a, d, k: (a, d, {**k, "lengths": [torch.tensor([40, 30]), torch.tensor([64])]}), ValueError,
          "lengths sum to 70 in a row, past total_seq_len=64"),
         (lambda a, d, k: (a, d, {"document_ids": torch.zeros(64, dtype=torch.long)}), ValueError,
          "document_ids must be 2-D"),

@@ -96,12 +96,12 @@ def test_reproducible_with_generator():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"seq_length": 0}, "seq_length must be a positive int"),
+        ({"seq_length": 0}, "seq_length must be an int in \\[1, 2147483647\\]"),
         ({"loss_mask": torch.ones(4)}, "expected seq_length=5"),
-        ({"loss_mask": torch.ones(2, 4)}, "expected seq_length=5"),  # a batch of rows of the wrong length
+        ({"loss_mask": torch.ones(2, 4)}, "loss_mask has 4 entries, expected seq_length=5"),  # a batch's rows
         ({"loss_mask": torch.ones(1, 1, 5)}, r"loss_mask must have shape .*got \(1, 1, 5\)"),
         ({"loss_mask": torch.tensor([0, 1, 2, 1, 0])}, "loss_mask must hold only 0 and 1"),
-        ({"num_depths": 0}, "num_depths must be an int >= 1"),
+        ({"num_depths": 0}, "num_depths must be an int in \\[1, 2147483647\\]"),
         ({"down_sample_ratio": 0.0}, "down_sample_ratio must be in"),
         ({"down_sample_ratio_min": 1.5}, "down_sample_ratio_min must be in"),
         ({"max_anchors": -1}, "max_anchors must be None or an int >= 0"),

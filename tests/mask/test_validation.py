@@ -19,9 +19,9 @@ def call(anchor_pos=A, depth=D, lengths=L, total_seq_len=3, **kwargs):
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        ({"anchor_pos": A[None]}, ValueError, "anchor_pos must be 1-D"),
+        ({"anchor_pos": A[None]}, ValueError, "depth must be 2-D"),  # [1, N] is a batch of one row
         ({"depth": D[None]}, ValueError, "depth must be 1-D"),
-        ({"depth": D[:4]}, ValueError, "same length"),
+        ({"depth": D[:4]}, ValueError, "same shape"),
         ({"anchor_pos": A[:0], "depth": D[:0]}, ValueError, "N == 0"),
         ({"anchor_pos": A.float()}, TypeError, "anchor_pos must have an integer dtype"),
         ({"depth": D.to(torch.bool)}, TypeError, "depth must have an integer dtype"),
@@ -48,7 +48,7 @@ def call(anchor_pos=A, depth=D, lengths=L, total_seq_len=3, **kwargs):
         ({"backend": "tpu"}, ValueError, "backend must be one of"),
         ({"kv_anchor_pos": A}, ValueError, "give kv_anchor_pos and kv_depth together"),
         ({"kv_depth": D}, ValueError, "give kv_anchor_pos and kv_depth together"),
-        ({"kv_anchor_pos": A, "kv_depth": D[:3]}, ValueError, "kv_anchor_pos and kv_depth must have the same length"),
+        ({"kv_anchor_pos": A, "kv_depth": D[:3]}, ValueError, "kv_anchor_pos and kv_depth must have the same shape"),
         ({"kv_anchor_pos": A[:0], "kv_depth": D[:0]}, ValueError, "kv_anchor_pos and kv_depth must not be empty"),
         ({"kv_anchor_pos": A.float(), "kv_depth": D}, TypeError, "kv_anchor_pos must have an integer dtype"),
         ({"kv_anchor_pos": A, "kv_depth": D - 1}, ValueError, "kv_depth must be non-negative"),
