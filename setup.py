@@ -79,7 +79,10 @@ def native_extensions() -> list:
         cpp_extension.CUDAExtension(
             "peagle_ext_cuda",
             settings["PEAGLE_CUDA_SOURCES"] + ["csrc/cuda/python_module_cuda.cpp"],
-            extra_compile_args={"cxx": cxx_flags + ["-DUSE_CUDA"], "nvcc": ["-O3", "-std=c++20", "-Xcompiler=-fvisibility=hidden"] + cuda_flags},
+            extra_compile_args={
+                "cxx": cxx_flags + ["-DUSE_CUDA"],
+                "nvcc": ["-O3", "-std=c++20", "-Xcompiler=-fvisibility=hidden"] + cuda_flags,
+            },
             py_limited_api=True,
         ),
     ]

@@ -60,10 +60,10 @@ def segments(seq_len: int, num_segments: int, backend: str, repeats: int) -> dic
 
 def batch(rows: int, seq_len: int, backend: str, repeats: int) -> dict:
     samples = [cod_sample(seq_len, seed) for seed in range(rows)]
-    singles = median_seconds(lambda: [peagle_ext.build_block_mask(a, d, l, seq_len, backend=backend)
-                                      for a, d, l in samples], repeats)
+    singles = median_seconds(lambda: [peagle_ext.build_block_mask(a, d, row_lengths, seq_len, backend=backend)
+                                      for a, d, row_lengths in samples], repeats)
     anchor_pos, depth = peagle_ext.pad_rows([(a, d) for a, d, _ in samples], seq_len)
-    lengths = [l for _, _, l in samples]
+    lengths = [row_lengths for _, _, row_lengths in samples]
     batched = median_seconds(lambda: peagle_ext.build_block_mask(anchor_pos, depth, lengths, seq_len, backend=backend),
                              repeats)
     return {"rows": rows, "seq_len": seq_len, "single_rows_s": singles, "batched_s": batched,

@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # imported (torch's own import time is the first row).
 SNIPPETS = {
     "import torch": "import time; t = time.perf_counter(); import torch; print(time.perf_counter() - t)",
-    "import peagle_ext": "import torch, time; t = time.perf_counter(); import peagle_ext; print(time.perf_counter() - t)",
+    "import peagle_ext": (
+        "import torch, time; t = time.perf_counter(); import peagle_ext; print(time.perf_counter() - t)"
+    ),
     "import peagle_ext.peagle_draft": (
         "import torch, time; t = time.perf_counter(); import peagle_ext.peagle_draft; print(time.perf_counter() - t)"
     ),

@@ -88,7 +88,8 @@ def build_prompts(held_out_share: float, seed: int):
             if (index + number) % 2 == 0:  # half of the crossings, mixed over instructions
                 (held if topic in held_topics else train).append(instruction.format(topic))
     for doc in docs:
-        (held if doc in held_docs else train).append(f"Explain in plain words what this Python documentation says: {doc}")
+        (held if doc in held_docs else train).append(
+            f"Explain in plain words what this Python documentation says: {doc}")
     shuffle = torch.randperm(len(train), generator=generator).tolist()
     held_shuffle = torch.randperm(len(held), generator=generator).tolist()
     return [train[i] for i in shuffle], [held[i] for i in held_shuffle]
@@ -118,7 +119,7 @@ def generate_responses(model, tokenizer, messages, layer_ids, max_tokens, batch_
                 ids = chat_template_ids(tokenizer, [{"role": "user", "content": message}])
                 captured.clear()
                 out = model(torch.tensor([ids + cached[(message, max_tokens)]]), output_hidden_states=True)
-                aux = torch.cat([out.hidden_states[l][0] for l in layer_ids], -1)
+                aux = torch.cat([out.hidden_states[layer][0] for layer in layer_ids], -1)
                 samples.append((ids, cached[(message, max_tokens)], aux.half(), captured[-1][0].half()))
                 bar.update(1)
             if time.monotonic() > deadline:

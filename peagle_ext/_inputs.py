@@ -78,7 +78,7 @@ class MaskInputs:
         """B for a batch of rows, None for one row given as 1-D tensors."""
         return self.anchor_pos.shape[0] if self.anchor_pos.dim() == 2 else None
 
-    def row(self, index: int) -> "MaskInputs":
+    def row(self, index: int) -> MaskInputs:
         """Row ``index`` of a batch as 1-D inputs (the keys still the queries' own tensors when they
         are one set)."""
         anchor_pos, depth = self.anchor_pos[index], self.depth[index]

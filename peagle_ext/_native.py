@@ -20,7 +20,6 @@ import torch
 
 from ._block_index import BlockIndex, num_blocks
 
-
 OPS = ("build_block_index", "build_block_index_emulated")
 
 
@@ -54,7 +53,7 @@ REBUILD_HINT = ("reinstall from the source to rebuild it for this environment: "
                 "pip install --no-build-isolation --no-deps --force-reinstall .")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load() -> tuple[str | None, str | None, str | None]:
     """(build_info, error, cuda_error): build_info like "cpu;cuda:80,90" when the CPU library
     loaded, else error says why; cuda_error says why the CUDA library built beside it did not load."""

@@ -71,7 +71,8 @@ def generate_cod_sample_indices(
         raise ValueError(f"down_sample_ratio_min must be in [0, 1], got {down_sample_ratio_min}")
     if not isinstance(filter_position_zero, bool):
         raise TypeError(f"filter_position_zero must be a bool, got {filter_position_zero!r}")
-    if max_anchors is not None and (isinstance(max_anchors, bool) or not isinstance(max_anchors, int) or max_anchors < 0):
+    if max_anchors is not None and (isinstance(max_anchors, bool) or not isinstance(max_anchors, int)
+                                    or max_anchors < 0):
         raise ValueError(f"max_anchors must be None or an int >= 0, got {max_anchors!r}")
 
     valid_positions = torch.nonzero(supervised).flatten()
@@ -140,7 +141,8 @@ def _supervised_positions(loss_mask, seq_length: int) -> torch.Tensor:
     return supervised
 
 
-def assign_cod_segments(anchor_pos: torch.Tensor, depth: torch.Tensor, seq_length: int, num_segments: int) -> torch.Tensor:
+def assign_cod_segments(anchor_pos: torch.Tensor, depth: torch.Tensor, seq_length: int,
+                        num_segments: int) -> torch.Tensor:
     """The segment of every COD element under P-EAGLE's sequence partitioning (Algorithm 1 of
     arXiv:2602.01469, as NeMo Automodel 0.7.0 assigns it, with its signature).
 

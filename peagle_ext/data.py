@@ -18,8 +18,7 @@ caller moves it.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
-from typing import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
@@ -86,10 +85,10 @@ class PeagleBatch(dict):
     masks whole (:func:`block_mask_to`).
     """
 
-    def pin_memory(self) -> "PeagleBatch":
+    def pin_memory(self) -> PeagleBatch:
         return PeagleBatch(_map_batch(dict(self), _pinned, pin_block_mask))
 
-    def to(self, device, non_blocking: bool = False) -> "PeagleBatch":
+    def to(self, device, non_blocking: bool = False) -> PeagleBatch:
         return PeagleBatch(_map_batch(dict(self), lambda t: t.to(device, non_blocking=non_blocking),
                                       lambda mask: block_mask_to(mask, device, non_blocking)))
 
@@ -147,7 +146,8 @@ class PeagleMaskCollator:
     def __call__(self, samples) -> PeagleBatch:
         for index, sample in enumerate(samples):
             if not isinstance(sample, Mapping) or "loss_mask" not in sample:
-                raise TypeError(f"sample {index} must be a mapping with a 'loss_mask' entry, got {type(sample).__name__}")
+                raise TypeError(f"sample {index} must be a mapping with a 'loss_mask' entry, "
+                                f"got {type(sample).__name__}")
         batch = PeagleBatch(self.collate_fn([{key: value for key, value in sample.items() if key not in LAYOUT_KEYS}
                                              for sample in samples]))
         layouts = [self.layout(sample) for sample in samples]

@@ -10,7 +10,7 @@ moved to another device whole (:meth:`PeagleMaskMod.to`).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -73,16 +73,16 @@ class PeagleMaskMod:
         own_rollout = (a_k == a_q) & (d_k.clamp(max=FIELD_MAX) <= d_q.clamp(max=FIELD_MAX))
         return same_doc & (context | own_rollout)
 
-    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "PeagleMaskMod":
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PeagleMaskMod:
         """A copy with ``fn`` applied to each tensor (once to a tensor the queries and keys share)."""
         anchor_pos, depth = fn(self.anchor_pos), fn(self.depth)
         keys = (None, None) if self.keys_are_queries else (fn(self.kv_anchor_pos), fn(self.kv_depth))
         return PeagleMaskMod(anchor_pos, depth, fn(self.doc_of_position), self.sliding_window, *keys)
 
-    def to(self, device, non_blocking: bool = False) -> "PeagleMaskMod":
+    def to(self, device, non_blocking: bool = False) -> PeagleMaskMod:
         return self.map_tensors(lambda tensor: tensor.to(device, non_blocking=non_blocking))
 
-    def pin_memory(self) -> "PeagleMaskMod":
+    def pin_memory(self) -> PeagleMaskMod:
         return self.map_tensors(torch.Tensor.pin_memory)
 
     def __repr__(self) -> str:

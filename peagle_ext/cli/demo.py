@@ -141,7 +141,8 @@ def main(argv: list[str]) -> int:
                                                     generator=generator)
     anchor_pos, depth, lengths = (t.to(device) for t in (anchor_pos, depth, lengths))
     n = anchor_pos.numel()
-    mask_args = dict(lengths=lengths, total_seq_len=args.seq_len, sliding_window=args.window, BLOCK_SIZE=args.block_size)
+    mask_args = dict(lengths=lengths, total_seq_len=args.seq_len, sliding_window=args.window,
+                     BLOCK_SIZE=args.block_size)
 
     def build():
         return build_block_mask(anchor_pos, depth, backend=backend, **mask_args)
@@ -156,7 +157,8 @@ def main(argv: list[str]) -> int:
     print(f"N = {n} elements, BLOCK_SIZE {args.block_size}: {grid.shape[0]} x {grid.shape[1]} = {tiles} tiles")
     print(f"partial {partial}, full {full}, empty {tiles - partial - full}; "
           f"sparsity {100.0 * (tiles - partial - full) / tiles:.1f}% of tiles skipped")
-    print(f"peagle_ext ({backend} backend, {device}): {ours_s * 1e3:.3f} ms (median of {runs} warm calls after a warm-up)")
+    print(f"peagle_ext ({backend} backend, {device}): {ours_s * 1e3:.3f} ms "
+          f"(median of {runs} warm calls after a warm-up)")
 
     status = 0
     if eager_fits(n, device):

@@ -40,9 +40,11 @@ def parse_args(argv: list[str]):
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0: greedy verification (default); > 0: rejection sampling")
     parser.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the draws when sampling (default 0)")
-    parser.add_argument("--target-seed", type=int_at_least(0), default=0, help="the tiny target's seed (train-demo --seed)")
+    parser.add_argument("--target-seed", type=int_at_least(0), default=0,
+                        help="the tiny target's seed (train-demo --seed)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain-decoding baseline")
-    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's end-of-sequence token")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="do not stop at the tokenizer's end-of-sequence token")
     parser.add_argument("--threads", type=int_at_least(1), default=None, help="torch intra-op threads")
     args = parser.parse_args(argv)
     if not (math.isfinite(args.temperature) and args.temperature >= 0):

@@ -10,7 +10,8 @@ def main(argv: list[str]) -> int:
     parser_for("info").parse_args(argv)  # no options: anything given is an error
     import torch
 
-    from .. import __file__ as package_file, __version__, _native
+    from .. import __file__ as package_file
+    from .. import __version__, _native
     from ..block_mask import available_backends
 
     print(f"peagle_ext {__version__} from {package_file.removesuffix('/__init__.py')}")

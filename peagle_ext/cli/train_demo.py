@@ -45,7 +45,8 @@ class TinyTarget(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, hidden_size)
         self.layers = nn.ModuleList(
-            nn.Sequential(nn.RMSNorm(hidden_size), nn.Linear(hidden_size, 2 * hidden_size), nn.GELU(), nn.Linear(2 * hidden_size, hidden_size))
+            nn.Sequential(nn.RMSNorm(hidden_size), nn.Linear(hidden_size, 2 * hidden_size), nn.GELU(),
+                          nn.Linear(2 * hidden_size, hidden_size))
             for _ in range(num_aux)
         )
         self.norm = nn.RMSNorm(hidden_size)
@@ -178,7 +179,8 @@ def check_resources(args) -> None:
 def parse_args(argv: list[str]):
     parser = parser_for("train-demo")
     parser.add_argument("--steps", type=int_at_least(1), default=200, help="optimizer steps (default 200)")
-    parser.add_argument("--seq-len", type=int_at_least(2), default=64, help="positions per training sequence (default 64)")
+    parser.add_argument("--seq-len", type=int_at_least(2), default=64,
+                        help="positions per training sequence (default 64)")
     parser.add_argument("--depths", type=int_at_least(1), default=4, help="COD depths, depth 0 included (default 4)")
     add_device_option(parser)
     parser.add_argument("--out", default="peagle_demo_checkpoint", help="checkpoint directory to write")
@@ -276,7 +278,8 @@ def main(argv: list[str]) -> int:
     window = max(1, min(5, len(losses) // 4))
     _save_noting_interop(model, args.out, args.verifier)
     accuracy = " ".join(f"d{d}={a:.2f}" for d, a in enumerate(out.depth_accuracy.tolist()))
-    print(f"loss: first {window} steps {sum(losses[:window]) / window:.4f}, last {window} steps {sum(losses[-window:]) / window:.4f}")
+    print(f"loss: first {window} steps {sum(losses[:window]) / window:.4f}, "
+          f"last {window} steps {sum(losses[-window:]) / window:.4f}")
     print(f"last-step accuracy per depth: {accuracy}")
     print(f"trained in {time.perf_counter() - started:.1f} s; checkpoint (config.json, model.safetensors) "
           f"written to {args.out}")

@@ -121,7 +121,8 @@ class Eagle3DraftConfig:
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
         if not 1 <= self.draft_vocab_size <= self.vocab_size:
-            raise ValueError(f"draft_vocab_size must be in [1, vocab_size={self.vocab_size}], got {self.draft_vocab_size}")
+            raise ValueError(f"draft_vocab_size must be in [1, vocab_size={self.vocab_size}], "
+                             f"got {self.draft_vocab_size}")
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"mask_token_id must be in [0, vocab_size={self.vocab_size}), got {self.mask_token_id}")
         if self.norm_before_fc and self.fc_norm:
@@ -173,10 +174,10 @@ class Eagle3DraftConfig:
 
 _REQUIRED_LLAMA_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size", "rms_norm_eps")
 # Fields read as they are when present (None counts as absent: the class's default applies).
-_OPTIONAL_FIELDS = ("num_key_value_heads", "head_dim", "draft_vocab_size", "target_hidden_size", "num_aux_hidden_states",
-                    "max_position_embeddings", "mask_token_id", "num_depths", "eagle_aux_hidden_state_layer_ids",
-                    "verifier_name_or_path", "parallel_drafting", "norm_output", "norm_before_fc", "fc_norm",
-                    "norm_before_residual", "attention_bias", "mlp_bias")
+_OPTIONAL_FIELDS = ("num_key_value_heads", "head_dim", "draft_vocab_size", "target_hidden_size",
+                    "num_aux_hidden_states", "max_position_embeddings", "mask_token_id", "num_depths",
+                    "eagle_aux_hidden_state_layer_ids", "verifier_name_or_path", "parallel_drafting", "norm_output",
+                    "norm_before_fc", "fc_norm", "norm_before_residual", "attention_bias", "mlp_bias")
 
 
 def _foreign_config_fields(config) -> dict:
@@ -200,7 +201,8 @@ def _foreign_config_fields(config) -> dict:
         raise ValueError(f"partial_rotary_factor {partial!r} is not supported: the draft rotates the whole head")
     rope_params = getattr(config, "rope_parameters", None)
     layer = {"rope_parameters": rope_params} if rope_params else {
-        "rope_theta": getattr(config, "rope_theta", rope.DEFAULT_THETA), "rope_scaling": getattr(config, "rope_scaling", None)}
+        "rope_theta": getattr(config, "rope_theta", rope.DEFAULT_THETA),
+        "rope_scaling": getattr(config, "rope_scaling", None)}
     fields["rope_theta"], fields["rope_scaling"] = rope.rope_fields(layer, where="config.")
     return fields
 

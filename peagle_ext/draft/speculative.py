@@ -208,7 +208,7 @@ class TransformersTarget:
 
     def __init__(self, model, aux_layer_ids, pad_token_id: int = 0):
         layers = model.config.num_hidden_layers
-        if not aux_layer_ids or any(not 0 <= l <= layers for l in aux_layer_ids):
+        if not aux_layer_ids or any(not 0 <= layer_id <= layers for layer_id in aux_layer_ids):
             raise ValueError(f"aux_layer_ids must be layer ids in [0, {layers}], got {aux_layer_ids}")
         self.model, self.aux_layer_ids, self.pad_token_id = model, list(aux_layer_ids), pad_token_id
 
@@ -220,7 +220,7 @@ class TransformersTarget:
     def _forward(self, ids, positions):
         out = self.model(input_ids=ids, attention_mask=self.mask.long(), position_ids=positions,
                          past_key_values=self.cache, use_cache=True, output_hidden_states=True)
-        aux = torch.cat([out.hidden_states[l] for l in self.aux_layer_ids], dim=-1)
+        aux = torch.cat([out.hidden_states[layer_id] for layer_id in self.aux_layer_ids], dim=-1)
         return out.logits.float(), aux
 
     def start(self, prompts: list[list[int]]):

@@ -168,7 +168,8 @@ def test_train_demo_runs_and_saves_a_loadable_checkpoint(tmp_path, capsys):
     from peagle_ext.draft_llama import LlamaEagle3DraftModel
 
     out = tmp_path / "ckpt"
-    assert main(["train-demo", "--steps", "3", "--seq-len", "12", "--depths", "2", "--out", str(out), "--device", "cpu"]) == 0
+    assert main(["train-demo", "--steps", "3", "--seq-len", "12", "--depths", "2", "--out", str(out),
+                 "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     assert "3/3 loss" in captured.err and "acc/depth" in captured.err
     assert "loss: first" in captured.out and f"written to {out}" in captured.out
@@ -216,9 +217,12 @@ NO_GPU = not torch.cuda.is_available()
         (["train-demo", "--seq-len", "1"], "--seq-len"),
         (["train-demo", "--out", "/proc/version"], "--out"),
         (["info", "--verbose"], "--verbose"),
-        pytest.param(["demo", "--device", "cuda"], "--device", marks=pytest.mark.skipif(not NO_GPU, reason="a GPU is here")),
-        pytest.param(["bench", "--device", "cuda"], "--device", marks=pytest.mark.skipif(not NO_GPU, reason="a GPU is here")),
-        pytest.param(["train-demo", "--device", "cuda"], "--device", marks=pytest.mark.skipif(not NO_GPU, reason="a GPU is here")),
+        pytest.param(["demo", "--device", "cuda"], "--device",
+                     marks=pytest.mark.skipif(not NO_GPU, reason="a GPU is here")),
+        pytest.param(["bench", "--device", "cuda"], "--device",
+                     marks=pytest.mark.skipif(not NO_GPU, reason="a GPU is here")),
+        pytest.param(["train-demo", "--device", "cuda"], "--device",
+                     marks=pytest.mark.skipif(not NO_GPU, reason="a GPU is here")),
     ],
 )
 def test_usage_mistakes_give_one_line_naming_the_option(args, option, capsys):

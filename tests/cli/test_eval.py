@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from draft_helpers import single_thread  # noqa: F401 (autouse fixture)
 from peagle_ext.cli import main
+
+from draft_helpers import single_thread  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")

@@ -98,7 +98,8 @@ def test_on_disk_layout(tmp_path):
         assert config[key] == value, key
     assert "eagle_aux_hidden_state_layer_ids" in config
     layer = config["transformer_layer_config"]
-    assert (layer["model_type"], layer["hidden_size"], layer["num_hidden_layers"], layer["vocab_size"]) == ("llama", 32, 2, 96)
+    assert (layer["model_type"], layer["hidden_size"], layer["num_hidden_layers"], layer["vocab_size"]) == (
+        "llama", 32, 2, 96)
     assert (layer["num_attention_heads"], layer["num_key_value_heads"], layer["head_dim"]) == (4, 2, 8)
     # transformers 5's rope form only; the keys vLLM's draft reads from the layer config.
     assert layer["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}
@@ -191,7 +192,8 @@ def _edit_layer(directory, edit):
     [
         # transformers 4 wrote rope_theta and rope_scaling (the legacy "type" key too).
         lambda layer: layer.update(rope_theta=layer["rope_parameters"].pop("rope_theta"),
-                                   rope_scaling={"type": "llama3", **{k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"}},
+                                   rope_scaling={"type": "llama3",
+                                                 **{k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"}},
                                    rope_parameters=None),
         # earlier peagle_ext: top-level num_aux_hidden_states and parallel_drafting, no layer-level copies.
         "earlier-peagle_ext",
@@ -228,7 +230,8 @@ def _rewrite(directory, edit):
         (lambda t: t.pop("mask_hidden"), KeyError, "missing.*'mask_hidden'"),
         (lambda t: t.update(extra=torch.zeros(2)), KeyError, "unexpected.*'extra'"),
         (lambda t: t.update(mask_hidden=torch.zeros(1, 1, 32)), ValueError, "'mask_hidden'.*\\(1, 1, 32\\)"),
-        (lambda t: t.update({"layers.1.mlp.up_proj.weight": torch.zeros(64, 33)}), ValueError, "'layers.1.mlp.up_proj.weight'"),
+        (lambda t: t.update({"layers.1.mlp.up_proj.weight": torch.zeros(64, 33)}), ValueError,
+         "'layers.1.mlp.up_proj.weight'"),
     ],
 )
 def test_bad_keys_raise_naming_the_key(tmp_path, edit, error, pattern):
@@ -288,26 +291,39 @@ def _edit_config(directory, edit):
     ("edit", "error", "pattern"),
     [
         (lambda c: c.update(parallel_drafting="false"), TypeError, "'parallel_drafting' must be bool, got str 'false'"),
-        (lambda c: c["transformer_layer_config"].update(hidden_size="32"), TypeError, "'hidden_size' must be int, got str"),
-        (lambda c: c["transformer_layer_config"].update(num_hidden_layers=None), TypeError, "'num_hidden_layers' must be int, got NoneType"),
+        (lambda c: c["transformer_layer_config"].update(hidden_size="32"), TypeError,
+         "'hidden_size' must be int, got str"),
+        (lambda c: c["transformer_layer_config"].update(num_hidden_layers=None), TypeError,
+         "'num_hidden_layers' must be int, got NoneType"),
         (lambda c: c["transformer_layer_config"].update(rms_norm_eps=True), TypeError, "'rms_norm_eps' must be float"),
-        (lambda c: c.update(eagle_aux_hidden_state_layer_ids=[1, "5"]), TypeError, "'eagle_aux_hidden_state_layer_ids'"),
-        (lambda c: c["transformer_layer_config"].update(num_attention_heads=0), ValueError, "'num_attention_heads' must be in \\[1, 2\\*\\*31 - 1\\], got 0"),
+        (lambda c: c.update(eagle_aux_hidden_state_layer_ids=[1, "5"]), TypeError,
+         "'eagle_aux_hidden_state_layer_ids'"),
+        (lambda c: c["transformer_layer_config"].update(num_attention_heads=0), ValueError,
+         "'num_attention_heads' must be in \\[1, 2\\*\\*31 - 1\\], got 0"),
         (lambda c: c.update(transformer_layer_config=[]), TypeError, "transformer_layer_config must be a JSON object"),
-        (lambda c: c["speculators_config"].update(proposal_methods=[]), TypeError, "proposal_methods must hold an object"),
+        (lambda c: c["speculators_config"].update(proposal_methods=[]), TypeError,
+         "proposal_methods must hold an object"),
         (lambda c: c.update(speculators_model_type="medusa"), ValueError, "speculators_model_type is 'medusa'"),
         (lambda c: c.update(norm_before_fc=1), TypeError, "'norm_before_fc' must be bool, got int"),
         (lambda c: c.update(fc_norm=True, norm_before_fc=True), ValueError, "mutually exclusive"),
-        (lambda c: c.update(speculators_model_type="eagle3", parallel_drafting=True), ValueError, "parallel_drafting is True but speculators_model_type is 'eagle3'"),
+        (lambda c: c.update(speculators_model_type="eagle3", parallel_drafting=True), ValueError,
+         "parallel_drafting is True but speculators_model_type is 'eagle3'"),
         (lambda c: c["transformer_layer_config"].update(model_type="qwen3"), ValueError, "model_type is 'qwen3'"),
         (lambda c: c["transformer_layer_config"].pop("model_type"), ValueError, "model_type is None"),
         (lambda c: c["transformer_layer_config"].update(hidden_act="gelu"), ValueError, "hidden_act is 'gelu'"),
-        (lambda c: c["transformer_layer_config"].update(layer_types=["sliding_attention", "full_attention"]), ValueError, "sliding_attention"),
-        (lambda c: c["transformer_layer_config"].update(num_aux_hidden_states=2), ValueError, "num_aux_hidden_states \\(2\\)"),
-        (lambda c: c["transformer_layer_config"]["rope_parameters"].update(rope_type="dynamic", factor=2.0), ValueError, "unsupported rope_type 'dynamic'"),
-        (lambda c: c["transformer_layer_config"]["rope_parameters"].update(rope_type="linear", factor=2.0, low_freq_factor=1.0), ValueError, "unknown rope option 'low_freq_factor'"),
-        (lambda c: c["transformer_layer_config"]["rope_parameters"].update(rope_theta="1e4"), TypeError, "'rope_theta' must be float"),
-        (lambda c: c["transformer_layer_config"].update(rope_parameters={"full_attention": {"rope_type": "default"}}), ValueError, "per-layer-type"),
+        (lambda c: c["transformer_layer_config"].update(layer_types=["sliding_attention", "full_attention"]),
+         ValueError, "sliding_attention"),
+        (lambda c: c["transformer_layer_config"].update(num_aux_hidden_states=2), ValueError,
+         "num_aux_hidden_states \\(2\\)"),
+        (lambda c: c["transformer_layer_config"]["rope_parameters"].update(rope_type="dynamic", factor=2.0),
+         ValueError, "unsupported rope_type 'dynamic'"),
+        (lambda c: c["transformer_layer_config"]["rope_parameters"].update(rope_type="linear", factor=2.0,
+                                                                           low_freq_factor=1.0),
+         ValueError, "unknown rope option 'low_freq_factor'"),
+        (lambda c: c["transformer_layer_config"]["rope_parameters"].update(rope_theta="1e4"), TypeError,
+         "'rope_theta' must be float"),
+        (lambda c: c["transformer_layer_config"].update(rope_parameters={"full_attention": {"rope_type": "default"}}),
+         ValueError, "per-layer-type"),
     ],
 )
 def test_config_values_are_type_checked_naming_field_and_file(tmp_path, edit, error, pattern):

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from draft_helpers import single_thread, tiny_model  # noqa: F401 (autouse fixture)
 from peagle_ext.cli.train_demo import demo_acceptance, demo_target
 from peagle_ext.cli.train_demo import main as train_demo
 from peagle_ext.draft import speculative
@@ -23,6 +22,8 @@ from peagle_ext.draft.speculative import (
     speculative_generate,
     target_generate,
 )
+
+from draft_helpers import single_thread, tiny_model  # noqa: F401 (autouse fixture)
 
 VOCAB = 64
 PROMPTS = [[1, 2, 3], [5], [7, 8, 9, 10, 11, 12], [40, 41]]
@@ -195,7 +196,7 @@ def llama_trained_draft(model):
         tokens = sequences[step % len(sequences)]
         with torch.no_grad():
             out = model(tokens.view(1, -1), output_hidden_states=True)
-            aux = torch.cat([out.hidden_states[l][0] for l in (1, 2, 3)], -1)
+            aux = torch.cat([out.hidden_states[layer][0] for layer in (1, 2, 3)], -1)
         input_ids, aux, logits, _ = eagle_pairs(tokens, aux, out.logits[0])
         optimizer.zero_grad()
         peagle_training_step(draft, input_ids, aux, torch.ones(len(input_ids)), target_logits=logits,

@@ -17,11 +17,13 @@ from safetensors.torch import load_file
 
 import peagle_ext
 from peagle_ext.draft_llama import Eagle3LlamaDecoderLayer, Eagle3LlamaPeagleLayer, LlamaEagle3DraftModel
+
 from checkpoint_peers import AUTOMODEL_VERSION, require
 from draft_helpers import single_thread  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-pytest.importorskip("transformers", reason="the drafts' configs are transformers LlamaConfigs (pip install '.[interop]')")
+pytest.importorskip("transformers",
+                    reason="the drafts' configs are transformers LlamaConfigs (pip install '.[interop]')")
 
 MASK_ID = 20  # outside [0, draft_vocab_size), where the batches' real tokens are drawn
 DRAFT_VOCAB = 16
@@ -115,7 +117,8 @@ def test_same_draft_as_automodels_from_the_same_config(automodel, name):
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
     for attribute in ("target_hidden_size", "draft_vocab_size", "has_vocab_compression"):
         assert getattr(ours, attribute) == getattr(theirs, attribute), attribute
-    assert [type(layer).__name__ for layer in ours.model.layers] == [type(layer).__name__ for layer in theirs.model.layers]
+    assert ([type(layer).__name__ for layer in ours.model.layers]
+            == [type(layer).__name__ for layer in theirs.model.layers])
     for mine, their in zip(ours.model.layers, theirs.model.layers):
         assert (mine.layer_id, mine.self_attn.fuse_input) == (their.layer_id, their.self_attn.fuse_input)
         assert mine.self_attn.head_dim == their.self_attn.head_dim
@@ -340,7 +343,8 @@ def test_forward_peagle_runs_every_layer_through_the_helper(monkeypatch):
     for index, layer in enumerate(draft.model.layers):
         monkeypatch.setattr(layer, "forward_peagle", stub(index, torch.nn.Linear(32, 32)))
     hidden = torch.randn(1, 5, 32, requires_grad=True)
-    draft.forward_peagle(torch.zeros(1, 5, dtype=torch.long), hidden, torch.arange(5)[None], block_mask=None).sum().backward()
+    draft.forward_peagle(torch.zeros(1, 5, dtype=torch.long), hidden, torch.arange(5)[None],
+                         block_mask=None).sum().backward()
     first = (0, ["block_mask", "hidden_states", "input_embeds", "position_ids"])
     assert calls.count(first) == 2 and calls.count((1, ["block_mask"])) == 2
 
@@ -403,7 +407,8 @@ def test_mask_mod_called_as_automodels(automodel):
     documents and padding)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    attention = require("nemo_automodel", AUTOMODEL_VERSION, "nemo_automodel.components.speculative.eagle.peagle_attention")
+    attention = require("nemo_automodel", AUTOMODEL_VERSION,
+                        "nemo_automodel.components.speculative.eagle.peagle_attention")
     torch.manual_seed(1)
     anchor_pos, depth = peagle_ext.generate_cod_sample_indices(seq_length=150, loss_mask=torch.ones(1, 150))
     kwargs = dict(anchor_pos=anchor_pos, depth=depth, lengths=torch.tensor([70, 60]), total_seq_len=150)

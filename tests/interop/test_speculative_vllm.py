@@ -12,8 +12,9 @@ import os
 import pytest
 import torch
 
-from draft_helpers import single_thread, tiny_model  # noqa: F401 (autouse fixture)
 from peagle_ext.draft.speculative import draft_slots
+
+from draft_helpers import single_thread, tiny_model  # noqa: F401 (autouse fixture)
 from vllm_source import _definitions, read_sources
 
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_block_mask
 
 import peagle_ext
+
 from checkpoint_peers import SPECULATORS_VERSION, require
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

@@ -86,14 +86,16 @@ def test_a_batch_matches_create_block_mask_with_b_rows(batch, block_size):
         except AssertionError as error:
             raise AssertionError(f"backend {backend!r}: {error}") from None
         # Its mask_mod reads row b: the rule itself on every pair of every row.
-        got = built.mask_mod(b.to(device), torch.zeros((), dtype=torch.int64, device=device), q.to(device), kv.to(device))
+        got = built.mask_mod(b.to(device), torch.zeros((), dtype=torch.int64, device=device), q.to(device),
+                             kv.to(device))
         assert torch.equal(got.cpu(), allowed), backend
 
 
 def test_cod_sampling_of_a_batch_gives_each_row_its_own_layout():
     loss_mask = torch.ones(3, 50)
     loss_mask[1, 30:] = 0
-    anchor_pos, depth = peagle_ext.generate_cod_sample_indices(50, loss_mask, generator=torch.Generator().manual_seed(0))
+    anchor_pos, depth = peagle_ext.generate_cod_sample_indices(50, loss_mask,
+                                                               generator=torch.Generator().manual_seed(0))
     assert anchor_pos.shape == depth.shape and anchor_pos.shape[0] == 3
     generator = torch.Generator().manual_seed(0)
     for row in range(3):

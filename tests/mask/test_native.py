@@ -135,7 +135,8 @@ def test_op_traces_under_torch_compile(op):
     [
         (lambda a: (a[0].to(torch.int32), *a[1:]), "must be int64"),
         (lambda a: (a[0][None], *a[1:]), "every tensor must have anchor_pos's number of dims"),
-        (lambda a: (a[0][None, None], a[1][None, None], a[2][None, None], *a[3:]), r"must be 1-D \[N\] or 2-D \[B, N\]"),
+        (lambda a: (a[0][None, None], a[1][None, None], a[2][None, None], *a[3:]),
+         r"must be 1-D \[N\] or 2-D \[B, N\]"),
         (lambda a: (a[0][None], a[1][None], a[2][None].expand(2, -1), *a[3:]), "anchor_pos's number of rows"),
         (lambda a: (*a, a[0]), "kv_anchor_pos and kv_depth go together"),
         (lambda a: (*a, a[0], a[1][:-1]), "kv_anchor_pos and kv_depth differ in length"),

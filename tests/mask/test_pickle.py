@@ -136,7 +136,8 @@ def test_eager_flex_attention_reads_out_of_range_anchors_as_padding(bad_anchor):
     on_padding[bad] = seq_len
     n = anchor_pos.numel()
     q, k, v = (torch.randn(1, 2, n, 16, generator=generator) for _ in range(3))
-    expected_mask = peagle_ext.build_block_mask(on_padding, depth, document_ids=torch.cat([document_ids, torch.tensor([-1])]),
+    expected_mask = peagle_ext.build_block_mask(on_padding, depth,
+                                                document_ids=torch.cat([document_ids, torch.tensor([-1])]),
                                                 sliding_window=20, BLOCK_SIZE=32)
     expected = flex_attention(q, k, v, block_mask=expected_mask)
     for backend in backends_here():
