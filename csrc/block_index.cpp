@@ -29,7 +29,8 @@ OpInputs check_inputs(const Tensor& anchor_pos, const Tensor& depth, const Tenso
   const int64_t num_queries = anchor_pos.size(dims - 1), num_keys = key_anchor.size(dims - 1);
   const int64_t num_positions = doc_of_position.size(dims - 1);
   STD_TORCH_CHECK(depth.size(dims - 1) == num_queries, "build_block_index: anchor_pos and depth differ in length");
-  STD_TORCH_CHECK(key_depth.size(dims - 1) == num_keys, "build_block_index: kv_anchor_pos and kv_depth differ in length");
+  STD_TORCH_CHECK(key_depth.size(dims - 1) == num_keys,
+                  "build_block_index: kv_anchor_pos and kv_depth differ in length");
   STD_TORCH_CHECK(rows >= 1 && rows <= kMaxRows, "build_block_index: the batch must have 1 to 65535 rows");
   STD_TORCH_CHECK(num_queries > 0 && num_keys > 0, "build_block_index: N must be positive");
   STD_TORCH_CHECK(num_positions > 0, "build_block_index: doc_of_position must not be empty");
@@ -41,11 +42,12 @@ OpInputs check_inputs(const Tensor& anchor_pos, const Tensor& depth, const Tenso
                   "build_block_index: block sizes must be <= 2^31 - 1");
   STD_TORCH_CHECK(!sliding_window.has_value() || *sliding_window >= 1,
                   "build_block_index: sliding_window must be >= 1");
-  const int64_t num_q_blocks = num_blocks(num_queries, q_block_size), num_kv_blocks = num_blocks(num_keys, kv_block_size);
+  const int64_t num_q_blocks = num_blocks(num_queries, q_block_size),
+                num_kv_blocks = num_blocks(num_keys, kv_block_size);
   int64_t tiles = 0;
-  STD_TORCH_CHECK(!__builtin_mul_overflow(num_q_blocks, num_kv_blocks, &tiles) &&
-                      !__builtin_mul_overflow(tiles, rows, &tiles),
-                  "build_block_index: more tiles than an int64 counts");
+  STD_TORCH_CHECK(
+      !__builtin_mul_overflow(num_q_blocks, num_kv_blocks, &tiles) && !__builtin_mul_overflow(tiles, rows, &tiles),
+      "build_block_index: more tiles than an int64 counts");
   const Tensor queries_anchor = torch::stable::contiguous(anchor_pos), queries_depth = torch::stable::contiguous(depth);
   return OpInputs{queries_anchor,
                   queries_depth,
@@ -68,18 +70,18 @@ BlockIndexTensors allocate_outputs(const OpInputs& in) {
     return torch::stable::new_empty(in.anchor_pos, shape, ScalarType::Int);
   };
   const int64_t b = in.num_rows, rows = in.num_q_blocks, columns = in.num_kv_blocks;
-  return {ints({b, 1, rows}),    ints({b, 1, rows, columns}),    ints({b, 1, rows}),    ints({b, 1, rows, columns}),
+  return {ints({b, 1, rows}),    ints({b, 1, rows, columns}), ints({b, 1, rows}),    ints({b, 1, rows, columns}),
           ints({b, 1, columns}), ints({b, 1, columns, rows}), ints({b, 1, columns}), ints({b, 1, columns, rows})};
 }
 
 ListOutputs list_outputs(BlockIndexTensors& out, const OpInputs& in, int64_t row) {
   auto& [kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx] = out;
   const int64_t rows = in.num_q_blocks, columns = in.num_kv_blocks, tiles = rows * columns;
-  return ListOutputs{{kv_num.mutable_data_ptr<int32_t>() + row * rows, full_kv_num.mutable_data_ptr<int32_t>() + row * rows,
-                      q_num.mutable_data_ptr<int32_t>() + row * columns,
-                      full_q_num.mutable_data_ptr<int32_t>() + row * columns},
-                     {kv_idx.mutable_data_ptr<int32_t>() + row * tiles, full_kv_idx.mutable_data_ptr<int32_t>() + row * tiles,
-                      q_idx.mutable_data_ptr<int32_t>() + row * tiles, full_q_idx.mutable_data_ptr<int32_t>() + row * tiles}};
+  return ListOutputs{
+      {kv_num.mutable_data_ptr<int32_t>() + row * rows, full_kv_num.mutable_data_ptr<int32_t>() + row * rows,
+       q_num.mutable_data_ptr<int32_t>() + row * columns, full_q_num.mutable_data_ptr<int32_t>() + row * columns},
+      {kv_idx.mutable_data_ptr<int32_t>() + row * tiles, full_kv_idx.mutable_data_ptr<int32_t>() + row * tiles,
+       q_idx.mutable_data_ptr<int32_t>() + row * tiles, full_q_idx.mutable_data_ptr<int32_t>() + row * tiles}};
 }
 
 Tensor empty_bytes(int64_t bytes, const Tensor& like) {

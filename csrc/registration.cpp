@@ -29,12 +29,14 @@ std::string build_info() {
 }  // namespace
 
 STABLE_TORCH_LIBRARY(peagle_ext, m) {
-  m.def("build_block_index(Tensor anchor_pos, Tensor depth, Tensor doc_of_position, int? sliding_window, "
-        "int q_block_size, int kv_block_size, Tensor? kv_anchor_pos=None, Tensor? kv_depth=None) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("build_block_index_emulated(Tensor anchor_pos, Tensor depth, Tensor doc_of_position, int? sliding_window, "
-        "int q_block_size, int kv_block_size, Tensor? kv_anchor_pos=None, Tensor? kv_depth=None, "
-        "int schedule_seed=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "build_block_index(Tensor anchor_pos, Tensor depth, Tensor doc_of_position, int? sliding_window, "
+      "int q_block_size, int kv_block_size, Tensor? kv_anchor_pos=None, Tensor? kv_depth=None) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "build_block_index_emulated(Tensor anchor_pos, Tensor depth, Tensor doc_of_position, int? sliding_window, "
+      "int q_block_size, int kv_block_size, Tensor? kv_anchor_pos=None, Tensor? kv_depth=None, "
+      "int schedule_seed=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("build_info() -> str");
 }
 

@@ -22,7 +22,9 @@ struct Elements {
   const int64_t* depth;
   const int64_t* doc_of_position;
   int64_t n, num_positions, window;
-  ElementInfo info(int64_t i) const { return element_info(anchor[i], depth[i], doc_of_position, num_positions, window); }
+  ElementInfo info(int64_t i) const {
+    return element_info(anchor[i], depth[i], doc_of_position, num_positions, window);
+  }
   // The document as the sort keys hold it (pack clamps the field); -1 for padding.
   int64_t doc_field(int64_t position) const {
     const int64_t doc = doc_of_position[position];
@@ -45,8 +47,8 @@ struct ContextList {
 
 ContextList build_context_list(const std::vector<int64_t>& key_of_element, const Elements& el) {
   const int64_t positions = el.num_positions;
-  ContextList c{{}, std::vector<int64_t>(positions, 0), std::vector<int64_t>(positions, 0),
-                std::vector<int64_t>(positions, 0)};
+  ContextList c{
+      {}, std::vector<int64_t>(positions, 0), std::vector<int64_t>(positions, 0), std::vector<int64_t>(positions, 0)};
   for (int64_t i = 0; i < el.n; ++i)
     if (key_of_element[i] != kNotListed) ++c.count_at[el.anchor[i]];
   // Real positions in (document, position) order: position order when documents are packed.
@@ -233,8 +235,8 @@ void mark_row(const std::vector<int64_t>& starts, const std::vector<int64_t>& en
 // Tile states [nQ, nKV]: each row marks the kv-blocks its queries' intervals hold, then
 // classifies every tile of the row.
 std::vector<uint8_t> classify_rows(int64_t num_queries, int64_t num_keys, const Intervals& iv, const Runs& runs,
-                                   const std::vector<uint32_t>& columns, int64_t q_block_size,
-                                   int64_t kv_block_size, int64_t num_q_blocks, int64_t num_kv_blocks) {
+                                   const std::vector<uint32_t>& columns, int64_t q_block_size, int64_t kv_block_size,
+                                   int64_t num_q_blocks, int64_t num_kv_blocks) {
   std::vector<uint8_t> states(static_cast<size_t>(num_q_blocks * num_kv_blocks));
   uint8_t* out = states.data();
   torch::stable::parallel_for(0, num_q_blocks, 1, [&](int64_t row_begin, int64_t row_end) {
@@ -260,11 +262,17 @@ void build_row(const OpInputs& in, int64_t row, const ListOutputs& lists) {
   const int64_t num_q_blocks = in.num_q_blocks, num_kv_blocks = in.num_kv_blocks, kv_block_size = in.kv_block_size;
   const int64_t* doc_of_position = in.doc_of_position.const_data_ptr<int64_t>() + row * in.num_positions;
   const Elements queries{in.anchor_pos.const_data_ptr<int64_t>() + row * in.num_queries,
-                         in.depth.const_data_ptr<int64_t>() + row * in.num_queries, doc_of_position,
-                         in.num_queries, in.num_positions, in.window};
+                         in.depth.const_data_ptr<int64_t>() + row * in.num_queries,
+                         doc_of_position,
+                         in.num_queries,
+                         in.num_positions,
+                         in.window};
   const Elements keys{in.kv_anchor_pos.const_data_ptr<int64_t>() + row * in.num_keys,
-                      in.kv_depth.const_data_ptr<int64_t>() + row * in.num_keys, doc_of_position, in.num_keys,
-                      in.num_positions, in.window};
+                      in.kv_depth.const_data_ptr<int64_t>() + row * in.num_keys,
+                      doc_of_position,
+                      in.num_keys,
+                      in.num_positions,
+                      in.window};
 
   // Each key's sort keys, and per kv-block the full-tile test's cells ([nKV, kColumnCells]).
   std::vector<int64_t> context_key(keys.n), rollout_key(keys.n);

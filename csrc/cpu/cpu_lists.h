@@ -38,8 +38,8 @@ PEAGLE_HD ElementKeys element_keys(const ElementInfo& e) {
   return k;
 }
 
-PEAGLE_HD ElementKeys element_keys(int64_t anchor, int64_t depth, const int64_t* doc_of_position,
-                                   int64_t num_positions, int64_t window) {
+PEAGLE_HD ElementKeys element_keys(int64_t anchor, int64_t depth, const int64_t* doc_of_position, int64_t num_positions,
+                                   int64_t window) {
   return element_keys(element_info(anchor, depth, doc_of_position, num_positions, window));
 }
 

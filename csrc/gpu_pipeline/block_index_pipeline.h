@@ -13,16 +13,18 @@ namespace peagle {
 
 template <class Launcher>
 BlockIndexTensors build_block_index_pipeline(Launcher& launcher, const OpInputs& in) {
-  const pipeline::Sizes sizes{in.num_rows,      in.num_queries,   in.num_keys,      in.num_positions, in.window,
+  const pipeline::Sizes sizes{in.num_rows,     in.num_queries,   in.num_keys,     in.num_positions, in.window,
                               in.q_block_size, in.kv_block_size, in.num_q_blocks, in.num_kv_blocks};
   const pipeline::Layout layout = pipeline::plan(sizes);
   Tensor workspace = empty_bytes(static_cast<int64_t>(layout.total_bytes), in.anchor_pos);
   BlockIndexTensors out = allocate_outputs(in);
   uint8_t* base = workspace.mutable_data_ptr<uint8_t>();
   launcher.poison(base, layout.total_bytes);
-  std::apply([&](auto&... output) {
-    (launcher.poison(output.mutable_data_ptr(), static_cast<size_t>(output.numel()) * output.element_size()), ...);
-  }, out);
+  std::apply(
+      [&](auto&... output) {
+        (launcher.poison(output.mutable_data_ptr(), static_cast<size_t>(output.numel()) * output.element_size()), ...);
+      },
+      out);
   const pipeline::Buffers buffers =
       pipeline::bind(layout, base, in.anchor_pos.const_data_ptr<int64_t>(), in.depth.const_data_ptr<int64_t>(),
                      in.kv_anchor_pos.const_data_ptr<int64_t>(), in.kv_depth.const_data_ptr<int64_t>(),

@@ -54,13 +54,13 @@ struct Buffers {
   int32_t* context_end;
   int32_t* rollout_start;
   int32_t* rollout_end;
-  int32_t* walk_start;     // [Q]: where its context walk starts after merging (context_end: nothing to walk)
-  int32_t* walk_rollout;   // [Q]: ranks of its chain it walks (0: another query of its q-block walks them)
-  int32_t* query_doc;      // [Q]: its document (-1: padding), the context walk's filter
-  int32_t* query_depth;    // [Q]: its depth, the rollout walk's filter
-  int64_t* walk_offset;    // [Q]: where its walk starts in its q-block's flat walk
-  uint8_t* states;         // [nQ, nKV]: tile states
-  ListOutputs lists;       // the eight output tensors
+  int32_t* walk_start;    // [Q]: where its context walk starts after merging (context_end: nothing to walk)
+  int32_t* walk_rollout;  // [Q]: ranks of its chain it walks (0: another query of its q-block walks them)
+  int32_t* query_doc;     // [Q]: its document (-1: padding), the context walk's filter
+  int32_t* query_depth;   // [Q]: its depth, the rollout walk's filter
+  int64_t* walk_offset;   // [Q]: where its walk starts in its q-block's flat walk
+  uint8_t* states;        // [nQ, nKV]: tile states
+  ListOutputs lists;      // the eight output tensors
 };
 
 PEAGLE_HD ElementInfo query_info(const Buffers& b, const Sizes& s, int64_t q) {
@@ -420,7 +420,8 @@ struct RowKernel {
         int64_t covered = -1;
         for (int64_t j = q_begin; j < q_end; ++j) {
           const int64_t sj = b.context_start[j], ej = b.context_end[j];
-          if (j != q && ej > sj && b.query_doc[j] == doc && (sj < cs || (sj == cs && j < q))) covered = max_value(covered, ej);
+          if (j != q && ej > sj && b.query_doc[j] == doc && (sj < cs || (sj == cs && j < q)))
+            covered = max_value(covered, ej);
         }
         b.walk_start[q] = static_cast<int32_t>(max_value(cs, covered));
       }

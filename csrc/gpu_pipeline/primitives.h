@@ -58,7 +58,6 @@ PEAGLE_HD int32_t load_coherent(const int32_t* address) {
 #endif
 }
 
-
 // Thread t's contiguous share of the items [begin, end): [*first, *last).
 PEAGLE_HD void chunk_of(int64_t begin, int64_t end, const Thread& t, int64_t* first, int64_t* last) {
   const int64_t size = (end - begin + t.block_dim - 1) / t.block_dim;

@@ -62,7 +62,8 @@ struct SequentialLauncher {
       Resident& r = resident[pick];
       if (shuffled) std::shuffle(threads.begin(), threads.end(), random);
       for (const int64_t thread : threads)
-        r.row_kernel.phase(r.phase, *r.shared, r.dynamic_shared.data(), Thread{r.block, thread, Kernel::kThreads, grid});
+        r.row_kernel.phase(r.phase, *r.shared, r.dynamic_shared.data(),
+                           Thread{r.block, thread, Kernel::kThreads, grid});
       if (++r.phase == kernel.num_phases()) resident.erase(resident.begin() + static_cast<std::ptrdiff_t>(pick));
     }
     ++launches;

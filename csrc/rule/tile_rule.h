@@ -53,8 +53,8 @@ struct ElementInfo {
 };
 
 // window <= 0 means no sliding window.
-PEAGLE_HD ElementInfo element_info(int64_t anchor, int64_t depth, const int64_t* doc_of_position,
-                                   int64_t num_positions, int64_t window) {
+PEAGLE_HD ElementInfo element_info(int64_t anchor, int64_t depth, const int64_t* doc_of_position, int64_t num_positions,
+                                   int64_t window) {
   ElementInfo e;
   const bool in_range = anchor >= 0 && anchor < num_positions && depth >= 0;
   const int64_t doc = in_range ? doc_of_position[anchor] : -1;
@@ -63,7 +63,8 @@ PEAGLE_HD ElementInfo element_info(int64_t anchor, int64_t depth, const int64_t*
   e.anchor = anchor;
   e.depth = clamp_field(depth);
   int64_t lowest_excluded = -1;
-  if (e.real && window > 0) lowest_excluded = anchor + depth - window < anchor - 1 ? anchor + depth - window : anchor - 1;
+  if (e.real && window > 0)
+    lowest_excluded = anchor + depth - window < anchor - 1 ? anchor + depth - window : anchor - 1;
   e.context_first = lowest_excluded + 1 > 0 ? lowest_excluded + 1 : 0;
   return e;
 }
@@ -72,7 +73,16 @@ PEAGLE_HD ElementInfo element_info(int64_t anchor, int64_t depth, const int64_t*
 // are gathered as maxima of uint32 cells, 0 meaning "nothing seen", so that contributions combine
 // in any order (atomicMax on the GPU): a maximum of v is kept as v + 1, a minimum of v as 2^31 - v
 // (every value lies in [0, 2^31)).
-enum RowCell { kRowRealMin, kRowDocMin, kRowDocMax, kRowAnchorMin, kRowAnchorMax, kRowFirstMax, kRowDepthMin, kRowCells };
+enum RowCell {
+  kRowRealMin,
+  kRowDocMin,
+  kRowDocMax,
+  kRowAnchorMin,
+  kRowAnchorMax,
+  kRowFirstMax,
+  kRowDepthMin,
+  kRowCells
+};
 enum ColumnCell {
   kColumnRealMin,
   kColumnContextDocMin,
@@ -90,7 +100,6 @@ PEAGLE_HD uint32_t max_cell(int64_t v) { return static_cast<uint32_t>(v + 1); }
 PEAGLE_HD uint32_t min_cell(int64_t v) { return static_cast<uint32_t>(kCellBase - v); }
 PEAGLE_HD int64_t max_of(uint32_t cell) { return static_cast<int64_t>(cell) - 1; }
 PEAGLE_HD int64_t min_of(uint32_t cell) { return kCellBase - static_cast<int64_t>(cell); }
-
 
 // A block's extremes as plain values, added element by element and written as cells once. Minima
 // start at kCellBase and maxima at -1, which the cells encode as 0 ("nothing seen"). A block
@@ -169,8 +178,12 @@ struct RowSummary {
 };
 
 PEAGLE_HD RowSummary row_summary(const uint32_t* cells, bool whole) {
-  return RowSummary{whole && min_of(cells[kRowRealMin]) == 1, min_of(cells[kRowDocMin]), max_of(cells[kRowDocMax]),
-                    min_of(cells[kRowAnchorMin]), max_of(cells[kRowAnchorMax]), max_of(cells[kRowFirstMax]),
+  return RowSummary{whole && min_of(cells[kRowRealMin]) == 1,
+                    min_of(cells[kRowDocMin]),
+                    max_of(cells[kRowDocMax]),
+                    min_of(cells[kRowAnchorMin]),
+                    max_of(cells[kRowAnchorMax]),
+                    max_of(cells[kRowFirstMax]),
                     min_of(cells[kRowDepthMin])};
 }
 
@@ -182,16 +195,11 @@ struct ColumnSummary {
 };
 
 PEAGLE_HD ColumnSummary column_summary(const uint32_t* cells, bool whole) {
-  return ColumnSummary{whole && min_of(cells[kColumnRealMin]) == 1,
-                       cells[kColumnContextAnchorMax] != 0,
-                       cells[kColumnRolloutAnchorMax] != 0,
-                       min_of(cells[kColumnContextDocMin]),
-                       max_of(cells[kColumnContextDocMax]),
-                       min_of(cells[kColumnContextAnchorMin]),
-                       max_of(cells[kColumnContextAnchorMax]),
-                       min_of(cells[kColumnRolloutAnchorMin]),
-                       max_of(cells[kColumnRolloutAnchorMax]),
-                       max_of(cells[kColumnRolloutDepthMax])};
+  return ColumnSummary{whole && min_of(cells[kColumnRealMin]) == 1, cells[kColumnContextAnchorMax] != 0,
+                       cells[kColumnRolloutAnchorMax] != 0,         min_of(cells[kColumnContextDocMin]),
+                       max_of(cells[kColumnContextDocMax]),         min_of(cells[kColumnContextAnchorMin]),
+                       max_of(cells[kColumnContextAnchorMax]),      min_of(cells[kColumnRolloutAnchorMin]),
+                       max_of(cells[kColumnRolloutAnchorMax]),      max_of(cells[kColumnRolloutDepthMax])};
 }
 
 // Every key of the kv-block seen by every query of the q-block (all real, no tail on either side):
@@ -199,13 +207,13 @@ PEAGLE_HD ColumnSummary column_summary(const uint32_t* cells, bool whole) {
 // keys all sit on the one anchor every query has, no deeper than the shallowest query.
 PEAGLE_HD bool tile_is_full(const RowSummary& row, const ColumnSummary& column) {
   if (!row.all_real || !column.complete) return false;
-  const bool context_seen = !column.has_context ||
-                            (row.doc_min == row.doc_max && column.context_doc_min == row.doc_min &&
-                             column.context_doc_max == row.doc_min && row.first_max <= column.context_anchor_min &&
-                             column.context_anchor_max <= row.anchor_min);
-  const bool rollout_seen = !column.has_rollout ||
-                            (row.anchor_min == row.anchor_max && column.rollout_anchor_min == row.anchor_min &&
-                             column.rollout_anchor_max == row.anchor_min && column.rollout_depth_max <= row.depth_min);
+  const bool context_seen =
+      !column.has_context ||
+      (row.doc_min == row.doc_max && column.context_doc_min == row.doc_min && column.context_doc_max == row.doc_min &&
+       row.first_max <= column.context_anchor_min && column.context_anchor_max <= row.anchor_min);
+  const bool rollout_seen =
+      !column.has_rollout || (row.anchor_min == row.anchor_max && column.rollout_anchor_min == row.anchor_min &&
+                              column.rollout_anchor_max == row.anchor_min && column.rollout_depth_max <= row.depth_min);
   return context_seen && rollout_seen;
 }
 

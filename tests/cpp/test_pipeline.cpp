@@ -82,9 +82,10 @@ static bool check(const std::vector<Case>& rows, int index) {
                     std::equal(want_idx[list].begin(), want_idx[list].end(), idx[list].begin() + r * tiles);
     }
     if (!states_equal || !lists_equal) {
-      std::fprintf(stderr, "case %d row %ld of %ld: pipeline differs from the rule (queries=%ld, keys=%ld, "
-                   "positions=%ld, qb=%ld, kvb=%ld, window=%ld, states %s)\n", index, r, b, n_q, n_k, positions,
-                   c.qb, c.kvb, c.window, states_equal ? "equal" : "differ");
+      std::fprintf(stderr,
+                   "case %d row %ld of %ld: pipeline differs from the rule (queries=%ld, keys=%ld, "
+                   "positions=%ld, qb=%ld, kvb=%ld, window=%ld, states %s)\n",
+                   index, r, b, n_q, n_k, positions, c.qb, c.kvb, c.window, states_equal ? "equal" : "differ");
       ok = false;
     }
   }
@@ -191,7 +192,9 @@ int main() {
     if (trial % 2) random_keys(c, rng);
     check(batch_of(c, rng), cases);
   }
-  std::printf("pipeline: %d random cases against the element-level rule (single sets, keys apart, segments, "
-              "batches), %d failure(s)\n", cases, failures);
+  std::printf(
+      "pipeline: %d random cases against the element-level rule (single sets, keys apart, segments, "
+      "batches), %d failure(s)\n",
+      cases, failures);
   return failures == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }

@@ -1,6 +1,6 @@
 // Tests of csrc/rule/tile_rule.h and the CPU kernel's helpers (csrc/cpu/cpu_lists.h) on their own
-// (no torch): unit checks of each function, then a randomized comparison of tile states built from the header against the element-level rule
-// evaluated pair by pair (the specification, docs/rule.md).
+// (no torch): unit checks of each function, then a randomized comparison of tile states built from the header against
+// the element-level rule evaluated pair by pair (the specification, docs/rule.md).
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -14,12 +14,12 @@ using namespace peagle;
 using reference::brute_states;
 
 static int failures = 0;
-#define CHECK(cond)                                                  \
-  do {                                                               \
-    if (!(cond)) {                                                   \
+#define CHECK(cond)                                                                 \
+  do {                                                                              \
+    if (!(cond)) {                                                                  \
       std::fprintf(stderr, "%s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                    \
-    }                                                                \
+      ++failures;                                                                   \
+    }                                                                               \
   } while (0)
 
 // Tile states through the header as the CPU kernel uses it: sort keys, search bounds, runs, marks,
@@ -49,9 +49,11 @@ static std::vector<uint8_t> header_states(const std::vector<int64_t>& anchor, co
   }
   std::vector<uint32_t> column_cells(nkv * kColumnCells, 0), contribution(kColumnCells);
   for (int64_t k = 0; k < n; ++k) {
-    key_cells(element_info(anchor[k], depth[k], doc.data(), static_cast<int64_t>(doc.size()), window), contribution.data());
+    key_cells(element_info(anchor[k], depth[k], doc.data(), static_cast<int64_t>(doc.size()), window),
+              contribution.data());
     for (int c = 0; c < kColumnCells; ++c)
-      column_cells[(k / kvb) * kColumnCells + c] = std::max(column_cells[(k / kvb) * kColumnCells + c], contribution[c]);
+      column_cells[(k / kvb) * kColumnCells + c] =
+          std::max(column_cells[(k / kvb) * kColumnCells + c], contribution[c]);
   }
   std::vector<uint8_t> states(nq * nkv, 0);
   for (int64_t row = 0; row < nq; ++row) {
@@ -94,14 +96,15 @@ static void unit_checks() {
   CHECK(d2.rollout_lo == pack(1, 1) && d2.rollout_hi == pack(1, 2));
   // Window: lower bound a + d - W, widened to keep q's own depth-0 element.
   CHECK(element_keys(2, 0, doc.data(), 4, 1).context_lo == pack(0, 2));
-  CHECK(element_keys(2, 3, doc.data(), 4, 2).context_lo == pack(0, 2));  // a + d - W = 3 > a - 1
+  CHECK(element_keys(2, 3, doc.data(), 4, 2).context_lo == pack(0, 2));    // a + d - W = 3 > a - 1
   CHECK(element_keys(2, 0, doc.data(), 4, 100).context_lo == pack(0, 0));  // clamped at 0
   // Packing clamps, so no field spills into its neighbour.
   CHECK(pack(1, kFieldMax + 5) == pack(1, kFieldMax) && pack(0, -3) == 0);
   // Element info: padding and out-of-range input are not real; the window's first position.
   CHECK(!element_info(3, 0, doc.data(), 4, 0).real && element_info(3, 0, doc.data(), 4, 0).doc == -1);
   CHECK(!element_info(1, -1, doc.data(), 4, 0).real);
-  CHECK(element_info(2, 3, doc.data(), 4, 2).context_first == 2 && element_info(2, 0, doc.data(), 4, 0).context_first == 0);
+  CHECK(element_info(2, 3, doc.data(), 4, 2).context_first == 2 &&
+        element_info(2, 0, doc.data(), 4, 0).context_first == 0);
   // Cells keep maxima and minima as maxima; 0 is "nothing seen".
   CHECK(max_of(std::max(max_cell(3), max_cell(7))) == 7 && min_of(std::max(min_cell(3), min_cell(7))) == 3);
   CHECK(max_cell(0) != 0 && min_cell(kFieldMax) != 0);
@@ -143,9 +146,9 @@ static void unit_checks() {
   CHECK(write_ordered(states, 3, 2, kFull, idx) == 1 && idx[0] == 0 && idx[1] == 1);  // column 0
   const ListOutputs out{{nums[0], nums[1], nums[2], nums[3]}, {idx_all[0], idx_all[1], idx_all[2], idx_all[3]}};
   for (int64_t line = 0; line < 2 * (2 + 3); ++line) write_list_line(states, 2, 3, line, out);
-  CHECK(nums[0][0] == 1 && nums[0][1] == 1 && nums[1][1] == 2);  // partial and full per row
+  CHECK(nums[0][0] == 1 && nums[0][1] == 1 && nums[1][1] == 2);                     // partial and full per row
   CHECK(nums[2][0] == 1 && nums[2][2] == 0 && nums[3][2] == 1 && nums[3][0] == 1);  // per column
-  CHECK(idx_all[1][3] == 1 && idx_all[1][4] == 2);               // row 1's full blocks
+  CHECK(idx_all[1][3] == 1 && idx_all[1][4] == 2);                                  // row 1's full blocks
 }
 
 int main() {
@@ -165,7 +168,8 @@ int main() {
     const int64_t window = rng() % 3 == 0 ? 0 : 1 + rng() % 8;
     const int64_t qb = 1 + rng() % 6, kvb = 1 + rng() % 6;
     if (header_states(anchor, depth, doc, window, qb, kvb) != brute_states(anchor, depth, doc, window, qb, kvb)) {
-      std::fprintf(stderr, "mismatch in random case %d (n=%ld, qb=%ld, kvb=%ld, window=%ld)\n", trial, n, qb, kvb, window);
+      std::fprintf(stderr, "mismatch in random case %d (n=%ld, qb=%ld, kvb=%ld, window=%ld)\n", trial, n, qb, kvb,
+                   window);
       ++failures;
     }
     ++cases;
