@@ -42,17 +42,19 @@ def build_peagle_inputs(model, input_ids, aux_hidden_states, anchor_pos, depth):
 
 
 def supervised_draft_logits(model, input_ids, aux_hidden_states, anchor_pos, depth, block_mask, rows,
-                            query_rows=None, query_block_mask=None) -> torch.Tensor:
+                            query_rows=None, query_block_mask=None, key_value_gather=None) -> torch.Tensor:
     """One flat P-EAGLE forward over the N elements (anchor_pos, depth: int [N]) of a sequence,
     and the draft's logits at the elements ``rows`` (int [M]): [M, draft_vocab]. With
     ``query_rows`` (int [Q]) only those elements are queries in the last layer (see
     ``forward_peagle``) and ``rows`` index them. A batch ([B, N] elements, see
     :func:`build_peagle_inputs`; ``query_rows`` [B, Q]): ``rows`` is a (row [M], element [M]) pair.
+    ``key_value_gather``: the elements are one rank's share under context parallelism, and every
+    layer attends to the keys and values it gathers (see ``forward_peagle``).
 
     This is what ``LlamaEagle3DraftModel.forward(peagle_training_inputs=...)`` runs, so that a
     DistributedDataParallel wrapper around the draft sees the whole step's forward.
     """
     ids, projected, position_ids = build_peagle_inputs(model, input_ids, aux_hidden_states, anchor_pos, depth)
     hidden = model.forward_peagle(ids, projected, position_ids, block_mask, query_rows=query_rows,
-                                  query_block_mask=query_block_mask)
+                                  query_block_mask=query_block_mask, key_value_gather=key_value_gather)
     return model.compute_logits(hidden[rows] if isinstance(rows, tuple) else hidden[0][rows])

@@ -143,7 +143,8 @@ def _select_rows(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return values.gather(1, index)
 
 
-def _attention_then_mlp(layer, attn_input, residual, position_ids, block_mask, query_rows=None) -> torch.Tensor:
+def _attention_then_mlp(layer, attn_input, residual, position_ids, block_mask, query_rows=None,
+                        key_value_gather=None) -> torch.Tensor:
     """``residual + attn(attn_input)``, then the post-attention-norm MLP with its residual.
 
     The shared tail of both P-EAGLE layer kinds; ``layer`` provides ``self_attn``,
@@ -152,7 +153,8 @@ def _attention_then_mlp(layer, attn_input, residual, position_ids, block_mask, q
     """
     if query_rows is not None:
         residual = _select_rows(residual, query_rows)
-    hidden = residual + layer.self_attn.forward_peagle(attn_input, position_ids, block_mask, query_rows=query_rows)
+    hidden = residual + layer.self_attn.forward_peagle(attn_input, position_ids, block_mask, query_rows=query_rows,
+                                                       key_value_gather=key_value_gather)
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
@@ -160,7 +162,7 @@ class _PeagleAttentionMixin:
     """P-EAGLE single parallel-group attention for ``Eagle3LlamaAttention``."""
 
     def forward_peagle(self, combined_states: torch.Tensor, position_ids: torch.Tensor, block_mask,
-                       query_rows: torch.Tensor | None = None) -> torch.Tensor:
+                       query_rows: torch.Tensor | None = None, key_value_gather=None) -> torch.Tensor:
         """P-EAGLE single parallel-group attention.
 
         All COD depths are flattened into one sequence and attend in a single pass: the depth
@@ -171,12 +173,17 @@ class _PeagleAttentionMixin:
         position_ids: [B, N] or [N] reference positions; returns [B, N, hidden_size].
         ``query_rows`` (int [Q], or [B, Q] for each row its own; beyond NeMo Automodel's signature):
         only these elements are queries (``block_mask`` is then Q x N); returns [B, Q, hidden_size].
+        ``key_value_gather`` (context parallelism, see :mod:`peagle_ext.draft.context_parallel`): a
+        callable taking this rank's rotated keys and values [B, kv_heads, N, D] and returning those of
+        every rank's elements [B, kv_heads, KV, D], which ``block_mask`` (N x KV) then indexes.
         """
         batch = combined_states.shape[0]
         q, k, v = self._project_qkv(combined_states, query_rows)
         query_positions = None if query_rows is None else _select_rows(
             position_ids.expand(combined_states.shape[0], -1), query_rows)
         q, k = self.rotary_emb(q, k, position_ids, query_positions)
+        if key_value_gather is not None:  # rotated first: each element keeps its own position
+            k, v = key_value_gather(k, v)
         out = _peagle_flex_attention(q, self._repeat_kv(k), self._repeat_kv(v), block_mask, self.scaling)
         return self.o_proj(out.transpose(1, 2).reshape(batch, q.shape[-2], -1))
 
@@ -191,6 +198,7 @@ class _PeagleDecoderLayerMixin:
         position_ids: torch.Tensor,
         block_mask,
         query_rows: torch.Tensor | None = None,
+        key_value_gather=None,
     ) -> torch.Tensor:
         """Fused first layer: attention over ``[input_layernorm(embeds), hidden_norm(hidden)]``.
 
@@ -202,18 +210,18 @@ class _PeagleDecoderLayerMixin:
         normed_hidden = self.hidden_norm(hidden_states)
         combined = torch.cat([self.input_layernorm(input_embeds), normed_hidden], dim=-1)
         residual = normed_hidden if getattr(self, "norm_before_residual", False) else hidden_states
-        return _attention_then_mlp(self, combined, residual, position_ids, block_mask, query_rows)
+        return _attention_then_mlp(self, combined, residual, position_ids, block_mask, query_rows, key_value_gather)
 
 
 class _PeagleVanillaLayerMixin:
     """P-EAGLE forward for the vanilla deep layer ``Eagle3LlamaPeagleLayer``."""
 
     def forward_peagle(self, hidden_states: torch.Tensor, position_ids: torch.Tensor, block_mask,
-                       query_rows: torch.Tensor | None = None) -> torch.Tensor:
+                       query_rows: torch.Tensor | None = None, key_value_gather=None) -> torch.Tensor:
         """Standard pre-norm Llama block over [B, N, H] hidden states with the COD mask ([B, Q, H]
         out with ``query_rows``)."""
         return _attention_then_mlp(self, self.input_layernorm(hidden_states), hidden_states, position_ids, block_mask,
-                                   query_rows)
+                                   query_rows, key_value_gather)
 
 
 class _PeagleDraftMixin:
@@ -265,6 +273,7 @@ class _PeagleDraftMixin:
         *,
         query_rows: torch.Tensor | None = None,
         query_block_mask=None,
+        key_value_gather=None,
     ) -> torch.Tensor:
         """Run the P-EAGLE single parallel-group forward over N flattened COD elements.
 
@@ -279,16 +288,19 @@ class _PeagleDraftMixin:
         states are wanted, the others serving as keys only (a segment's completion): every layer
         but the last runs over all N with ``block_mask`` (unused with one layer), the last one
         runs queries ``query_rows`` against keys N with ``query_block_mask`` (Q x N), and the
-        result is [1, Q, H].
+        result is [1, Q, H]. ``key_value_gather`` (context parallelism): every layer attends with
+        its N elements' queries to the keys and values this callable returns for its own (see
+        :meth:`_PeagleAttentionMixin.forward_peagle`), ``block_mask`` being N x KV.
         """
         layers = self.model.layers
         last = len(layers) - 1
         embeds = self.embed_input_ids(sampled_input_ids)
 
         def layer_masks(index):
+            gather = {} if key_value_gather is None else {"key_value_gather": key_value_gather}
             if query_rows is None or index < last:
-                return {"block_mask": block_mask}
-            return {"block_mask": query_block_mask, "query_rows": query_rows}
+                return {"block_mask": block_mask, **gather}
+            return {"block_mask": query_block_mask, "query_rows": query_rows, **gather}
 
         hidden = self._run_draft_layer(layers[0].forward_peagle, input_embeds=embeds,
                                        hidden_states=sampled_projected_hidden, position_ids=position_ids,

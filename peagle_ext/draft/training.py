@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .._inputs import stack_lengths
 from ..cod import cod_segments, generate_cod_sample_indices
+from . import context_parallel as cp_parts
 from .flat_inputs import build_peagle_inputs, supervised_draft_logits
 from .llama import LlamaEagle3DraftModel
 
@@ -36,7 +37,8 @@ class PeagleStepOutput:
     """What one training step returns.
 
     loss: scalar, KL(target || draft) summed over supervised elements / their total count (under
-        DistributedDataParallel: this rank's sum / all ranks' count x the number of ranks);
+        DistributedDataParallel: this rank's sum / all ranks' count x the number of ranks; with a
+        context-parallel group, the group's sum: the same on every rank of the group);
     depth_accuracy: float [num_depths], top-1 agreement per COD depth (NaN: none supervised);
     depth_count: int64 [num_depths], supervised elements per depth.
     """
@@ -101,6 +103,7 @@ def peagle_training_step(
     sliding_window: int | None = None,
     sequence_partitions: int = 1,
     keys_only_completion: bool = True,
+    context_parallel_group=None,
 ) -> PeagleStepOutput:
     """Forward one packed sequence through the draft's P-EAGLE pass and compute the loss.
 
@@ -134,10 +137,23 @@ def peagle_training_step(
     gradient averaging yields the gradient of the global batch's loss; the mean of the ranks'
     losses is that loss. Partitioned steps run every forward through the wrapper and synchronize
     gradients once, in the last segment's backward (``no_sync`` before it).
+
+    ``context_parallel_group`` (a ``torch.distributed`` ProcessGroup, or a one-dimensional
+    DeviceMesh; see :mod:`peagle_ext.draft.context_parallel`): every rank of the group passes the
+    same sample, and the step's elements are shared between them, each rank running the draft
+    and its mask (queries: its share; keys: all elements) for its own share only. The COD layout
+    is drawn on the group's first rank and broadcast (a given one is checked to be the same on
+    every rank). The returned loss, depth_accuracy and depth_count are the whole step's, the same
+    on every rank; after ``loss.backward()`` (every rank calls it) the sum of the ranks' gradients
+    is the single-process step's: :func:`~peagle_ext.draft.context_parallel.all_reduce_gradients`
+    sums them, or ``model`` is a DistributedDataParallel wrapper over the whole data x context
+    mesh (its average then gives the global batch's gradient, the returned loss being the group's
+    sample's share of the global batch's loss, as under DDP alone). ``sequence_partitions`` must be 1.
     """
     draft = model.module if isinstance(model, DistributedDataParallel) else model
     if isinstance(sequence_partitions, bool) or not isinstance(sequence_partitions, int) or sequence_partitions < 1:
         raise ValueError(f"sequence_partitions must be an int >= 1, got {sequence_partitions!r}")
+    cp = cp_parts.context_parallel(context_parallel_group, model, sequence_partitions)
     batched = input_ids.dim() == 2
     seq_len = input_ids.shape[-1]
     if lengths is None:
@@ -147,10 +163,16 @@ def peagle_training_step(
     elif batched and isinstance(lengths, (list, tuple)):
         lengths = stack_lengths(lengths).to(input_ids.device)
     num_depths = draft.draft_config.num_depths if num_depths is None else num_depths
-    if anchor_pos is None or depth is None:
+    given = anchor_pos is not None and depth is not None
+    if not given and (cp is None or cp.rank == 0):
         anchor_pos, depth = generate_cod_sample_indices(seq_len, loss_mask, num_depths, down_sample_ratio,
                                                         down_sample_ratio_min, max_anchors=max_anchors,
                                                         generator=generator)
+    if cp is not None:
+        anchor_pos, depth = cp_parts.share_layout(cp, anchor_pos, depth, given, input_ids.device)
+        return _context_parallel_step(model, draft, cp, input_ids, aux_hidden_states, loss_mask, lengths, anchor_pos,
+                                      depth, num_depths, sliding_window, target_logits, target_last_hidden,
+                                      target_lm_head)
     reference, supervised = _supervision(anchor_pos, depth, loss_mask, lengths)
     scale = _loss_scale(model, supervised)
     if batched:
@@ -300,15 +322,61 @@ def _segment_forward(model, draft, segment: _Segment, anchor_pos, depth, input_i
     logits = model(peagle_training_inputs=dict(
         input_ids=input_ids, aux_hidden_states=aux_hidden_states, anchor_pos=part_anchor, depth=part_depth,
         block_mask=block_mask, rows=segment.rows, query_rows=segment.query_rows, query_block_mask=query_block_mask))
+    positions = _take(reference, segment.queries)[segment.rows]  # where the target supervises them
+    return _kl_to_target(draft, logits, positions, segment.rows, target_logits, target_last_hidden, target_lm_head)
+
+
+def _kl_to_target(draft, logits, positions, rows, target_logits, target_last_hidden, target_lm_head):
+    """The KL sum of the draft's ``logits`` [M, V] against the target at reference ``positions``
+    ([M]; of rows ``rows[0]`` for a batch, whose ``rows`` is a pair): (kl, draft log-probs,
+    target log-probs)."""
     draft_log_probs = F.log_softmax(logits.float(), dim=-1)
     with torch.no_grad():
-        positions = _take(reference, segment.queries)[segment.rows]  # where the target supervises them
-        if isinstance(segment.rows, tuple):
-            positions = (segment.rows[0], positions)
+        if isinstance(rows, tuple):
+            positions = (rows[0], positions)
         target = _target_draft_logits(draft, positions, target_logits, target_last_hidden, target_lm_head)
         target_log_probs = F.log_softmax(target.float(), dim=-1)
     kl = F.kl_div(draft_log_probs, target_log_probs, reduction="sum", log_target=True)
     return kl, draft_log_probs, target_log_probs
+
+
+def _context_parallel_step(model, draft, cp, input_ids, aux_hidden_states, loss_mask, lengths, anchor_pos, depth,
+                           num_depths, sliding_window, target_logits, target_last_hidden, target_lm_head):
+    """The step under context parallelism (see :mod:`peagle_ext.draft.context_parallel`): this rank's
+    share of the elements, its forward with every layer's keys and values gathered from all ranks,
+    and the group's loss and metrics."""
+    seq_len = input_ids.shape[-1]
+    reference, supervised = _supervision(anchor_pos, depth, loss_mask, lengths)
+    work = cp_parts.attention_work(anchor_pos, depth, lengths, seq_len, sliding_window)
+    boundaries = cp_parts.split_shares(work.reshape(-1, work.shape[-1]).sum(0), cp.size)
+    mine = slice(boundaries[cp.rank], boundaries[cp.rank + 1])
+    own_anchor, own_depth, own_supervised = anchor_pos[..., mine], depth[..., mine], supervised[..., mine]
+    rows = torch.nonzero(own_supervised)
+    rows = tuple(rows.t()) if own_supervised.dim() == 2 else rows.flatten()
+    block_mask = draft.build_peagle_block_mask(own_anchor, own_depth, lengths, seq_len, sliding_window=sliding_window,
+                                               kv_anchor_pos=anchor_pos, kv_depth=depth)
+    logits = model(peagle_training_inputs=dict(
+        input_ids=input_ids, aux_hidden_states=aux_hidden_states, anchor_pos=own_anchor, depth=own_depth,
+        block_mask=block_mask, rows=rows, key_value_gather=cp_parts.KeyValueGather(cp, boundaries)))
+    kl, draft_log_probs, target_log_probs = _kl_to_target(
+        draft, logits, reference[..., mine][rows], rows, target_logits, target_last_hidden, target_lm_head)
+
+    # Gradients flow through this rank's KL alone (summed over the ranks, they are the step's);
+    # the value is the group's KL, exactly the same number on every rank.
+    world_size, data_group = _world(model)
+    count = own_supervised.sum()
+    torch.distributed.all_reduce(count, group=data_group if world_size > 1 else cp.group)
+    gradient_scale = world_size / count.clamp(min=1).to(torch.float32)
+    value_scale = gradient_scale / cp.size if world_size > 1 else gradient_scale
+    group_kl = kl.detach().clone()
+    torch.distributed.all_reduce(group_kl, group=cp.group)
+    loss = value_scale * group_kl + gradient_scale * (kl - kl.detach())
+
+    metrics = _DepthMetrics(max(num_depths, int(depth.max()) + 1), input_ids.device)
+    metrics.add(own_depth[rows], draft_log_probs, target_log_probs)
+    torch.distributed.all_reduce(metrics.hits, group=cp.group)
+    torch.distributed.all_reduce(metrics.count, group=cp.group)
+    return PeagleStepOutput(loss, *metrics.accuracy_and_count())
 
 
 class _DepthMetrics:
