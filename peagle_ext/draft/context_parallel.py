@@ -147,12 +147,15 @@ def split_shares(work: torch.Tensor, parts: int) -> list[int]:
     work, none empty: the ``parts + 1`` boundaries, 0 first and N last."""
     n = work.numel()
     if n < parts:
-        raise ValueError(f"context_parallel_group has {parts} ranks but the step has only {n} elements to share")
+        raise ValueError(f"context_parallel_group has {parts} ranks, more than the step's {n} elements")
     cumulative = work.to(torch.float64).cumsum(0)
     if cumulative[-1] <= 0:  # nothing sees anything: share the elements evenly
         cumulative = torch.arange(1, n + 1, dtype=torch.float64, device=work.device)
     targets = cumulative[-1] * torch.arange(1, parts, dtype=torch.float64, device=work.device) / parts
-    cuts = (torch.searchsorted(cumulative, targets) + 1).tolist()
+    reached = torch.searchsorted(cumulative, targets)  # the first element whose prefix reaches the target
+    before = torch.where(reached > 0, cumulative[(reached - 1).clamp(min=0)], 0)
+    # cut before or after that element, whichever lands nearer the target
+    cuts = torch.where(targets - before < cumulative[reached] - targets, reached, reached + 1).tolist()
     boundaries = [0]
     for share, cut in enumerate(cuts, start=1):
         boundaries.append(min(max(cut, boundaries[-1] + 1), n - (parts - share)))

@@ -82,7 +82,8 @@ def compare(reference_out, reference, out, model_grads) -> dict:
         if not torch.allclose(got, expected, **TOLERANCE):
             mismatched.append(name)
     return dict(loss=out.loss.item(), reference_loss=reference_out.loss.item(), max_gradient_difference=worst,
-                mismatched=mismatched, count=out.depth_count.tolist(), reference_count=reference_out.depth_count.tolist(),
+                mismatched=mismatched, count=out.depth_count.tolist(),
+                reference_count=reference_out.depth_count.tolist(),
                 accuracy=out.depth_accuracy.nan_to_num(-1).tolist(),
                 reference_accuracy=reference_out.depth_accuracy.nan_to_num(-1).tolist())
 
@@ -195,6 +196,38 @@ def fsdp_case(group):
     return compare(reference_out, reference, out, grads)
 
 
+def ddp_outside_case(group):
+    """DDP over this rank alone while the context group holds both: refused before any collective."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    alone = [dist.new_group([rank]) for rank in range(dist.get_world_size())][dist.get_rank()]
+    model = perturbed_model(1)
+    ddp = DistributedDataParallel(model, process_group=alone)
+    args, kwargs = sample(model, seed=3)
+    result = refused_with(ddp, args, kwargs, group)
+    del ddp
+    gc.collect()
+    return result
+
+
+def non_member_case(group):
+    """A group without this rank (torch hands non-members a placeholder, not a ProcessGroup)."""
+    others = [dist.new_group([rank]) for rank in range(dist.get_world_size())]
+    model = perturbed_model(1)
+    args, kwargs = sample(model, seed=3)
+    return refused_with(model, args, kwargs, others[1 - dist.get_rank()])
+
+
+def too_few_elements_case(group):
+    """One element for two ranks."""
+    model = perturbed_model(1)
+    ids, aux = random_sequence(model, 1, seed=2)
+    args = (ids, aux, torch.ones(1))
+    kwargs = dict(target_logits=torch.randn(1, model.config.vocab_size), anchor_pos=torch.tensor([0]),
+                  depth=torch.tensor([0]))
+    return refused_with(model, args, kwargs, group)
+
+
 CASES = {
     "one_layer": lambda g: context_parallel_case(g, layers=1),
     "two_layers_documents_window": lambda g: context_parallel_case(g, layers=2, window=7),
@@ -207,6 +240,9 @@ CASES = {
     "mismatched_layout": mismatched_layout_case,
     "ddp": ddp_case,
     "fsdp2": fsdp_case,
+    "ddp_outside": ddp_outside_case,
+    "non_member": non_member_case,
+    "too_few_elements": too_few_elements_case,
 }
 
 

@@ -85,6 +85,16 @@ def test_layouts_that_differ_between_ranks_are_refused_on_every_rank(two_ranks):
         assert result["error"] == "ValueError" and "anchor_pos and depth differ" in result["message"]
 
 
+@pytest.mark.parametrize(("case", "error", "words"), [
+    ("ddp_outside", "ValueError", "DistributedDataParallel"),
+    ("non_member", "TypeError", "context_parallel_group"),
+    ("too_few_elements", "ValueError", "more than the step's 1 elements"),
+])
+def test_what_cannot_be_shared_is_refused_by_name(two_ranks, case, error, words):
+    for result in results(two_ranks, case, 2):
+        assert result["error"] == error and words in result["message"], result
+
+
 def test_a_data_by_context_mesh_under_ddp_gives_the_global_batch_gradient(tmp_path):
     run_ranks(tmp_path, check.mesh_worker, 4)
     ranks = results(tmp_path, "mesh", 4)
@@ -125,7 +135,7 @@ def test_attention_work_of_a_batch_is_each_rows_own():
 def test_shares_are_contiguous_nonempty_and_balanced(work, parts):
     work = torch.tensor(work)
     if work.numel() < parts:
-        with pytest.raises(ValueError, match="context_parallel_group"):
+        with pytest.raises(ValueError, match="context_parallel_group has"):
             split_shares(work, parts)
         return
     bounds = split_shares(work, parts)
@@ -138,11 +148,18 @@ def test_shares_are_contiguous_nonempty_and_balanced(work, parts):
 
 
 def test_a_cod_layouts_shares_balance_work_not_element_counts():
+    """Supervision on the second half only (a chat's answer): the deep elements all lie late and see
+    many keys, so halving the element count would give one rank far more work than the other."""
     seq_len = 512
-    anchor_pos, depth = peagle_ext.generate_cod_sample_indices(seq_len, torch.ones(seq_len), 8,
+    loss_mask = (torch.arange(seq_len) >= seq_len // 2).long()
+    anchor_pos, depth = peagle_ext.generate_cod_sample_indices(seq_len, loss_mask, 8,
                                                                generator=torch.Generator().manual_seed(0))
     work = attention_work(anchor_pos, depth, torch.tensor([seq_len]), seq_len)
-    bounds = split_shares(work, 2)
-    loads = [int(work[low:high].sum()) for low, high in zip(bounds, bounds[1:])]
-    assert abs(loads[0] - loads[1]) <= int(work.max())
-    assert bounds[1] != anchor_pos.numel() // 2  # not the element count's midpoint
+
+    def loads(bounds):
+        return [int(work[low:high].sum()) for low, high in zip(bounds, bounds[1:])]
+
+    by_work = loads(split_shares(work, 2))
+    assert abs(by_work[0] - by_work[1]) <= int(work.max())
+    by_count = loads([0, anchor_pos.numel() // 2, anchor_pos.numel()])
+    assert max(by_count) > 1.2 * min(by_count)  # what a split by element count would have done
