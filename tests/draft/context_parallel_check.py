@@ -179,17 +179,22 @@ def ddp_case(group):
 
 
 def fsdp_case(group):
-    """FSDP2 (fully_shard) over the context ranks, gradients summed (divide factor 1)."""
+    """FSDP2 (fully_shard) over the context ranks, each layer its own unit, gradients summed
+    (divide factor 1)."""
     from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     model = perturbed_model(2)
     args, kwargs = sample(model, seed=13)
     reference, reference_out = reference_step(model, args, kwargs)
     mesh = DeviceMesh.from_group(group, "cpu")
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+        register_fsdp_forward_method(layer, "forward_peagle")  # the draft calls its layers so, not by __call__
     fully_shard(model, mesh=mesh)
-    model.set_gradient_divide_factor(1.0)  # the data-parallel size: 1 here
-    model.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM (nor AVG)
+    for unit in (*model.model.layers, model):  # each unit reduces its own gradients
+        unit.set_gradient_divide_factor(1.0)  # the data-parallel size: 1 here
+        unit.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM (nor AVG)
     out = peagle_training_step(model, *args, **kwargs, context_parallel_group=group)
     out.loss.backward()
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
