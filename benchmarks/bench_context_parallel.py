@@ -3,7 +3,7 @@ R = 1 (the plain step) against R ranks (``context_parallel_group``), and the per
 against the N x N one.
 
     python benchmarks/bench_context_parallel.py [--lengths 2048 4096] [--ranks 1 2] [--json FILE]
-    python benchmarks/bench_context_parallel.py --device cuda   # NCCL, one GPU per rank
+    python benchmarks/bench_context_parallel.py --device cuda   # NCCL, one GPU per rank (R GPUs)
 
 A small draft (hidden 128, 4 heads of 32 over 2 KV heads, intermediate 256, vocabulary 1024,
 target hidden 128, one layer; ``--layers`` for more) trains on one random sequence of S positions,
