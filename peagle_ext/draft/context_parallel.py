@@ -95,8 +95,8 @@ def share_layout(cp: ContextParallel, anchor_pos, depth, given: bool, device) ->
     source = cp.rank == 0
     header = torch.zeros(3, dtype=torch.int64, device=device)  # dims, rows (1 for [N]), N
     if source:
-        header[0], header[1], header[2] = anchor_pos.dim(), anchor_pos.reshape(-1, anchor_pos.shape[-1]).shape[0], \
-            anchor_pos.shape[-1]
+        n = anchor_pos.shape[-1]
+        header.copy_(torch.tensor([anchor_pos.dim(), anchor_pos.numel() // max(n, 1), n]))
     dist.broadcast(header, src=cp.source, group=cp.group)
     dims, rows, n = header.tolist()
     layout = torch.empty(2, rows, n, dtype=torch.int64, device=device)
@@ -152,7 +152,8 @@ def split_shares(work: torch.Tensor, parts: int) -> list[int]:
     if cumulative[-1] <= 0:  # nothing sees anything: share the elements evenly
         cumulative = torch.arange(1, n + 1, dtype=torch.float64, device=work.device)
     targets = cumulative[-1] * torch.arange(1, parts, dtype=torch.float64, device=work.device) / parts
-    reached = torch.searchsorted(cumulative, targets)  # the first element whose prefix reaches the target
+    # the first element whose prefix reaches the target
+    reached = torch.searchsorted(cumulative, targets).clamp(max=n - 1)
     before = torch.where(reached > 0, cumulative[(reached - 1).clamp(min=0)], 0)
     # cut before or after that element, whichever lands nearer the target
     cuts = torch.where(targets - before < cumulative[reached] - targets, reached, reached + 1).tolist()

@@ -118,6 +118,19 @@ def context_parallel_case(group, layers=2, rows=0, window=None, checkpointing=Fa
     return result
 
 
+def eager_flex_case(group):
+    """Under no_grad the CPU attention is eager flex_attention (no dense fallback): each rank's
+    queries against the gathered keys, the loss and metrics the single process's."""
+    model = perturbed_model(2)
+    args, kwargs = sample(model, seed=15)
+    with torch.no_grad():
+        reference = peagle_training_step(twin(model), *args, **kwargs, sliding_window=6)
+        out = peagle_training_step(model, *args, **kwargs, sliding_window=6, context_parallel_group=group)
+    return dict(loss=out.loss.item(), reference_loss=reference.loss.item(), count=out.depth_count.tolist(),
+                reference_count=reference.depth_count.tolist(), accuracy=out.depth_accuracy.nan_to_num(-1).tolist(),
+                reference_accuracy=reference.depth_accuracy.nan_to_num(-1).tolist())
+
+
 def drawn_layout_case(group):
     """No layout given, each rank's generator seeded differently: the first rank's draw is used."""
     model = perturbed_model(2)
@@ -241,6 +254,7 @@ CASES = {
     "gradient_checkpointing": lambda g: context_parallel_case(g, layers=2, checkpointing=True),
     "target_last_hidden": lambda g: context_parallel_case(g, layers=2, last_hidden=True),
     "drawn_layout": drawn_layout_case,
+    "eager_flex_no_grad": eager_flex_case,
     "sequence_partitions": lambda g: refused(g, sequence_partitions=2),
     "mismatched_layout": mismatched_layout_case,
     "ddp": ddp_case,

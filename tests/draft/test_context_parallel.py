@@ -62,6 +62,15 @@ def test_two_ranks_give_the_single_process_loss_and_gradients(two_ranks, case):
     assert ranks[0]["reference_count"] and sum(ranks[0]["count"]) > 0
 
 
+def test_under_no_grad_the_eager_flex_path_gives_the_single_process_loss(two_ranks):
+    ranks = results(two_ranks, "eager_flex_no_grad", 2)
+    for result in ranks:
+        assert result["loss"] == pytest.approx(result["reference_loss"], abs=1e-5, rel=1e-5)
+        assert result["count"] == result["reference_count"]
+        assert result["accuracy"] == pytest.approx(result["reference_accuracy"])
+    assert ranks[0]["loss"] == ranks[1]["loss"]
+
+
 @pytest.mark.parametrize("case", [c for c in TRAINING_CASES if c in ("one_layer", "two_layers_documents_window",
                                                                        "batch_of_two_rows")])
 def test_each_rank_builds_one_mask_of_its_share_against_all_keys(two_ranks, case):
