@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from .._inputs import stack_lengths
+from .._inputs import normalize_mask_inputs, stack_lengths
 from ..cod import cod_segments, generate_cod_sample_indices
 from . import context_parallel as cp_parts
 from .flat_inputs import build_peagle_inputs, supervised_draft_logits
@@ -346,8 +346,10 @@ def _context_parallel_step(model, draft, cp, input_ids, aux_hidden_states, loss_
     share of the elements, its forward with every layer's keys and values gathered from all ranks,
     and the group's loss and metrics."""
     seq_len = input_ids.shape[-1]
+    # The mask builder's own checks of the layout, documents and window, before any share is cut.
+    checked = normalize_mask_inputs(anchor_pos, depth, lengths, seq_len, sliding_window=sliding_window)
     reference, supervised = _supervision(anchor_pos, depth, loss_mask, lengths)
-    work = cp_parts.attention_work(anchor_pos, depth, lengths, seq_len, sliding_window)
+    work = cp_parts.attention_work(anchor_pos, depth, lengths, seq_len, checked.sliding_window)
     boundaries = cp_parts.split_shares(work.reshape(-1, work.shape[-1]).sum(0), cp.size)
     mine = slice(boundaries[cp.rank], boundaries[cp.rank + 1])
     own_anchor, own_depth, own_supervised = anchor_pos[..., mine], depth[..., mine], supervised[..., mine]

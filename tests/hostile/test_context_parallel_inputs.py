@@ -80,3 +80,22 @@ def test_a_group_of_one_process_is_exactly_the_plain_step(lone_group, layers):
     assert torch.equal(shared.depth_count, plain.depth_count)
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-6), name
+
+
+@pytest.mark.parametrize("window", [0, -3, 2.5, "5", True, 2**70])
+def test_a_window_is_checked_as_without_a_group(lone_group, window):
+    """The same error as the plain step (the mask builder's), before the shares are cut; a window past
+    every sequence is no window."""
+    model = tiny_model(num_hidden_layers=1)
+    args, kwargs = step_inputs(model)
+    try:
+        plain = peagle_training_step(model, *args, **kwargs, sliding_window=window)
+    except (TypeError, ValueError) as error:
+        with pytest.raises(type(error), match="sliding_window"):
+            kwargs["generator"] = torch.Generator().manual_seed(8)
+            peagle_training_step(model, *args, **kwargs, sliding_window=window, context_parallel_group=lone_group)
+        assert "sliding_window" in str(error)
+        return
+    kwargs["generator"] = torch.Generator().manual_seed(8)
+    shared = peagle_training_step(model, *args, **kwargs, sliding_window=window, context_parallel_group=lone_group)
+    assert torch.allclose(shared.loss, plain.loss, atol=1e-6)
