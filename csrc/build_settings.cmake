@@ -1,7 +1,8 @@
 # The one place for what gets compiled: CMakeLists.txt includes this file and setup.py reads it
 # (only `set(NAME value ...)` lines, paths relative to the repository root).
 # The CPU library (peagle_ext_C): every op schema, the CPU kernel, the emulated CUDA pipeline.
-set(PEAGLE_SOURCES csrc/registration.cpp csrc/block_index.cpp csrc/cpu/block_index_cpu.cpp csrc/cpu/block_index_emulated.cpp)
+set(PEAGLE_SOURCES csrc/registration.cpp csrc/block_index.cpp csrc/cpu/block_index_cpu.cpp csrc/cpu/block_index_emulated.cpp
+    csrc/intervals_op.cpp csrc/cpu/intervals_cpu.cpp)
 # The CUDA library (peagle_ext_cuda): the CUDA kernels alone, loaded after the CPU library.
 set(PEAGLE_CUDA_SOURCES csrc/block_index.cpp csrc/cuda/block_index_cuda.cu)
 # Used when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible: A100 and H100/H200.
