@@ -465,8 +465,11 @@ struct RowKernel {
   }
 };
 
-// 4. columns (grid: nKV blocks): the q-lists of kv-block t.block from the tile states.
-struct ColumnKernel {
+// 4. columns (grid: nKV blocks): the q-lists of kv-block t.block from the tile states. Templated
+// on the pipeline's buffers and sizes (it reads only states, lists and the block counts), so the
+// interval pipeline (interval_kernels.h) writes its q-lists with it too.
+template <class PipelineBuffers, class PipelineSizes>
+struct ListColumnKernel {
   static constexpr int kThreads = 256;
   static constexpr int kRounds = scan_rounds(kThreads);
   enum : int { kCount, kRoundsBegin, kWrite = kRoundsBegin + kRounds, kPhases };
@@ -474,8 +477,8 @@ struct ColumnKernel {
   struct Shared {
     Counts counts[2 * kThreads];
   };
-  Buffers b;
-  Sizes s;
+  PipelineBuffers b;
+  PipelineSizes s;
 
   PEAGLE_HD int num_phases() const { return kPhases; }
 
@@ -501,6 +504,8 @@ struct ColumnKernel {
     }
   }
 };
+
+using ColumnKernel = ListColumnKernel<Buffers, Sizes>;
 
 }  // namespace pipeline
 }  // namespace peagle
