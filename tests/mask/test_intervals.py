@@ -170,3 +170,39 @@ def test_cuda_matches_cpu():
     cpu = peagle_ext.block_mask_from_intervals(starts, ends, 3000, validate=False, backend="python")
     gpu = peagle_ext.block_mask_from_intervals(starts.cuda(), ends.cuda(), 3000, validate=False, backend="cuda")
     assert_same_bytes(gpu, cpu)
+
+
+def test_emulated_schedules_agree():
+    """The CUDA kernels' code under 12 block and thread orders gives the CPU kernel's bytes."""
+    status = _native.interval_status()
+    if status["cuda_emulated"] is not None or status["cpu"] is not None:
+        pytest.skip(f"needs the cpu and cuda_emulated interval kernels: {status['cuda_emulated'] or status['cpu']}")
+    generator = torch.Generator().manual_seed(3)
+    cases = [(1, 300, 257, 3, (16, 8)), (2, 64, 500, 4, (3, 64)), (3, 9, 40, 1, (4, 4))]
+    for batch, queries, kv_len, m, sizes in cases:
+        starts = torch.randint(0, kv_len, (batch, queries, m), generator=generator)
+        ends = (starts + torch.randint(-4, kv_len // 2, (batch, queries, m), generator=generator)).clamp(0, kv_len)
+        expected = torch.ops.peagle_ext.build_interval_block_index(starts, ends, kv_len, *sizes)
+        for seed in range(12):
+            got = torch.ops.peagle_ext.build_interval_block_index_emulated(starts, ends, kv_len, *sizes, seed)
+            for a, b in zip(got, expected):
+                assert torch.equal(a, b), (batch, queries, kv_len, sizes, seed)
+
+
+def test_cuda_graph_capture_without_host_sync():
+    if not torch.cuda.is_available() or _native.interval_status()["cuda"] is not None:
+        pytest.skip("needs a CUDA device and the CUDA interval kernel")
+    starts = torch.randint(0, 4000, (3000, 2), device="cuda")
+    ends = starts + torch.randint(0, 900, (3000, 2), device="cuda")
+    expected = peagle_ext.block_mask_from_intervals(starts.cpu(), ends.cpu(), 4000, validate=False, backend="python")
+    peagle_ext.block_mask_from_intervals(starts, ends, 4000, validate=False, backend="cuda")  # warm-up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            mask = peagle_ext.block_mask_from_intervals(starts, ends, 4000, validate=False, backend="cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_same_bytes(mask, expected)
