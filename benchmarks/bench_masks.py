@@ -87,7 +87,10 @@ def main(argv=None) -> int:
                         help="skip create_block_mask where its dense grid would need more (default: 6)")
     parser.add_argument("--repeats", type=int, default=3, help="timed builds per figure (default: 3)")
     parser.add_argument("--no-compiled", action="store_true", help="skip torch.compile(create_block_mask)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, backends here: {available_backends()}")
     compiled = torch.compile(create_block_mask)
     header = (f"{'family':9} {'S':>6} {'Q_LEN':>6} {'KV_LEN':>6} {'peagle_ext':>11} {'(best)':>10} "
