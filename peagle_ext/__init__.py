@@ -15,6 +15,7 @@ imported on first use, so building masks does not import the draft model or safe
 
 from .block_mask import available_backends, build_block_mask
 from .cod import assign_cod_segments, cod_segments, generate_cod_sample_indices, pad_rows
+from .intervals import IntervalMaskMod, block_mask_from_intervals
 from .mask_mod import PeagleMaskMod, create_peagle_mask_mod
 from .testing import assert_block_masks_equal
 
@@ -32,11 +33,13 @@ def __getattr__(name: str):
 
 __all__ = [
     "Eagle3DraftConfig",
+    "IntervalMaskMod",
     "LlamaEagle3DraftModel",
     "PeagleMaskMod",
     "assert_block_masks_equal",
     "assign_cod_segments",
     "available_backends",
+    "block_mask_from_intervals",
     "build_block_mask",
     "cod_segments",
     "create_peagle_mask_mod",

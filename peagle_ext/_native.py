@@ -21,6 +21,7 @@ import torch
 from ._block_index import BlockIndex, num_blocks
 
 OPS = ("build_block_index", "build_block_index_emulated")
+INTERVAL_OPS = ("build_interval_block_index", "build_interval_block_index_emulated")
 
 
 def _register_fake() -> None:
@@ -28,6 +29,9 @@ def _register_fake() -> None:
     for op in OPS:
         if hasattr(torch.ops.peagle_ext, op):  # a library built from older sources may lack one
             torch.library.register_fake(f"peagle_ext::{op}")(_build_block_index_fake)
+    for op in INTERVAL_OPS:
+        if hasattr(torch.ops.peagle_ext, op):
+            torch.library.register_fake(f"peagle_ext::{op}")(_build_interval_block_index_fake)
 
 
 def _build_block_index_fake(anchor_pos, depth, doc_of_position, sliding_window, q_block_size, kv_block_size,
@@ -40,6 +44,22 @@ def _build_block_index_fake(anchor_pos, depth, doc_of_position, sliding_window, 
 
     def ints(*shape):
         return anchor_pos.new_empty((rows, 1, *shape), dtype=torch.int32)
+
+    return (
+        ints(num_q_blocks), ints(num_q_blocks, num_kv_blocks),
+        ints(num_q_blocks), ints(num_q_blocks, num_kv_blocks),
+        ints(num_kv_blocks), ints(num_kv_blocks, num_q_blocks),
+        ints(num_kv_blocks), ints(num_kv_blocks, num_q_blocks),
+    )
+
+
+def _build_interval_block_index_fake(starts, ends, kv_len, q_block_size, kv_block_size, schedule_seed=0):
+    """The eight int32 outputs of the interval op, [B, 1, ...] for [B, Q, M] bounds."""
+    rows, num_q_blocks, num_kv_blocks = starts.shape[0], num_blocks(starts.shape[1], q_block_size), num_blocks(
+        kv_len, kv_block_size)
+
+    def ints(*shape):
+        return starts.new_empty((rows, 1, *shape), dtype=torch.int32)
 
     return (
         ints(num_q_blocks), ints(num_q_blocks, num_kv_blocks),
@@ -141,3 +161,28 @@ def native_status() -> dict[str, str | None]:
     if error is None and not hasattr(torch.ops.peagle_ext, "build_block_index_emulated"):
         status["cuda_emulated"] = "the extension was built without the emulated CUDA pipeline"
     return status
+
+
+def interval_status() -> dict[str, str | None]:
+    """native_status() for the interval op: None where its kernel can run here, else why not (a
+    library built from older sources has the P-EAGLE op but not this one)."""
+    status = dict(native_status())
+    kernels = {"cpu": (INTERVAL_OPS[0], "CPU"), "cuda": (INTERVAL_OPS[0], "CUDA"),
+               "cuda_emulated": (INTERVAL_OPS[1], "CPU")}
+    for backend, (op, key) in kernels.items():
+        if status[backend] is None and not (hasattr(torch.ops.peagle_ext, op) and
+                                            torch._C._dispatch_has_kernel_for_dispatch_key(f"peagle_ext::{op}", key)):
+            status[backend] = f"the extension was built without the {key} kernel of {op}"
+    return status
+
+
+def build_interval_native(starts, ends, kv_len, q_block_size, kv_block_size, emulated: bool = False) -> BlockIndex:
+    """The compiled interval op on checked int64 [B, Q, M] bounds: the CPU or CUDA kernel by the
+    tensors' device, or with ``emulated`` the CUDA kernel's code run on CPU tensors."""
+    if not emulated:
+        return BlockIndex(*torch.ops.peagle_ext.build_interval_block_index(starts, ends, kv_len, q_block_size,
+                                                                           kv_block_size))
+    key = (tuple(starts.shape), kv_len, q_block_size, kv_block_size, int(starts.sum()), int(ends.sum()))
+    seed = int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") % (2**62) + 1
+    return BlockIndex(*torch.ops.peagle_ext.build_interval_block_index_emulated(starts, ends, kv_len, q_block_size,
+                                                                                kv_block_size, seed))

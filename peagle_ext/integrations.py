@@ -1,14 +1,16 @@
-"""Make the P-EAGLE drafts of speculators and NeMo Automodel build their BlockMask with peagle_ext.
+"""Make the drafts of speculators and NeMo Automodel build their BlockMask with peagle_ext.
 
     import peagle_ext.integrations
-    peagle_ext.integrations.enable("speculators")   # speculators' PEagleDraftModel
+    peagle_ext.integrations.enable("speculators")   # speculators' P-EAGLE, EAGLE-3 and DFlash drafts
     peagle_ext.integrations.enable("automodel")     # NeMo Automodel's P-EAGLE drafts
     ...
     peagle_ext.integrations.disable("speculators")  # back to the peer's own create_block_mask
 
 While enabled, the peer's P-EAGLE forward gets its BlockMask from :func:`peagle_ext.build_block_mask`
-instead of ``create_block_mask`` over the dense N x N grid. The mask describes the same blocks, so
-training changes only in speed and memory. The patches live on the peer's module and class, so
+instead of ``create_block_mask`` over the dense N x N grid, and speculators' EAGLE-3 and DFlash
+drafts theirs from :func:`peagle_ext.masks.eagle3_block_mask` and
+:func:`peagle_ext.masks.dflash_block_mask`. The masks describe the same blocks, so training
+changes only in speed and memory. The patches live on the peer's module and class, so
 they reach drafts created before and after :func:`enable`; :func:`disable` puts back exactly the
 objects that were there. Both are idempotent. A peer is imported only inside :func:`enable`.
 
@@ -29,6 +31,7 @@ from types import ModuleType
 import torch
 
 from .block_mask import build_block_mask
+from .masks import dflash_block_mask, eagle3_block_mask
 
 FORCE_ENV = "PEAGLE_EXT_FORCE_INTEGRATIONS"
 
@@ -176,7 +179,56 @@ def _speculators_patches() -> list[_Patch]:
     return [
         _Patch(peagle_core, "create_peagle_mask_mod", create_peagle_mask_mod),
         _Patch(peagle_core.PEagleDraftModel, "_create_mask_fn", _SpeculatorsMaskFn(flex_builder)),
+        _eagle3_patch(eagle3_core, flex_builder),
+        _dflash_patch(),
     ]
+
+
+# --- speculators: Eagle3DraftModel._build_attn_mask builds the (S x S) mask of its first
+# test-time step (later steps extend it by a diagonal, without the dense grid), and
+# DFlashDraftModel._create_attention_mask the anchor-block mask; both through the instance's
+# _create_mask_fn, create_block_mask for "simple_flex_attention". Drafts with any other builder
+# (dense masks for "eager"/"sdpa", or one the user set) keep theirs.
+
+def _uses_builder(model, builder) -> bool:
+    return _instance_dict(model).get("_create_mask_fn") is builder
+
+
+def _eagle3_patch(eagle3_core, flex_builder) -> _Patch:
+    own = _own_attr(eagle3_core.Eagle3DraftModel, "_build_attn_mask", "speculators")
+    peer_mask_mod = _own_attr(eagle3_core, "create_combined_mask_mod", "speculators")
+
+    @torch.compiler.disable
+    def _build_attn_mask(self, doc_ids_1d, seq_len, device, sliding_window=None):
+        if not _uses_builder(self, flex_builder) or doc_ids_1d.numel() != seq_len:
+            return own(self, doc_ids_1d, seq_len, device, sliding_window)
+        documents = doc_ids_1d.to(device)
+        mask = eagle3_block_mask(documents, seq_len, 1, sliding_window=sliding_window)
+        # Each test-time step extends the mask by a diagonal copy of the keys and keeps its
+        # mask_mod, so the mask_mod must hold for every copy: the peer's own does.
+        mask.mask_mod = peer_mask_mod(documents, seq_len, sliding_window=sliding_window)
+        return mask
+
+    return _Patch(eagle3_core.Eagle3DraftModel, "_build_attn_mask", _build_attn_mask)
+
+
+def _dflash_patch() -> _Patch:
+    dflash_core = importlib.import_module("speculators.models.dflash.core")
+    model_class = dflash_core.DFlashDraftModel
+    own = _own_attr(model_class, "_create_attention_mask", "speculators")
+    flex_builder = _own_attr(dflash_core, "_compiled_create_block_mask", "speculators")
+
+    @torch.compiler.disable
+    def _create_attention_mask(self, document_ids, total_seq_len, anchor_positions, device, sliding_window=None,
+                               sliding_window_non_causal=False):
+        documents = document_ids.squeeze(0)
+        if not _uses_builder(self, flex_builder) or documents.dim() != 1 or documents.numel() != total_seq_len:
+            return own(self, document_ids, total_seq_len, anchor_positions, device, sliding_window,
+                       sliding_window_non_causal)
+        return dflash_block_mask(documents.to(device), total_seq_len, anchor_positions.to(device), self.block_size,
+                                 sliding_window=sliding_window, sliding_window_non_causal=sliding_window_non_causal)
+
+    return _Patch(model_class, "_create_attention_mask", _create_attention_mask)
 
 
 # --- NeMo Automodel: every P-EAGLE mask comes from _PeagleDraftMixin.build_peagle_block_mask
@@ -233,7 +285,8 @@ def _check_version(name: str, force: bool) -> None:
 
 
 def enable(name: str, *, force: bool = False) -> None:
-    """Make the peer ``name`` ("speculators" or "automodel") build its P-EAGLE masks with peagle_ext.
+    """Make the peer ``name`` ("speculators" or "automodel") build its masks with peagle_ext (for
+    speculators: its P-EAGLE, EAGLE-3 and DFlash drafts; for NeMo Automodel: its P-EAGLE drafts).
 
     Idempotent. Raises ModuleNotFoundError when the peer is not installed, and
     UntestedPeerVersionError for an untested version unless ``force=True`` or the environment

@@ -10,6 +10,7 @@
 #include <torch/csrc/stable/library.h>
 
 #include "../gpu_pipeline/block_index_pipeline.h"
+#include "../gpu_pipeline/interval_pipeline.h"
 
 namespace peagle {
 namespace {
@@ -64,8 +65,19 @@ BlockIndexTensors build_block_index_cuda(const Tensor& anchor_pos, const Tensor&
   return build_block_index_pipeline(launcher, in);
 }
 
+BlockIndexTensors build_interval_block_index_cuda(const Tensor& starts, const Tensor& ends, int64_t kv_len,
+                                                  int64_t q_block_size, int64_t kv_block_size) {
+  const torch::stable::accelerator::DeviceGuard guard(starts.get_device_index());
+  const IntervalInputs in = check_interval_inputs(starts, ends, kv_len, q_block_size, kv_block_size);
+  CudaLauncher launcher{current_stream(starts.get_device_index())};
+  return build_interval_pipeline(launcher, in);
+}
+
 }  // namespace
 
-STABLE_TORCH_LIBRARY_IMPL(peagle_ext, CUDA, m) { m.impl("build_block_index", TORCH_BOX(&build_block_index_cuda)); }
+STABLE_TORCH_LIBRARY_IMPL(peagle_ext, CUDA, m) {
+  m.impl("build_block_index", TORCH_BOX(&build_block_index_cuda));
+  m.impl("build_interval_block_index", TORCH_BOX(&build_interval_block_index_cuda));
+}
 
 }  // namespace peagle

@@ -16,7 +16,8 @@
 //                turns the bucket counts into bucket starts (a scan), so ranks follow buckets.
 //   2. scatter   per listed key: rank_key[rank] = (its kv-block, its filter value).
 //   3. rows      per q-block: each query's context and rollout rank intervals, merged within the
-//                q-block (sorted: one max-scan; otherwise pairwise), walked by all threads of the
+//                q-block (sorted: one max-scan; otherwise a block-wide merge sort, then the same
+//                scan over the sorted order: O(n log n) for n queries), walked by all threads of the
 //                block in one flat loop marking kv-blocks, then each tile classified and the
 //                q-block's two kv-lists written (create_block_mask's layout).
 //   4. columns   per kv-block: its two q-lists from the tile states.
@@ -59,6 +60,8 @@ struct Buffers {
   int32_t* query_doc;     // [Q]: its document (-1: padding), the context walk's filter
   int32_t* query_depth;   // [Q]: its depth, the rollout walk's filter
   int64_t* walk_offset;   // [Q]: where its walk starts in its q-block's flat walk
+  int32_t* order;         // [4Q]: a q-block's queries sorted by context and by chain (two halves, each twice: a merge
+                          // sort's source and destination), as indices within the q-block, at the q-block's place
   uint8_t* states;        // [nQ, nKV]: tile states
   ListOutputs lists;      // the eight output tensors
 };
@@ -95,6 +98,7 @@ PEAGLE_HD Buffers row_buffers(Buffers b, const Sizes& s, int64_t row) {
   b.query_doc += queries;
   b.query_depth += queries;
   b.walk_offset += queries;
+  b.order += 4 * queries;
   b.states += row * tiles;
   for (int list = 0; list < 4; ++list) {
     b.lists.num[list] += row * (list < 2 ? s.num_q_blocks : s.num_kv_blocks);
@@ -251,6 +255,11 @@ struct RowKernel {
     kQueries,
     kMaxRounds,
     kMerge = kMaxRounds + kRounds,
+    kSortChunks,
+    kSortRounds,
+    kSortedMaxima = kSortRounds + kRounds,
+    kSortedMaxRounds,
+    kSortedMerge = kSortedMaxRounds + kRounds,
     kLengths,
     kLengthRounds,
     kOffsets = kLengthRounds + kRounds,
@@ -297,8 +306,22 @@ struct RowKernel {
       scan_round(sh.scan.maxima, t.block_dim, p - kMaxRounds, t.index);
     } else if (p == kMerge) {
       merge_sorted(sh, first, last, exclusive(scan_result(sh.scan.maxima, t.block_dim), t.index, -1));
+    } else if (p == kSortChunks) {
+      if (sh.context_unsorted) sort_chunk(kContextOrder, first - q_begin, last - q_begin, q_begin);
+      if (sh.rollout_unsorted) sort_chunk(kRolloutOrder, first - q_begin, last - q_begin, q_begin);
+    } else if (p < kSortedMaxima) {
+      const int round = p - kSortRounds;
+      if (sh.context_unsorted) merge_round(kContextOrder, round, q_begin, q_end - q_begin, t);
+      if (sh.rollout_unsorted) merge_round(kRolloutOrder, round, q_begin, q_end - q_begin, t);
+    } else if (p == kSortedMaxima) {
+      sh.scan.maxima[t.index] = sorted_maxima(sh, first - q_begin, last - q_begin, q_begin);
+    } else if (p < kSortedMerge) {
+      scan_round(sh.scan.maxima, t.block_dim, p - kSortedMaxRounds, t.index);
+    } else if (p == kSortedMerge) {
+      merge_in_order(sh, first - q_begin, last - q_begin, q_begin,
+                     exclusive(scan_result(sh.scan.maxima, t.block_dim), t.index, -1));
     } else if (p == kLengths) {
-      sh.scan.lengths[t.index] = walk_lengths(sh, first, last, q_begin, q_end);
+      sh.scan.lengths[t.index] = walk_lengths(sh, first, last);
     } else if (p < kOffsets) {
       scan_round(sh.scan.lengths, t.block_dim, p - kLengthRounds, t.index);
     } else if (p == kOffsets) {
@@ -385,7 +408,7 @@ struct RowKernel {
   // straddles two depths): context intervals by (document, start), so each one's new part starts
   // at the largest end before it in its document; rollout intervals by strictly increasing
   // anchor, so no two share a chain. `carry`: the maxima over the queries before this thread's.
-  // Flags the q-block otherwise, for walk_lengths' pairwise merge.
+  // Flags the q-block otherwise, for the merge sort (sort_chunk, merge_round, merge_in_order).
   PEAGLE_HD void merge_sorted(Shared& sh, int64_t first, int64_t last, Maxima carry) const {
     for (int64_t q = first; q < last; ++q) {
       const int64_t cs = b.context_start[q], ce = b.context_end[q], doc = b.query_doc[q];
@@ -408,33 +431,128 @@ struct RowKernel {
   // Ranks of the context run query q walks.
   PEAGLE_HD int64_t context_walk(int64_t q) const { return max_value(0, b.context_end[q] - b.walk_start[q]); }
 
-  // What each query walks, merged pairwise where the q-block was not sorted: a context interval's
-  // new part starts at the largest end among the intervals of its document that come before it in
-  // (start, query) order; a chain is walked by the deepest query on it (the first of equals), with
-  // that query's depth as filter. Returns the sum over this thread's queries.
-  PEAGLE_HD Sum walk_lengths(const Shared& sh, int64_t first, int64_t last, int64_t q_begin, int64_t q_end) const {
+  // Where the q-block's intervals do not come sorted, they are sorted: the queries with a context
+  // interval by (document, start, query), those with a chain by (anchor, depth descending,
+  // query), in a block-wide merge sort (each thread heap-sorts its chunk, then kRounds rounds
+  // merge pairs of sorted runs, each thread writing its chunk of the output from a binary search
+  // of the merge path): O(n log n) for n queries. Empty intervals sort last. Each order lives in
+  // two halves of `order` (source and destination by turns); after kRounds (even) rounds the
+  // result is back in the first.
+  enum : int { kContextOrder = 0, kRolloutOrder = 2 };
+  static_assert(kRounds % 2 == 0, "the merge sort's result must end in the first half of its order buffer");
+
+  PEAGLE_HD int32_t* order_buffer(int which, int64_t q_begin) const {
+    return b.order + which * s.num_queries + q_begin;
+  }
+
+  PEAGLE_HD int64_t sort_key(int which, int64_t q) const {
+    if (which == kContextOrder)
+      return b.context_end[q] > b.context_start[q] ? (int64_t{b.query_doc[q]} << 32) | b.context_start[q] : INT64_MAX;
+    return b.rollout_end[q] > b.rollout_start[q] ? (b.anchor[q] << 32) | (kFieldMax - max_value(0, b.query_depth[q]))
+                                                 : INT64_MAX;
+  }
+
+  // Strict order of queries (local indices) by key, then index.
+  PEAGLE_HD bool before(int which, int64_t q_begin, int32_t x, int32_t y) const {
+    const int64_t kx = sort_key(which, q_begin + x), ky = sort_key(which, q_begin + y);
+    return kx < ky || (kx == ky && x < y);
+  }
+
+  PEAGLE_HD void sort_chunk(int which, int64_t first, int64_t last, int64_t q_begin) const {
+    int32_t* items = order_buffer(which, q_begin);
+    for (int64_t i = first; i < last; ++i) items[i] = static_cast<int32_t>(i);
+    const int64_t count = last - first;
+    int32_t* chunk = items + first;
+    auto sift_down = [&](int64_t root, int64_t size) {
+      while (2 * root + 1 < size) {
+        int64_t child = 2 * root + 1;
+        if (child + 1 < size && before(which, q_begin, chunk[child], chunk[child + 1])) ++child;
+        if (!before(which, q_begin, chunk[root], chunk[child])) return;
+        const int32_t swap = chunk[root];
+        chunk[root] = chunk[child];
+        chunk[child] = swap;
+        root = child;
+      }
+    };
+    for (int64_t root = count / 2 - 1; root >= 0; --root) sift_down(root, count);
+    for (int64_t end = count - 1; end > 0; --end) {
+      const int32_t swap = chunk[0];
+      chunk[0] = chunk[end];
+      chunk[end] = swap;
+      sift_down(0, end);
+    }
+  }
+
+  // Round `round`: runs of 2^round chunks merged pairwise into runs of 2^(round + 1) chunks.
+  PEAGLE_HD void merge_round(int which, int round, int64_t q_begin, int64_t n, const Thread& t) const {
+    const int32_t* from = order_buffer(which + round % 2, q_begin);
+    int32_t* to = order_buffer(which + (round + 1) % 2, q_begin);
+    const int64_t chunk = (n + t.block_dim - 1) / t.block_dim, width = int64_t{1} << round;
+    const int64_t out_first = min_value(n, t.index * chunk), out_last = min_value(n, out_first + chunk);
+    if (out_first >= out_last) return;
+    const int64_t pair_first = min_value(n, (t.index >> (round + 1) << (round + 1)) * chunk);
+    const int64_t a_first = pair_first, a_last = min_value(n, a_first + width * chunk);
+    const int64_t b_first = a_last, b_last = min_value(n, b_first + width * chunk);
+    const int64_t na = a_last - a_first, nb = b_last - b_first, offset = out_first - pair_first;
+    int64_t lo = max_value(0, offset - nb), hi = min_value(offset, na);  // items taken from A before out_first
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (before(which, q_begin, from[a_first + mid], from[b_first + offset - mid - 1]))
+        lo = mid + 1;
+      else
+        hi = mid;
+    }
+    int64_t i = lo, j = offset - lo;
+    for (int64_t out = out_first; out < out_last; ++out) {
+      const bool take_a = j >= nb || (i < na && before(which, q_begin, from[a_first + i], from[b_first + j]));
+      to[out] = take_a ? from[a_first + i++] : from[b_first + j++];
+    }
+  }
+
+  // Over this thread's chunk of the context order: the maximum (document, end) of its intervals,
+  // for the scan that gives each chunk what the sorted intervals before it reach.
+  PEAGLE_HD Maxima sorted_maxima(const Shared& sh, int64_t first, int64_t last, int64_t q_begin) const {
+    Maxima maxima = Maxima::filled(-1);
+    if (!sh.context_unsorted) return maxima;
+    const int32_t* sorted = order_buffer(kContextOrder, q_begin);
+    for (int64_t i = first; i < last; ++i) {
+      const int64_t q = q_begin + sorted[i];
+      if (b.context_end[q] > b.context_start[q])
+        maxima.v[0] = max_value(maxima.v[0], (int64_t{b.query_doc[q]} << 32) | b.context_end[q]);
+    }
+    return maxima;
+  }
+
+  // The merge over the sorted orders: a context interval's new part starts at the largest end of
+  // its document's intervals before it; a chain is walked by the first query on it (the deepest).
+  PEAGLE_HD void merge_in_order(const Shared& sh, int64_t first, int64_t last, int64_t q_begin, Maxima carry) const {
+    if (sh.context_unsorted) {
+      const int32_t* sorted = order_buffer(kContextOrder, q_begin);
+      for (int64_t i = first; i < last; ++i) {
+        const int64_t q = q_begin + sorted[i];
+        const int64_t cs = b.context_start[q], ce = b.context_end[q], doc = b.query_doc[q];
+        if (ce <= cs) continue;
+        const bool same_doc = carry.v[0] >= 0 && (carry.v[0] >> 32) == doc;
+        b.walk_start[q] = static_cast<int32_t>(same_doc ? max_value(cs, carry.v[0] & kLow32) : cs);
+        carry.v[0] = max_value(carry.v[0], (doc << 32) | ce);
+      }
+    }
+    if (sh.rollout_unsorted) {
+      const int32_t* sorted = order_buffer(kRolloutOrder, q_begin);
+      for (int64_t i = first; i < last; ++i) {
+        const int64_t q = q_begin + sorted[i];
+        const bool walks = i == 0 || b.anchor[q_begin + sorted[i - 1]] != b.anchor[q];
+        b.walk_rollout[q] = walks ? max_value(0, b.rollout_end[q] - b.rollout_start[q]) : 0;
+      }
+    }
+  }
+
+  // What each query walks (walk_start and, for unsorted chains, walk_rollout set by the merges).
+  // Returns the sum over this thread's queries.
+  PEAGLE_HD Sum walk_lengths(const Shared& sh, int64_t first, int64_t last) const {
     Sum sum = Sum::filled(0);
     for (int64_t q = first; q < last; ++q) {
-      const int64_t cs = b.context_start[q], ce = b.context_end[q], doc = b.query_doc[q];
-      if (sh.context_unsorted && ce > cs) {
-        int64_t covered = -1;
-        for (int64_t j = q_begin; j < q_end; ++j) {
-          const int64_t sj = b.context_start[j], ej = b.context_end[j];
-          if (j != q && ej > sj && b.query_doc[j] == doc && (sj < cs || (sj == cs && j < q)))
-            covered = max_value(covered, ej);
-        }
-        b.walk_start[q] = static_cast<int32_t>(max_value(cs, covered));
-      }
-      int64_t rollout = b.rollout_end[q] - b.rollout_start[q];
-      if (rollout > 0 && sh.rollout_unsorted) {
-        const int64_t depth = b.query_depth[q];
-        for (int64_t j = q_begin; j < q_end && rollout > 0; ++j) {
-          const int64_t dj = b.query_depth[j];
-          if (j != q && b.rollout_end[j] > b.rollout_start[j] && b.anchor[j] == b.anchor[q] &&
-              (dj > depth || (dj == depth && j < q)))
-            rollout = 0;
-        }
-      }
+      const int64_t rollout = sh.rollout_unsorted ? b.walk_rollout[q] : b.rollout_end[q] - b.rollout_start[q];
       b.walk_rollout[q] = static_cast<int32_t>(rollout);
       sum.v[0] += context_walk(q) + rollout;
     }
@@ -465,8 +583,11 @@ struct RowKernel {
   }
 };
 
-// 4. columns (grid: nKV blocks): the q-lists of kv-block t.block from the tile states.
-struct ColumnKernel {
+// 4. columns (grid: nKV blocks): the q-lists of kv-block t.block from the tile states. Templated
+// on the pipeline's buffers and sizes (it reads only states, lists and the block counts), so the
+// interval pipeline (interval_kernels.h) writes its q-lists with it too.
+template <class PipelineBuffers, class PipelineSizes>
+struct ListColumnKernel {
   static constexpr int kThreads = 256;
   static constexpr int kRounds = scan_rounds(kThreads);
   enum : int { kCount, kRoundsBegin, kWrite = kRoundsBegin + kRounds, kPhases };
@@ -474,8 +595,8 @@ struct ColumnKernel {
   struct Shared {
     Counts counts[2 * kThreads];
   };
-  Buffers b;
-  Sizes s;
+  PipelineBuffers b;
+  PipelineSizes s;
 
   PEAGLE_HD int num_phases() const { return kPhases; }
 
@@ -501,6 +622,8 @@ struct ColumnKernel {
     }
   }
 };
+
+using ColumnKernel = ListColumnKernel<Buffers, Sizes>;
 
 }  // namespace pipeline
 }  // namespace peagle

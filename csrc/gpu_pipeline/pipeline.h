@@ -24,7 +24,7 @@ static_assert(sizeof(RowKernel::Shared) + kMaxSharedMarks <= 48 * 1024,
 struct Layout {
   size_t buckets, doc_first, column_cells, blocks_done, zeroed_bytes;
   size_t slot, rank_key, context_start, context_end, rollout_start, rollout_end, walk_start, walk_rollout, query_doc,
-      query_depth, walk_offset, states, total_bytes;
+      query_depth, walk_offset, order, states, total_bytes;
   bool marks_in_shared;
 };
 
@@ -55,6 +55,7 @@ inline Layout plan(const Sizes& s) {
   l.query_doc = take(queries, sizeof(int32_t));
   l.query_depth = take(queries, sizeof(int32_t));
   l.walk_offset = take(queries, sizeof(int64_t));
+  l.order = take(4 * queries, sizeof(int32_t));
   l.states = take(static_cast<size_t>(s.num_q_blocks * s.num_kv_blocks), 1);
   l.total_bytes = at;
   l.marks_in_shared = s.num_kv_blocks <= kMaxSharedMarks;
@@ -87,6 +88,7 @@ inline Buffers bind(const Layout& l, uint8_t* workspace, const int64_t* anchor, 
   b.query_doc = reinterpret_cast<int32_t*>(at(l.query_doc));
   b.query_depth = reinterpret_cast<int32_t*>(at(l.query_depth));
   b.walk_offset = reinterpret_cast<int64_t*>(at(l.walk_offset));
+  b.order = reinterpret_cast<int32_t*>(at(l.order));
   b.states = at(l.states);
   b.lists = lists;
   return b;
