@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 
 import peagle_ext
 from peagle_ext.data import PeagleMaskCollator
-from peagle_ext.draft_llama import Eagle3DraftConfig, LlamaEagle3DraftModel
-from peagle_ext.training import supervised_draft_logits
+from peagle_ext.draft.llama import Eagle3DraftConfig, LlamaEagle3DraftModel
+from peagle_ext.draft.training import supervised_draft_logits
 
 DEPTHS, VOCAB, TARGET_HIDDEN, NUM_DOCS = 8, 256, 32, 4
 MODES = ("in step", "in workers")

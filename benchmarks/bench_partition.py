@@ -31,8 +31,8 @@ def measure(seq_len: int, segments: int, mode: str, steps: int) -> dict:
     import torch
 
     from peagle_ext._measure import peak_rss_bytes, reset_peak_rss
-    from peagle_ext.draft_llama import Eagle3DraftConfig, LlamaEagle3DraftModel
-    from peagle_ext.training import peagle_training_step
+    from peagle_ext.draft.llama import Eagle3DraftConfig, LlamaEagle3DraftModel
+    from peagle_ext.draft.training import peagle_training_step
 
     torch.manual_seed(0)
     config = Eagle3DraftConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,

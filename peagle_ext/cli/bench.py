@@ -13,8 +13,7 @@ import time
 
 import torch
 
-# demo.py imports eager_fits, time_call and EAGER_BYTES_PER_PAIR from here.
-from .._measure import EAGER_BYTES_PER_PAIR, eager_fits, run, time_call  # noqa: F401
+from .._measure import run
 
 # The methods that are create_block_mask itself: speedups are given over them, not for them.
 REFERENCES = ("create_block_mask", "compiled_create_block_mask")

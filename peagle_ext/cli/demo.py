@@ -124,11 +124,11 @@ def main(argv: list[str]) -> int:
     import torch
     from torch.nn.attention.flex_attention import create_block_mask
 
+    from .._measure import EAGER_BYTES_PER_PAIR, eager_fits, time_call
     from ..block_mask import _choose_backend, build_block_mask
     from ..cod import generate_cod_sample_indices
     from ..mask_mod import create_peagle_mask_mod
     from ..testing import assert_block_masks_equal
-    from .bench import EAGER_BYTES_PER_PAIR, eager_fits, time_call
 
     try:
         backend = _choose_backend(args.backend, torch.device(device))

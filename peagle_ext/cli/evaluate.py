@@ -144,7 +144,7 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"argument --draft: {error}") from None
     config, eos = draft.config, None
     if args.target == "tiny":
-        from .train_demo import TARGET_HIDDEN, demo_target
+        from ..draft.tiny_target import TARGET_HIDDEN, demo_target
 
         if config.target_hidden_size != TARGET_HIDDEN or config.num_aux_hidden_states != 3:
             raise UsageError(f"argument --target: the tiny target gives 3 states of {TARGET_HIDDEN}; this draft reads "

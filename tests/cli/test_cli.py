@@ -41,7 +41,7 @@ def test_demo_writes_exactly_the_path_it_names(tmp_path, capsys):
 
 
 def test_demo_says_when_the_check_is_skipped(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr("peagle_ext.cli.bench.eager_fits", lambda n, device: False)
+    monkeypatch.setattr("peagle_ext._measure.eager_fits", lambda n, device: False)
     assert main(["demo", "--seq-len", "256", "--out", str(tmp_path / "m.png")]) == 0
     assert "check skipped: create_block_mask would need" in capsys.readouterr().out
 
@@ -165,7 +165,7 @@ def test_bench_gpu_table_and_targets_from_figures(tmp_path, monkeypatch):
 
 
 def test_train_demo_runs_and_saves_a_loadable_checkpoint(tmp_path, capsys):
-    from peagle_ext.draft_llama import LlamaEagle3DraftModel
+    from peagle_ext.draft.llama import LlamaEagle3DraftModel
 
     out = tmp_path / "ckpt"
     assert main(["train-demo", "--steps", "3", "--seq-len", "12", "--depths", "2", "--out", str(out),

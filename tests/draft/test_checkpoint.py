@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from peagle_ext import checkpoint
-from peagle_ext.draft_llama import LlamaEagle3DraftModel
-from peagle_ext.training import build_peagle_inputs
+from peagle_ext.draft import checkpoint
+from peagle_ext.draft.llama import LlamaEagle3DraftModel
+from peagle_ext.draft.training import build_peagle_inputs
 
 from draft_helpers import cod_indices, random_sequence, single_thread, tiny_model  # noqa: F401 (autouse fixture)
 

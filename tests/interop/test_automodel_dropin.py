@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import peagle_ext
-from peagle_ext.draft_llama import Eagle3LlamaDecoderLayer, Eagle3LlamaPeagleLayer, LlamaEagle3DraftModel
+from peagle_ext.draft.llama import Eagle3LlamaDecoderLayer, Eagle3LlamaPeagleLayer, LlamaEagle3DraftModel
 
 from checkpoint_peers import AUTOMODEL_VERSION, require
 from draft_helpers import single_thread  # noqa: F401 (autouse fixture)
