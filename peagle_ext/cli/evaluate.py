@@ -153,8 +153,9 @@ def main(argv: list[str]) -> int:
         target = TokenwiseTarget(demo_target(config.vocab_size, args.target_seed))
     else:
         if not config.eagle_aux_hidden_state_layer_ids:
-            raise UsageError("argument --draft: the checkpoint names no eagle_aux_hidden_state_layer_ids, so the "
-                             "target's states it reads are unknown")
+            raise UsageError("argument --draft: the checkpoint names no eagle_aux_hidden_state_layer_ids (the target "
+                             "layers whose states it reads); a draft trained on this target by `python -m peagle_ext "
+                             "train` names them, and a train-demo draft runs with --target tiny")
         started = time.perf_counter()
         print(f"eval: loading {os.path.join(args.target, args.gguf_file or '')} ...", file=sys.stderr, flush=True)
         model, tokenizer = load_transformers_target(args.target, args.gguf_file)

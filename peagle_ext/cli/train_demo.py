@@ -34,18 +34,19 @@ def _progress(step: int, total: int, loss: float, accuracy: torch.Tensor, width:
 
 
 def _save_noting_interop(model, out: str, verifier: str | None) -> None:
-    """Save the checkpoint; what a peer will lack to load it (InteropWarning) becomes one
-    ``note:`` line on stderr instead of a Python warning."""
+    """Save the checkpoint; when speculators or vLLM will lack something to load it (InteropWarning:
+    the demo's target is no real model), say so in one ``note:`` line on stderr."""
     from ..draft.checkpoint import InteropWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", InteropWarning)
         model.save_pretrained(out, verifier=verifier)
     for warning in caught:
-        if issubclass(warning.category, InteropWarning):
-            print(f"note: {warning.message}", file=sys.stderr)
-        else:
+        if not issubclass(warning.category, InteropWarning):
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    if any(issubclass(warning.category, InteropWarning) for warning in caught):
+        print(f"note: {out} is for peagle_ext (eval --draft {out} --target tiny); speculators and vLLM need a "
+              "draft of a real target (train, or train-demo --verifier)", file=sys.stderr)
 
 
 def demo_config(args):
