@@ -1,4 +1,4 @@
-"""The command line: ``python -m peagle_ext {demo,info,bench,train-demo,eval} [options]``.
+"""The command line: ``python -m peagle_ext COMMAND [options]``, one module per command (``COMMANDS``).
 
 Every mistake in the arguments ends in one line, ``<command>: error: argument --x: what is
 wrong``, and exit status 2, before any work starts; output paths are checked the same way.
