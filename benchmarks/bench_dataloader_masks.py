@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 
 import peagle_ext
 from peagle_ext.data import PeagleMaskCollator
-from peagle_ext.draft_llama import Eagle3DraftConfig, LlamaEagle3DraftModel
-from peagle_ext.training import supervised_draft_logits
+from peagle_ext.draft.llama import Eagle3DraftConfig, LlamaEagle3DraftModel
+from peagle_ext.draft.training import supervised_draft_logits
 
 DEPTHS, VOCAB, TARGET_HIDDEN, NUM_DOCS = 8, 256, 32, 4
 MODES = ("in step", "in workers")
@@ -131,7 +131,8 @@ class Run:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per mode (after one warm-up)")
     parser.add_argument("--workers", type=int, default=2)

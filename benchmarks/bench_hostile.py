@@ -72,7 +72,8 @@ def measure(family: str, backend: str, timeout: float = 600) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--backends", nargs="+", default=["python", "cpu", "cuda_emulated"])
     args = parser.parse_args()

@@ -71,7 +71,8 @@ def batch(rows: int, seq_len: int, backend: str, repeats: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536])
     parser.add_argument("--segments", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--batch", type=int, default=8, help="rows of the batch measurement (0: skip it)")

@@ -31,8 +31,8 @@ def measure(seq_len: int, segments: int, mode: str, steps: int) -> dict:
     import torch
 
     from peagle_ext._measure import peak_rss_bytes, reset_peak_rss
-    from peagle_ext.draft_llama import Eagle3DraftConfig, LlamaEagle3DraftModel
-    from peagle_ext.training import peagle_training_step
+    from peagle_ext.draft.llama import Eagle3DraftConfig, LlamaEagle3DraftModel
+    from peagle_ext.draft.training import peagle_training_step
 
     torch.manual_seed(0)
     config = Eagle3DraftConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
@@ -76,7 +76,8 @@ def run_fresh(seq_len: int, segments: int, mode: str, steps: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
     parser.add_argument("--segments", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement (after one warm-up)")

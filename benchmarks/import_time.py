@@ -36,7 +36,8 @@ SNIPPETS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     print(f"median of {args.repeats} fresh processes, seconds (peagle_ext rows: after torch is imported)")

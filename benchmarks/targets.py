@@ -58,7 +58,8 @@ def gpu_targets(rows: list[dict]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("results", help="the JSON that python -m peagle_ext bench --json wrote")
     parser.add_argument("--markdown", default=None, metavar="FILE", help="append the targets to this Markdown file")
     args = parser.parse_args(argv)

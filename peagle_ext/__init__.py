@@ -8,9 +8,9 @@ describes; it is built by a compiled CPU or CUDA kernel when one is installed, b
 pure-PyTorch path otherwise (``available_backends()`` says which).
 
 The package has three parts: the mask engine (this namespace), the P-EAGLE draft model
-(:mod:`peagle_ext.draft`, documented paths ``peagle_ext.peagle_draft``, ``peagle_ext.draft_llama``,
-``peagle_ext.training``) and the command line (:mod:`peagle_ext.cli`). The draft names below are
-imported on first use, so building masks does not import the draft model or safetensors.
+(:mod:`peagle_ext.draft`, with its mixins at NeMo Automodel's path :mod:`peagle_ext.peagle_draft`)
+and the command line (:mod:`peagle_ext.cli`). The draft names below are imported on first use, so
+building masks does not import the draft model or safetensors.
 """
 
 from .block_mask import available_backends, build_block_mask

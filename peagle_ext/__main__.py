@@ -1,4 +1,5 @@
-"""``python -m peagle_ext {demo,info,bench,train-demo} [options]`` (see :mod:`peagle_ext.cli`)."""
+"""``python -m peagle_ext COMMAND [options]``: the commands and their one-line descriptions are
+listed by ``python -m peagle_ext --help`` (see :mod:`peagle_ext.cli`)."""
 
 import sys
 

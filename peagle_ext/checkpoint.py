@@ -1,8 +1,13 @@
-"""``peagle_ext.checkpoint`` is documented API: the code lives in :mod:`peagle_ext.draft.checkpoint`, and
-this path is that same module object (so setting a module attribute here sets it there)."""
+"""``peagle_ext.checkpoint``: the names of :mod:`peagle_ext.draft.checkpoint`, where the code lives."""
 
-import sys
-
-from .draft import checkpoint
-
-sys.modules[__name__] = checkpoint
+from .draft.checkpoint import (  # noqa: F401
+    CONFIG_NAME,
+    LAYOUTS,
+    WEIGHTS_NAME,
+    InteropWarning,
+    OpenedCheckpoint,
+    config_fields,
+    load_checkpoint,
+    open_checkpoint,
+    save_checkpoint,
+)

@@ -1,8 +1,13 @@
-"""``peagle_ext.draft_llama`` is documented API: the code lives in :mod:`peagle_ext.draft.llama`, and
-this path is that same module object (so setting a module attribute here sets it there)."""
+"""``peagle_ext.draft_llama``: the names of :mod:`peagle_ext.draft.llama`, where the code lives (the
+classes of NeMo Automodel's ``draft_llama`` module, under the same names)."""
 
-import sys
-
-from .draft import llama
-
-sys.modules[__name__] = llama
+from .draft.llama import (  # noqa: F401
+    Eagle3DraftConfig,
+    Eagle3LlamaAttention,
+    Eagle3LlamaDecoderLayer,
+    Eagle3LlamaMLP,
+    Eagle3LlamaModel,
+    Eagle3LlamaPeagleLayer,
+    LlamaEagle3DraftModel,
+    LlamaRotaryEmbedding,
+)

@@ -1,8 +1,4 @@
-"""``peagle_ext.training`` is documented API: the code lives in :mod:`peagle_ext.draft.training`, and
-this path is that same module object (so setting a module attribute here sets it there)."""
+"""``peagle_ext.training``: the names of :mod:`peagle_ext.draft.training`, where the code lives."""
 
-import sys
-
-from .draft import training
-
-sys.modules[__name__] = training
+from .draft.training import *  # noqa: F403
+from .draft.training import __all__  # noqa: F401

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import peagle_ext
-from peagle_ext.draft_llama import Eagle3DraftConfig, LlamaEagle3DraftModel
-from peagle_ext.training import build_peagle_inputs
+from peagle_ext.draft.llama import Eagle3DraftConfig, LlamaEagle3DraftModel
+from peagle_ext.draft.training import build_peagle_inputs
 
 
 @pytest.fixture(autouse=True)

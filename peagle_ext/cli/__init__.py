@@ -1,4 +1,4 @@
-"""The command line: ``python -m peagle_ext {demo,info,bench,train-demo,eval} [options]``.
+"""The command line: ``python -m peagle_ext COMMAND [options]``, one module per command (``COMMANDS``).
 
 Every mistake in the arguments ends in one line, ``<command>: error: argument --x: what is
 wrong``, and exit status 2, before any work starts; output paths are checked the same way.
@@ -42,8 +42,19 @@ class Parser(argparse.ArgumentParser):
         return parsed
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help gives each option's default, where it has one and its help does not already say it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser_for(command: str) -> Parser:
-    return Parser(prog=f"python -m peagle_ext {command}", description=COMMANDS[command][1])
+    # allow_abbrev=False: an option is its whole name (--budget-minute is not --budget-minutes).
+    return Parser(prog=f"python -m peagle_ext {command}", description=COMMANDS[command][1], allow_abbrev=False,
+                  formatter_class=HelpFormatter)
 
 
 # The largest count or size any option takes (the mask API's bound on positions and sizes).

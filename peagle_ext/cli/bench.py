@@ -13,8 +13,7 @@ import time
 
 import torch
 
-# demo.py imports eager_fits, time_call and EAGER_BYTES_PER_PAIR from here.
-from .._measure import EAGER_BYTES_PER_PAIR, eager_fits, run, time_call  # noqa: F401
+from .._measure import run
 
 # The methods that are create_block_mask itself: speedups are given over them, not for them.
 REFERENCES = ("create_block_mask", "compiled_create_block_mask")
@@ -147,13 +146,15 @@ def main(argv: list[str]) -> int:
     parser = parser_for("bench")
     parser.add_argument("--lengths", type=int_at_least(1), nargs="+",
                         default=[1024, 2048, 4096, 8192, 16384, 32768, 65536], help="original sequence lengths")
-    parser.add_argument("--depths", type=int_at_least(1), default=8)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--depths", type=int_at_least(1), default=8, help="COD depths, depth 0 included")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the builders run")
     parser.add_argument("--backends", nargs="+", default=None, choices=[b for b in BACKENDS if b != "cuda_emulated"],
                         help="default: every available one for the device")
     parser.add_argument("--compiled", action="store_true", help="also time torch.compile(create_block_mask)")
-    parser.add_argument("--compiled-max-len", type=int_at_least(1), default=16384)
-    parser.add_argument("--repeats", type=int_at_least(1), default=25)
+    parser.add_argument("--compiled-max-len", type=int_at_least(1), default=16384,
+                        help="longest sequence the compiled create_block_mask is timed at")
+    parser.add_argument("--repeats", type=int_at_least(1), default=25,
+                        help="timed runs of each method, at most (fewer when the time budget runs out)")
     parser.add_argument("--budget-s", type=positive_float, default=10.0, help="time budget for one method's timed runs")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--json", default="bench-results.json", help="where to write the results")

@@ -109,10 +109,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--depths", type=int_at_least(1), default=8, help="COD depths, depth 0 included")
     parser.add_argument("--docs", type=int_at_least(1), default=1, help="documents packed into the sequence")
     parser.add_argument("--window", type=int_at_least(1), default=None, help="sliding window W (default: none)")
-    parser.add_argument("--block-size", type=int_at_least(1), default=128)
-    parser.add_argument("--backend", default="auto", choices=["auto", "python", "cpu", "cuda"])
+    parser.add_argument("--block-size", type=int_at_least(1), default=128, help="BlockMask tile size")
+    parser.add_argument("--backend", default="auto", choices=["auto", "python", "cpu", "cuda"],
+                        help="the builder (auto: the compiled kernel of the device when installed, else python)")
     add_device_option(parser)
-    parser.add_argument("--seed", type=int_at_least(0, 2**63 - 1), default=0)
+    parser.add_argument("--seed", type=int_at_least(0, 2**63 - 1), default=0,
+                        help="seed of the COD sampling and document split")
     parser.add_argument("--out", default="peagle_mask.png",
                         help="picture to write (format from the suffix, PNG without one; needs matplotlib)")
     args = parser.parse_args(argv)
@@ -124,11 +126,11 @@ def main(argv: list[str]) -> int:
     import torch
     from torch.nn.attention.flex_attention import create_block_mask
 
+    from .._measure import EAGER_BYTES_PER_PAIR, eager_fits, time_call
     from ..block_mask import _choose_backend, build_block_mask
     from ..cod import generate_cod_sample_indices
     from ..mask_mod import create_peagle_mask_mod
     from ..testing import assert_block_masks_equal
-    from .bench import EAGER_BYTES_PER_PAIR, eager_fits, time_call
 
     try:
         backend = _choose_backend(args.backend, torch.device(device))

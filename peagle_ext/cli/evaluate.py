@@ -144,7 +144,7 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"argument --draft: {error}") from None
     config, eos = draft.config, None
     if args.target == "tiny":
-        from .train_demo import TARGET_HIDDEN, demo_target
+        from ..draft.tiny_target import TARGET_HIDDEN, demo_target
 
         if config.target_hidden_size != TARGET_HIDDEN or config.num_aux_hidden_states != 3:
             raise UsageError(f"argument --target: the tiny target gives 3 states of {TARGET_HIDDEN}; this draft reads "
@@ -153,8 +153,9 @@ def main(argv: list[str]) -> int:
         target = TokenwiseTarget(demo_target(config.vocab_size, args.target_seed))
     else:
         if not config.eagle_aux_hidden_state_layer_ids:
-            raise UsageError("argument --draft: the checkpoint names no eagle_aux_hidden_state_layer_ids, so the "
-                             "target's states it reads are unknown")
+            raise UsageError("argument --draft: the checkpoint names no eagle_aux_hidden_state_layer_ids (the target "
+                             "layers whose states it reads); a draft trained on this target by `python -m peagle_ext "
+                             "train` names them, and a train-demo draft runs with --target tiny")
         started = time.perf_counter()
         print(f"eval: loading {os.path.join(args.target, args.gguf_file or '')} ...", file=sys.stderr, flush=True)
         model, tokenizer = load_transformers_target(args.target, args.gguf_file)

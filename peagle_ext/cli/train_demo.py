@@ -12,8 +12,8 @@ import time
 import warnings
 
 import torch
-from torch import nn
 
+from ..draft.tiny_target import EVAL_PROMPTS, TARGET_HIDDEN, demo_acceptance, demo_target
 from . import (
     UsageError,
     add_device_option,
@@ -27,72 +27,6 @@ from . import (
 
 # The demo draft's attention heads (key/value heads: half as many).
 DEMO_HEADS = 4
-# The demo target's hidden size (the draft reads three of its states).
-TARGET_HIDDEN = 32
-# The acceptance check after training: prompts drawn from the target, their length, new tokens each.
-EVAL_PROMPTS, EVAL_PROMPT_LEN, EVAL_NEW_TOKENS = 8, 8, 32
-
-
-class TinyTarget(nn.Module):
-    """A tiny random target model for the demo: the next-token distribution depends on the
-    current token only (a random Markov chain computed by residual MLP layers).
-
-    ``forward(tokens [S])`` returns (aux_hidden_states [S, num_aux * hidden]: the outputs of its
-    ``num_aux`` layers, logits [S, vocab]).
-    """
-
-    def __init__(self, vocab_size: int, hidden_size: int, num_aux: int = 3, sharpness: float = 8.0):
-        super().__init__()
-        self.embed = nn.Embedding(vocab_size, hidden_size)
-        self.layers = nn.ModuleList(
-            nn.Sequential(nn.RMSNorm(hidden_size), nn.Linear(hidden_size, 2 * hidden_size), nn.GELU(),
-                          nn.Linear(2 * hidden_size, hidden_size))
-            for _ in range(num_aux)
-        )
-        self.norm = nn.RMSNorm(hidden_size)
-        self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False)
-        self.sharpness = sharpness
-
-    def forward(self, tokens: torch.Tensor):
-        hidden = self.embed(tokens)
-        aux = []
-        for layer in self.layers:
-            hidden = hidden + layer(hidden)
-            aux.append(hidden)
-        logits = self.sharpness * self.lm_head(self.norm(hidden)) / self.lm_head.weight.norm(dim=-1)
-        return torch.cat(aux, dim=-1), logits
-
-    @torch.no_grad()
-    def sample(self, length: int, generator: torch.Generator) -> torch.Tensor:
-        """A token sequence [length] drawn from the model's own next-token distribution (on CPU)."""
-        table = self(torch.arange(self.embed.num_embeddings, device=self.embed.weight.device))[1].softmax(-1).cpu()
-        tokens = [int(torch.randint(table.size(0), (1,), generator=generator))]
-        for _ in range(length - 1):
-            tokens.append(int(torch.multinomial(table[tokens[-1]], 1, generator=generator)))
-        return torch.tensor(tokens, device=self.embed.weight.device)
-
-
-def demo_target(vocab_size: int, seed: int = 0, device="cpu") -> TinyTarget:
-    """The demo's target for a vocabulary size and seed (what ``train-demo --vocab --seed`` trains
-    against): ``TinyTarget(vocab_size, 32)`` built right after ``torch.manual_seed(seed)``."""
-    torch.manual_seed(seed)
-    return TinyTarget(vocab_size, TARGET_HIDDEN).to(device).eval()
-
-
-def demo_acceptance(draft, target: TinyTarget, num_speculative_tokens: int, seed: int = 0) -> float:
-    """Mean acceptance length (tokens per target forward) of ``draft`` speculating for ``target`` on
-    prompts drawn from the target (greedy verification)."""
-    from ..draft.speculative import TokenwiseTarget, speculative_generate
-
-    generator = torch.Generator().manual_seed(seed)
-    prompts = [target.sample(EVAL_PROMPT_LEN, generator).tolist() for _ in range(EVAL_PROMPTS)]
-    was_training = draft.training
-    draft.eval()
-    result = speculative_generate(TokenwiseTarget(target), draft, prompts, num_speculative_tokens, EVAL_NEW_TOKENS)
-    draft.train(was_training)
-    return result.acceptance_length
-
-
 def _progress(step: int, total: int, loss: float, accuracy: torch.Tensor, width: int = 24) -> str:
     filled = width * step // total
     depths = " ".join("--" if math.isnan(a) else f"{a:.2f}" for a in accuracy.tolist())
@@ -100,18 +34,19 @@ def _progress(step: int, total: int, loss: float, accuracy: torch.Tensor, width:
 
 
 def _save_noting_interop(model, out: str, verifier: str | None) -> None:
-    """Save the checkpoint; what a peer will lack to load it (InteropWarning) becomes one
-    ``note:`` line on stderr instead of a Python warning."""
+    """Save the checkpoint; when speculators or vLLM will lack something to load it (InteropWarning:
+    the demo's target is no real model), say so in one ``note:`` line on stderr."""
     from ..draft.checkpoint import InteropWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", InteropWarning)
         model.save_pretrained(out, verifier=verifier)
     for warning in caught:
-        if issubclass(warning.category, InteropWarning):
-            print(f"note: {warning.message}", file=sys.stderr)
-        else:
+        if not issubclass(warning.category, InteropWarning):
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    if any(issubclass(warning.category, InteropWarning) for warning in caught):
+        print(f"note: {out} is for peagle_ext (eval --draft {out} --target tiny); speculators and vLLM need a "
+              "draft of a real target (train, or train-demo --verifier)", file=sys.stderr)
 
 
 def demo_config(args):

@@ -1,3 +1,4 @@
-"""The P-EAGLE draft model: the mixins (:mod:`.peagle_draft`), the host Llama classes
-(:mod:`.llama`), checkpoints in the speculators layout (:mod:`.checkpoint`) and the training step
-(:mod:`.training`). Building masks never imports this package."""
+"""The P-EAGLE draft model: the host Llama classes (:mod:`.llama`, with the P-EAGLE mixins of
+:mod:`peagle_ext.peagle_draft`), checkpoints in speculators' and NeMo Automodel's layouts
+(:mod:`.checkpoint`), the training step (:mod:`.training`) and speculative decoding
+(:mod:`.speculative`). Building masks never imports this package."""

@@ -1,6 +1,7 @@
-"""Draft checkpoints in the layout speculators saves (what speculators and vLLM load).
+"""Draft checkpoints, in two layouts: speculators' (what speculators and vLLM load) and NeMo
+Automodel's (what Automodel's recipe writes and its tests read).
 
-A checkpoint is a directory with two files:
+A checkpoint is a directory with two files. In speculators' layout:
 
 * ``config.json``: ``speculators_model_type`` ("peagle", or "eagle3" without parallel drafting),
   the draft's options at top level under speculators' names (``draft_vocab_size``,
@@ -15,9 +16,16 @@ A checkpoint is a directory with two files:
   ``lm_head.weight``, ``mask_hidden`` [1, 1, num_aux * target_hidden] (P-EAGLE), and
   ``d2t``/``t2d`` when the draft vocabulary is smaller.
 
-Reading accepts what speculators 0.9.0 writes, what older transformers wrote (``rope_theta`` +
-``rope_scaling``) and what earlier peagle_ext wrote. This module maps between that layout and
-plain dicts; :mod:`peagle_ext.draft.llama` owns the model.
+In NeMo Automodel's layout (what transformers' ``save_pretrained`` writes for its draft): a flat
+``config.json``, a ``LlamaConfig`` (``model_type`` "llama") with the draft's attributes at top level
+(``parallel_drafting``, ``mask_token_id``, ``num_depths``, ``draft_vocab_size``,
+``target_hidden_size``, ``num_aux_hidden_states``, the norm options), and ``model.safetensors``
+keyed by the module's own state-dict names (``model.layers.{i}.*``, ``lm_head.weight``,
+``mask_hidden``).
+
+Reading accepts both layouts, what speculators 0.9.0 writes, what older transformers wrote
+(``rope_theta`` + ``rope_scaling``) and what earlier peagle_ext wrote. This module maps between
+the layouts and plain dicts; :mod:`peagle_ext.draft.llama` owns the model.
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 _MODULE_PREFIX = "model."
 
+# The checkpoint layouts save_pretrained writes, and from_pretrained tells apart by config.json.
+LAYOUTS = ("speculators", "automodel")
 # Options stored at the top level of config.json under speculators' names (absent: False).
 _OPTION_FIELDS = ("norm_before_fc", "fc_norm", "norm_before_residual", "norm_output")
 # Other config fields at the top level (absent: the config's default).
@@ -75,9 +85,27 @@ class InteropWarning(UserWarning):
     """A checkpoint was saved that a peer (speculators, vLLM) cannot load or serve as it is."""
 
 
-def disk_key(name: str) -> str:
-    """Module state-dict name -> checkpoint key (``model.layers.0.x`` -> ``layers.0.x``)."""
-    return name.removeprefix(_MODULE_PREFIX)
+def disk_key(name: str, layout: str = "speculators") -> str:
+    """Module state-dict name -> checkpoint key: speculators' drops the ``model.`` prefix
+    (``model.layers.0.x`` -> ``layers.0.x``); Automodel's keeps the module's names."""
+    return name.removeprefix(_MODULE_PREFIX) if layout == "speculators" else name
+
+
+def check_layout(layout) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
+    return layout
+
+
+def layout_of(config_json: dict) -> str:
+    """The layout a config.json dict is in: speculators' has ``speculators_model_type``, Automodel's
+    is a flat Llama config (``model_type`` "llama")."""
+    if "speculators_model_type" in config_json:
+        return "speculators"
+    if config_json.get("model_type") == "llama":
+        return "automodel"
+    raise KeyError("missing key 'speculators_model_type' (speculators' layout) and model_type is "
+                   f"{config_json.get('model_type')!r}, not 'llama' (NeMo Automodel's layout)")
 
 
 def verifier_record(name_or_path: str | None) -> dict:
@@ -131,6 +159,25 @@ def speculators_config(fields: dict, dtype: torch.dtype, verifier: dict) -> dict
     }
 
 
+def automodel_config(fields: dict, dtype: torch.dtype) -> dict:
+    """The config.json dict NeMo Automodel's recipe writes for a draft with these
+    ``Eagle3DraftConfig`` field values: a flat ``LlamaConfig`` with the draft's attributes at top
+    level (``parallel_drafting`` and ``mask_token_id`` among them: the keys Automodel hands to vLLM)."""
+    optional = ("eagle_aux_hidden_state_layer_ids", "verifier_name_or_path")
+    return {
+        "architectures": ["LlamaEagle3DraftModel"],
+        "model_type": "llama",
+        **{name: fields[name] for name in _LAYER_FIELDS + _OPTIONAL_LAYER_FIELDS},
+        "rope_parameters": rope.rope_parameters(fields["rope_theta"], fields["rope_scaling"]),
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "dtype": str(dtype).removeprefix("torch."),
+        **{name: fields[name] for name in ("parallel_drafting", "num_depths", "num_aux_hidden_states")},
+        **{name: fields[name] for name in _TOP_FIELDS + _OPTION_FIELDS if name not in optional},
+        **{name: fields[name] for name in optional if fields[name] is not None},
+    }
+
+
 def interop_notes(fields: dict) -> list[str]:
     """What speculators 0.9.0 or vLLM 0.33 will lack to load or serve a draft saved with these
     ``Eagle3DraftConfig`` field values (and ``verifier_name_or_path`` as recorded); [] if nothing."""
@@ -178,9 +225,8 @@ def _required(mapping: dict, key: str, where: str, kind: type | None = None):
     return value
 
 
-def _check_llama_layer(layer: dict) -> None:
+def check_llama_layer(layer: dict, where: str = "transformer_layer_config.") -> None:
     """Refuse a layer config whose math a Llama draft does not implement, naming the key."""
-    where = "transformer_layer_config."
     if layer.get("model_type") != "llama":
         raise ValueError(f"{where}model_type is {layer.get('model_type')!r}; peagle_ext loads Llama drafts "
                          "(speculators reads a missing model_type as qwen3)")
@@ -205,7 +251,7 @@ def config_fields(config_json: dict) -> dict:
     proposals = _required(spec, "proposal_methods", "speculators_config.", list)
     if not proposals or not isinstance(proposals[0], dict):
         raise TypeError(f"speculators_config.proposal_methods must hold an object, got {proposals!r}")
-    _check_llama_layer(layer)
+    check_llama_layer(layer)
     fields = {name: _required(layer, name, "transformer_layer_config.") for name in _LAYER_FIELDS}
     fields.update({name: layer[name] for name in _OPTIONAL_LAYER_FIELDS if name in layer})
     fields["rope_theta"], fields["rope_scaling"] = rope.rope_fields(layer)
@@ -234,6 +280,20 @@ _STAGING_PREFIX = ".peagle-save-"
 _COMMITTED_SUFFIX = ".ready"
 # The files a save writes (and the only ones it replaces), in the order they are moved in.
 CHECKPOINT_FILES = (WEIGHTS_NAME, CONFIG_NAME)
+
+
+def _umask() -> int:
+    """The process's umask (Linux reports it in /proc; elsewhere it is read by setting it back)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path: Path) -> None:
@@ -317,6 +377,9 @@ def save_checkpoint(directory, config_json: dict, tensors: dict) -> None:
         try:
             staging.mkdir()
             save_file({key: t.detach().contiguous().cpu() for key, t in tensors.items()}, staging / WEIGHTS_NAME)
+            # safetensors writes a private temporary file (0600) and renames it: give the weights the
+            # mode any open() gives under the user's umask, as config.json has, so a shared copy reads.
+            os.chmod(staging / WEIGHTS_NAME, 0o666 & ~_umask())
             (staging / CONFIG_NAME).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
             for written in (*(staging / name for name in CHECKPOINT_FILES), staging):
                 _fsync(written)

@@ -7,7 +7,7 @@ from the mixins in :mod:`peagle_ext.peagle_draft` (imports go one way: this modu
     model = LlamaEagle3DraftModel(config)
     hidden = model.forward_peagle(ids, projected, position_ids, block_mask)   # [1, N, H]
     logits = model.compute_logits(hidden)                                   # [1, N, draft_vocab]
-    model.save_pretrained("out/")  # speculators P-EAGLE layout, see peagle_ext.checkpoint
+    model.save_pretrained("out/")  # speculators P-EAGLE layout, see peagle_ext.draft.checkpoint
 """
 
 from __future__ import annotations
@@ -17,20 +17,21 @@ import math
 import types
 import typing
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, rope
-from .flat_inputs import supervised_draft_logits
-from .peagle_draft import (
+from ..peagle_draft import (
     _PeagleAttentionMixin,
     _PeagleDecoderLayerMixin,
     _PeagleDraftMixin,
     _PeagleVanillaLayerMixin,
     _select_rows,
 )
+from . import checkpoint, rope
+from .flat_inputs import supervised_draft_logits
 
 # Every size field's upper bound: products of two sizes stay within int64, and no dimension of a
 # real draft comes near it.
@@ -509,32 +510,50 @@ class LlamaEagle3DraftModel(_PeagleDraftMixin, nn.Module):
             return supervised_draft_logits(self, **peagle_training_inputs)
         return self.forward_peagle(*args, **kwargs)
 
-    def save_pretrained(self, directory, verifier: str | None = None) -> None:
-        """Write ``config.json`` and ``model.safetensors`` in the layout speculators saves, atomically.
+    def save_pretrained(self, directory, verifier: str | None = None, layout: str | None = None) -> None:
+        """Write ``config.json`` and ``model.safetensors``, atomically, in ``layout``:
+
+        * ``"speculators"``: speculators' layout, which speculators and vLLM load (see
+          :mod:`peagle_ext.draft.checkpoint`);
+        * ``"automodel"``: NeMo Automodel's, a flat Llama ``config.json`` with ``parallel_drafting``
+          and ``mask_token_id`` at top level and the module's own weight names;
+        * None (default): Automodel's for a draft built from another config object (a transformers
+          ``LlamaConfig``, as Automodel builds its drafts), speculators' for an ``Eagle3DraftConfig``.
 
         ``verifier``: the target model's hub id or path, recorded as speculators'
-        ``verifier.name_or_path`` (default: ``config.verifier_name_or_path``). When a peer will
-        lack something to load or serve the checkpoint (no verifier for speculators, for one), the
-        checkpoint is still written and one :class:`~peagle_ext.draft.checkpoint.InteropWarning`
-        says what.
+        ``verifier.name_or_path`` (default: ``config.verifier_name_or_path``). When speculators or
+        vLLM will lack something to load or serve a speculators-layout checkpoint (no verifier, for
+        one), it is still written and one :class:`~peagle_ext.draft.checkpoint.InteropWarning` says what.
         """
+        if layout is None:
+            layout = "speculators" if isinstance(self.config, Eagle3DraftConfig) else "automodel"
+        checkpoint.check_layout(layout)
         fields = self.draft_config.to_dict()
         if verifier is not None:
             fields["verifier_name_or_path"] = str(verifier)
-        state = {checkpoint.disk_key(name): tensor for name, tensor in self.state_dict().items()}
+        state = {checkpoint.disk_key(name, layout): tensor for name, tensor in self.state_dict().items()}
+        dtype = self.lm_head.weight.dtype
+        if layout == "automodel":
+            checkpoint.save_checkpoint(directory, checkpoint.automodel_config(fields, dtype), state)
+            return
         verifier_entry = checkpoint.verifier_record(fields["verifier_name_or_path"])
-        config_json = checkpoint.speculators_config(fields, self.lm_head.weight.dtype, verifier_entry)
-        checkpoint.save_checkpoint(directory, config_json, state)
+        checkpoint.save_checkpoint(directory, checkpoint.speculators_config(fields, dtype, verifier_entry), state)
         checkpoint.warn_interop(directory, checkpoint.interop_notes(fields))
 
     @classmethod
     def from_pretrained(cls, directory, device="cpu", dtype: torch.dtype | None = None) -> LlamaEagle3DraftModel:
-        """Load a checkpoint that speculators (P-EAGLE or EAGLE-3, Llama) or :meth:`save_pretrained`
-        wrote, onto ``device`` (floating weights cast to ``dtype`` when given). An error names the
-        config field or any missing, unexpected or misshapen key."""
+        """Load a checkpoint that speculators (P-EAGLE or EAGLE-3, Llama), NeMo Automodel's recipe or
+        :meth:`save_pretrained` wrote, in either layout, onto ``device`` (floating weights cast to
+        ``dtype`` when given). An error names the config field or any missing, unexpected or
+        misshapen key."""
         opened = checkpoint.open_checkpoint(directory)
         try:
-            config = Eagle3DraftConfig(**checkpoint.config_fields(opened.config_json))
+            layout = checkpoint.layout_of(opened.config_json)
+            if layout == "automodel":
+                checkpoint.check_llama_layer(opened.config_json, where="")
+                config = Eagle3DraftConfig(**_foreign_config_fields(SimpleNamespace(**opened.config_json)))
+            else:
+                config = Eagle3DraftConfig(**checkpoint.config_fields(opened.config_json))
         except (KeyError, TypeError, ValueError) as error:
             message = error.args[0] if error.args else str(error)
             raise type(error)(f"{opened.config_path}: {message}") from None
@@ -545,7 +564,7 @@ class LlamaEagle3DraftModel(_PeagleDraftMixin, nn.Module):
             raise ValueError(f"{opened.config_path}: num_hidden_layers is {config.num_hidden_layers} but "
                              f"{opened.weights_path} holds only {len(opened.header)} tensors")
         skeleton = checkpoint.skeleton_state_dict(lambda: cls(config))
-        names = {checkpoint.disk_key(name): name for name in skeleton}
+        names = {checkpoint.disk_key(name, layout): name for name in skeleton}
         sizes = checkpoint.size_fields(config.to_dict())
         opened.check_header({key: skeleton[name] for key, name in names.items()}, sizes)
         model = cls(config)

@@ -41,7 +41,7 @@ def test_demo_writes_exactly_the_path_it_names(tmp_path, capsys):
 
 
 def test_demo_says_when_the_check_is_skipped(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr("peagle_ext.cli.bench.eager_fits", lambda n, device: False)
+    monkeypatch.setattr("peagle_ext._measure.eager_fits", lambda n, device: False)
     assert main(["demo", "--seq-len", "256", "--out", str(tmp_path / "m.png")]) == 0
     assert "check skipped: create_block_mask would need" in capsys.readouterr().out
 
@@ -165,13 +165,17 @@ def test_bench_gpu_table_and_targets_from_figures(tmp_path, monkeypatch):
 
 
 def test_train_demo_runs_and_saves_a_loadable_checkpoint(tmp_path, capsys):
-    from peagle_ext.draft_llama import LlamaEagle3DraftModel
+    from peagle_ext.draft.llama import LlamaEagle3DraftModel
 
     out = tmp_path / "ckpt"
     assert main(["train-demo", "--steps", "3", "--seq-len", "12", "--depths", "2", "--out", str(out),
                  "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     assert "3/3 loss" in captured.err and "acc/depth" in captured.err
+    # What speculators would lack (no real target) is one line saying what the draft is for.
+    notes = [line for line in captured.err.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: {out} is for peagle_ext (eval --draft {out} --target tiny); speculators and vLLM need "
+                     "a draft of a real target (train, or train-demo --verifier)"]
     assert "loss: first" in captured.out and f"written to {out}" in captured.out
     assert "acceptance length at K = 2" in captured.out and "trained" in captured.out
     model = LlamaEagle3DraftModel.from_pretrained(out)
@@ -246,3 +250,17 @@ def test_usage_on_unknown_command(capsys):
     assert main(["frobnicate"]) == 2
     captured = capsys.readouterr()
     assert "unknown command 'frobnicate'" in captured.err and "demo" in captured.out
+
+
+@pytest.mark.parametrize(("command", "option", "default"), [
+    ("demo", "--seq-len", "4096"), ("bench", "--repeats", "25"), ("train-demo", "--lr", "3e-3"),
+    ("eval", "--batch-size", "8")])
+def test_options_are_not_abbreviated_and_help_shows_the_defaults(command, option, default, capsys):
+    required = ["--draft", "d", "--target", "tiny", "--prompts", "p"] if command == "eval" else []
+    assert main([command, *required, option[:-2], "5"]) == 2  # a prefix of an option is not that option
+    assert f"unrecognized arguments: {option[:-2]}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    options = " ".join(capsys.readouterr().out.split()).split("options:", 1)[1]
+    option_help = options.split(f" {option} ", 1)[1].split(" --", 1)[0]
+    assert f"default: {default})" in option_help or f"(default {default})" in option_help, option_help

@@ -75,3 +75,14 @@ def test_eval_usage_mistakes(demo_draft, prompts, tmp_path, extra, option, capsy
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("python -m peagle_ext eval: error:") and option in lines[0], lines
     assert captured.out == ""
+
+
+def test_eval_says_which_draft_a_real_target_needs(demo_draft, prompts, tmp_path, capsys):
+    """A train-demo draft against a model folder: refused before the model loads, saying what would do."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    args = ["eval", "--draft", str(demo_draft), "--target", str(tmp_path / "model"), "--prompts", str(prompts)]
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "names no eagle_aux_hidden_state_layer_ids" in lines[0], lines
+    assert "`python -m peagle_ext train`" in lines[0] and "--target tiny" in lines[0]

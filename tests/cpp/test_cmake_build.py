@@ -34,7 +34,7 @@ def cmake_4() -> str | None:
 def cmake_tools() -> tuple[str, str]:
     cmake = cmake_4()
     if cmake is None:
-        pytest.skip("needs cmake >= 4 (pip install 'cmake>=4'; the 'test' extra has it)")
+        pytest.skip("needs cmake >= 4 (pip install -r requirements/test.txt has it)")
     if shutil.which("ninja") is None:
         pytest.skip("needs ninja")
     return cmake, shutil.which("ctest", path=os.path.dirname(cmake)) or "ctest"  # the ctest of that cmake

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/ (draft_helpers)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the checkout
 import peagle_ext  # noqa: E402
-from peagle_ext.training import peagle_training_step  # noqa: E402
+from peagle_ext.draft.training import peagle_training_step  # noqa: E402
 
 from draft_helpers import random_sequence, tiny_model  # noqa: E402
 

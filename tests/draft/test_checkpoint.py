@@ -1,5 +1,6 @@
-"""Checkpoints in the layout speculators saves: round trip, on-disk layout, older forms, the verifier
-and the interop warning, bad keys, atomic writes. (Loading by the peers themselves: tests/interop.)"""
+"""Checkpoints in speculators' layout and NeMo Automodel's: round trip, on-disk layout, file modes,
+older forms, the verifier and the interop warning, bad keys, atomic writes. (Loading by the peers
+themselves: tests/interop.)"""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from peagle_ext import checkpoint
-from peagle_ext.draft_llama import LlamaEagle3DraftModel
-from peagle_ext.training import build_peagle_inputs
+from peagle_ext.draft import checkpoint
+from peagle_ext.draft.llama import LlamaEagle3DraftModel
+from peagle_ext.draft.training import build_peagle_inputs
 
 from draft_helpers import cod_indices, random_sequence, single_thread, tiny_model  # noqa: F401 (autouse fixture)
 
@@ -133,6 +134,77 @@ def test_norm_keys_on_disk(tmp_path):
     assert tensors["input_norm.weight"].shape == (3 * 16,) and not any(k.startswith("fc_norm") for k in tensors)
     layer = json.loads((directory / "config.json").read_text())["transformer_layer_config"]
     assert layer["rope_parameters"] == {"rope_theta": 10000.0, **LLAMA3_ROPE}
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_saved_files_have_the_mode_the_umask_gives(tmp_path, umask, mode):
+    """Like any open(): a checkpoint copied to a shared folder reads where the user's umask allows."""
+    previous = os.umask(umask)
+    try:
+        _, directory = _saved(tmp_path)
+    finally:
+        os.umask(previous)
+    assert {p.name: p.stat().st_mode & 0o777 for p in directory.iterdir()} == {
+        "config.json": mode, "model.safetensors": mode}
+
+
+@pytest.mark.parametrize("parallel_drafting", [True, False])
+def test_automodel_layout_round_trip(tmp_path, parallel_drafting):
+    """NeMo Automodel's layout: a flat Llama config.json with parallel_drafting and mask_token_id at top
+    level, weights under the module's own names; from_pretrained tells the layouts apart."""
+    model = tiny_model(draft_vocab_size=40, fc_norm=True, norm_output=True, parallel_drafting=parallel_drafting,
+                       num_hidden_layers=2 if parallel_drafting else 1, rope_scaling=LLAMA3_ROPE)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    model.save_pretrained(tmp_path / "draft", layout="automodel")
+    config = json.loads((tmp_path / "draft" / "config.json").read_text())
+    assert (config["model_type"], config["parallel_drafting"], config["mask_token_id"]) == (
+        "llama", parallel_drafting, 95)
+    assert "speculators_model_type" not in config and "transformer_layer_config" not in config
+    assert (config["num_depths"], config["draft_vocab_size"], config["target_hidden_size"]) == (
+        model.config.num_depths, 40, 16)
+    assert config["rope_parameters"] == {"rope_theta": 10000.0, **LLAMA3_ROPE}
+    tensors = load_file(tmp_path / "draft" / "model.safetensors")
+    assert set(tensors) == set(model.state_dict())  # model.layers.0..., lm_head.weight, mask_hidden
+    assert ("mask_hidden" in tensors) == parallel_drafting
+
+    loaded = LlamaEagle3DraftModel.from_pretrained(tmp_path / "draft")
+    assert loaded.config == model.config
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    if parallel_drafting:
+        assert torch.equal(_outputs(loaded), _outputs(model))
+
+
+def test_default_layout_follows_the_config_the_draft_was_built_from(tmp_path):
+    """An Eagle3DraftConfig saves speculators' layout; another config object (a LlamaConfig with the
+    P-EAGLE attributes, as NeMo Automodel builds drafts) saves Automodel's; layout= overrides."""
+    from types import SimpleNamespace
+
+    ours = tiny_model()
+    foreign = LlamaEagle3DraftModel(SimpleNamespace(**{
+        key: value for key, value in ours.config.to_dict().items() if value is not None}))
+    for model, name, expected in [(ours, "ours", "speculators"), (foreign, "foreign", "automodel")]:
+        model.save_pretrained(tmp_path / name)
+        assert checkpoint.layout_of(json.loads((tmp_path / name / "config.json").read_text())) == expected
+    foreign.save_pretrained(tmp_path / "forced", layout="speculators")
+    assert "speculators_model_type" in json.loads((tmp_path / "forced" / "config.json").read_text())
+    with pytest.raises(ValueError, match="layout must be one of 'speculators', 'automodel', got 'hf'"):
+        ours.save_pretrained(tmp_path / "bad", layout="hf")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_config_in_neither_layout_is_named(tmp_path):
+    _, directory = _saved(tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    del config["speculators_model_type"]
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(KeyError, match="missing key 'speculators_model_type'.*model_type is None"):
+        LlamaEagle3DraftModel.from_pretrained(directory)
+    (directory / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32}))
+    with pytest.raises(ValueError, match="config.json: config .* lacks the Llama field"):
+        LlamaEagle3DraftModel.from_pretrained(directory)
 
 
 def _verifier_dir(tmp_path):

@@ -32,7 +32,7 @@ def test_two_ranks_give_the_gradient_of_the_global_batch():
 
 
 def test_train_demo_under_torchrun_writes_one_checkpoint_from_rank_0(tmp_path):
-    from peagle_ext.draft_llama import LlamaEagle3DraftModel
+    from peagle_ext.draft.llama import LlamaEagle3DraftModel
 
     out = tmp_path / "ckpt"
     result = torchrun("-m", "peagle_ext", "train-demo", "--steps", "3", "--seq-len", "16", "--depths", "3",

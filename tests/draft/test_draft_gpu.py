@@ -8,7 +8,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 
 import peagle_ext
 from peagle_ext import peagle_draft
-from peagle_ext.training import build_peagle_inputs, peagle_training_step
+from peagle_ext.draft.training import build_peagle_inputs, peagle_training_step
 
 from draft_helpers import cod_indices, random_sequence, single_thread, tiny_model  # noqa: F401 (autouse fixture)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peagle_ext.draft_llama import (
+from peagle_ext.draft.llama import (
     Eagle3DraftConfig,
     Eagle3LlamaDecoderLayer,
     Eagle3LlamaPeagleLayer,
@@ -174,7 +174,7 @@ def _reference_forward(model, ids, projected, positions, visible):
     ],
 )
 def test_forward_matches_dense_reference(layout, overrides):
-    from peagle_ext.training import build_peagle_inputs
+    from peagle_ext.draft.training import build_peagle_inputs
 
     seq_len, lengths = 20, torch.tensor([11, 9])
     model = tiny_model(**overrides)
@@ -215,7 +215,7 @@ def test_draft_vocabulary_maps():
 def test_model_forward_is_forward_peagle():
     model = tiny_model()
     anchor_pos, depth = cod_indices(16, 3)
-    from peagle_ext.training import build_peagle_inputs
+    from peagle_ext.draft.training import build_peagle_inputs
 
     inputs = build_peagle_inputs(model, *random_sequence(model, 16), anchor_pos, depth)
     block_mask = model.build_peagle_block_mask(anchor_pos, depth, torch.tensor([16]), 16)

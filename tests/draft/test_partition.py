@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import peagle_ext
-from peagle_ext.training import peagle_training_step
+from peagle_ext.draft.training import peagle_training_step
 
 from draft_helpers import random_sequence, single_thread, tiny_model  # noqa: F401 (autouse fixture)
 from strategies import arbitrary_cases, cod_cases

@@ -356,9 +356,9 @@ def test_module_exports_automodels_names():
     import inspect
     import sys
 
-    from peagle_ext import draft_llama
+    from peagle_ext.draft import llama as draft_llama
 
-    assert sys.modules["peagle_ext.peagle_draft"] is peagle_draft is sys.modules["peagle_ext.draft.peagle_draft"]
+    assert sys.modules["peagle_ext.peagle_draft"] is peagle_draft
     hosts = {
         "_PeagleAttentionMixin": draft_llama.Eagle3LlamaAttention,
         "_PeagleDecoderLayerMixin": draft_llama.Eagle3LlamaDecoderLayer,

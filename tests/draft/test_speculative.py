@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from peagle_ext.cli.train_demo import demo_acceptance, demo_target
 from peagle_ext.cli.train_demo import main as train_demo
 from peagle_ext.draft import speculative
 from peagle_ext.draft.llama import Eagle3DraftConfig, LlamaEagle3DraftModel
@@ -22,6 +21,7 @@ from peagle_ext.draft.speculative import (
     speculative_generate,
     target_generate,
 )
+from peagle_ext.draft.tiny_target import demo_acceptance, demo_target
 
 from draft_helpers import single_thread, tiny_model  # noqa: F401 (autouse fixture)
 

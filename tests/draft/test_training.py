@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from peagle_ext.cli.train_demo import TinyTarget
-from peagle_ext.training import build_peagle_inputs, eagle_pairs, peagle_training_step
+from peagle_ext.draft.tiny_target import TinyTarget
+from peagle_ext.draft.training import build_peagle_inputs, eagle_pairs, peagle_training_step
 
 from draft_helpers import cod_indices, random_sequence, single_thread, tiny_model  # noqa: F401 (autouse fixture)
 

