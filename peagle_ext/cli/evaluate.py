@@ -142,12 +142,7 @@ def check_prompt_lengths(prompts: list[list[int]], args, limits: list[tuple[str,
         raise UsageError(f"argument --prompts: line {longest + 1} has {length} tokens; with -k {args.k} the longest "
                          f"prompt that leaves room for one new token is {limit - args.k} ({whose} "
                          f"max_position_embeddings is {limit})")
-    if args.max_new_tokens is None:
-        args.max_new_tokens = min(DEFAULT_NEW_TOKENS, bound)
-        if bound < DEFAULT_NEW_TOKENS:
-            print(f"eval: {bound} new tokens per prompt, what {whose} max_position_embeddings ({limit}) leaves "
-                  f"after the longest prompt", file=sys.stderr)
-    elif args.max_new_tokens > bound:
+    if args.max_new_tokens is not None and args.max_new_tokens > bound:
         raise UsageError(f"argument --max-new-tokens: must be <= {bound}, got {args.max_new_tokens} ({whose} "
                          f"max_position_embeddings {limit}, less the longest prompt's {length} tokens (line "
                          f"{longest + 1}) and the {args.k - 1} proposed past the end)")
@@ -157,6 +152,11 @@ def check_prompt_lengths(prompts: list[list[int]], args, limits: list[tuple[str,
     needed = rows * length * length * (8 * attention_heads + 2)
     check_memory("--prompts/--batch-size", needed, "cpu",
                  f"the first forward over {rows} prompt(s) of {length} tokens (line {longest + 1})")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = min(DEFAULT_NEW_TOKENS, bound)
+        if bound < DEFAULT_NEW_TOKENS:
+            print(f"eval: {bound} new tokens per prompt, what {whose} max_position_embeddings ({limit}) leaves "
+                  f"after the longest prompt", file=sys.stderr)
     return args.max_new_tokens
 
 
