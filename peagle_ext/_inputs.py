@@ -194,6 +194,9 @@ def normalize_mask_inputs(
     the CUDA path stays sync-free and capturable in a CUDA graph. The kernels never read out of
     bounds either way: they treat an out-of-range anchor as padding.
     """
+    if isinstance(anchor_pos, torch.Tensor) and anchor_pos.dim() not in (1, 2):
+        raise ValueError(f"anchor_pos must be 1-D [N], or 2-D [B, N] for a batch of rows, got shape "
+                         f"{tuple(anchor_pos.shape)}")
     batched = isinstance(anchor_pos, torch.Tensor) and anchor_pos.dim() == 2  # a batch of rows: [B, N]
     ndim = 2 if batched else 1
     anchor_pos, depth = _check_elements("anchor_pos", anchor_pos, "depth", depth, ndim)

@@ -116,6 +116,13 @@ def pad_rows(rows, num_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
         if (not isinstance(row, (tuple, list)) or len(row) != 2 or not all(isinstance(t, torch.Tensor) for t in row)
                 or row[0].dim() != 1 or row[0].shape != row[1].shape):
             raise ValueError(f"rows[{index}] must be an (anchor_pos, depth) pair of 1-D tensors of one length")
+    for index, row in enumerate(rows):
+        for name, tensor in zip(("anchor_pos", "depth"), row):
+            # Padding casts to int64: a float would be truncated (NaN to -2^63), not refused.
+            if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+                raise TypeError(f"rows[{index}]'s {name} must have an integer dtype, got {tensor.dtype}")
+        if row[0].device != rows[0][0].device or row[1].device != rows[0][0].device:
+            raise ValueError(f"rows[{index}] is on {row[0].device} and {row[1].device}, rows[0] on {rows[0][0].device}")
     width = max(anchor.numel() for anchor, _ in rows)
     pad = torch.nn.functional.pad
     anchor_pos = torch.stack([pad(a.to(torch.int64), (0, width - a.numel()), value=num_positions) for a, _ in rows])
@@ -127,6 +134,8 @@ def _supervised_positions(loss_mask, seq_length: int) -> torch.Tensor:
     """bool [seq_length] on the CPU from a 0/1 ``loss_mask`` of shape [S] or [1, S]."""
     if not isinstance(loss_mask, torch.Tensor):
         raise TypeError(f"loss_mask must be a tensor, got {type(loss_mask).__name__}")
+    if loss_mask.device.type == "meta":
+        raise ValueError("loss_mask is on the meta device, which holds no values")
     if loss_mask.dim() == 2 and loss_mask.shape[0] == 1:
         loss_mask = loss_mask[0]
     if loss_mask.dim() != 1:

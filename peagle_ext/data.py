@@ -93,6 +93,37 @@ class PeagleBatch(dict):
                                       lambda mask: block_mask_to(mask, device, non_blocking)))
 
 
+def check_sample(index: int, sample) -> None:
+    """What :class:`PeagleMaskCollator` reads of a sample, checked before anything is built, each
+    mistake named as ``samples[index]['key']``: a loss_mask tensor [S] (or [1, S]); its layout
+    entries 1-D tensors, anchor_pos and depth together, lengths or document_ids (not both),
+    document_ids one per position; no tensor on the meta device (it holds no values)."""
+    if not isinstance(sample, Mapping) or "loss_mask" not in sample:
+        raise TypeError(f"sample {index} must be a mapping with a 'loss_mask' entry, got {type(sample).__name__}")
+    for key in ("loss_mask",) + LAYOUT_KEYS:
+        if key not in sample:
+            continue
+        value, name = sample[key], f"samples[{index}][{key!r}]"
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if value.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device, which holds no values")
+        if key == "loss_mask" and not (value.dim() == 1 or (value.dim() == 2 and value.shape[0] == 1)):
+            raise ValueError(f"{name} must have shape [S] or [1, S], got {tuple(value.shape)}")
+        if key != "loss_mask" and value.dim() != 1:
+            raise ValueError(f"{name} must be 1-D (one sample's), got shape {tuple(value.shape)}")
+    if ("anchor_pos" in sample) != ("depth" in sample):
+        given, missing = ("anchor_pos", "depth") if "anchor_pos" in sample else ("depth", "anchor_pos")
+        raise ValueError(f"samples[{index}] has {given!r} without {missing!r}: give both (its own layout) or "
+                         "neither (a sampled one)")
+    if "lengths" in sample and "document_ids" in sample:
+        raise ValueError(f"samples[{index}] has both 'lengths' and 'document_ids': give one form of its documents")
+    positions = sample["loss_mask"].numel()
+    if "document_ids" in sample and sample["document_ids"].numel() != positions:
+        raise ValueError(f"samples[{index}]['document_ids'] has {sample['document_ids'].numel()} entries, "
+                         f"loss_mask {positions}: one document id per position")
+
+
 class PeagleMaskCollator:
     """A DataLoader ``collate_fn`` that builds each sample's COD layout and BlockMask.
 
@@ -129,7 +160,7 @@ class PeagleMaskCollator:
 
     def layout(self, sample: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
         """The sample's (anchor_pos, depth): its own, or sampled from its loss_mask."""
-        if "anchor_pos" in sample and "depth" in sample:
+        if "anchor_pos" in sample:
             return sample["anchor_pos"], sample["depth"]
         loss_mask = sample["loss_mask"]
         return generate_cod_sample_indices(loss_mask.numel(), loss_mask, **self.sampling)
@@ -145,15 +176,19 @@ class PeagleMaskCollator:
 
     def __call__(self, samples) -> PeagleBatch:
         for index, sample in enumerate(samples):
-            if not isinstance(sample, Mapping) or "loss_mask" not in sample:
-                raise TypeError(f"sample {index} must be a mapping with a 'loss_mask' entry, "
-                                f"got {type(sample).__name__}")
+            check_sample(index, sample)
         batch = PeagleBatch(self.collate_fn([{key: value for key, value in sample.items() if key not in LAYOUT_KEYS}
                                              for sample in samples]))
-        layouts = [self.layout(sample) for sample in samples]
+        layouts, masks = [], []
+        for index, sample in enumerate(samples):
+            try:
+                layouts.append(self.layout(sample))
+                masks.append(self.block_mask(sample, *layouts[-1]))
+            except (TypeError, ValueError) as error:  # say which sample the mask API's message is about
+                raise type(error)(f"samples[{index}]: {error}") from None
         batch["anchor_pos"] = [anchor_pos for anchor_pos, _ in layouts]
         batch["depth"] = [depth for _, depth in layouts]
-        batch["block_mask"] = [self.block_mask(sample, *layout) for sample, layout in zip(samples, layouts)]
+        batch["block_mask"] = masks
         for key in ("lengths", "document_ids"):
             if any(key in sample for sample in samples):
                 batch[key] = [sample.get(key) for sample in samples]

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from ._inputs import FIELD_MAX, MaskInputs, normalize_mask_inputs
+from ._inputs import _INT_DTYPES, FIELD_MAX, MaskInputs, normalize_mask_inputs
 
 
 class PeagleMaskMod:
@@ -42,6 +42,48 @@ class PeagleMaskMod:
         self.sliding_window = sliding_window
         self.kv_anchor_pos = anchor_pos if kv_anchor_pos is None else kv_anchor_pos
         self.kv_depth = depth if kv_depth is None else kv_depth
+        self._check()
+
+    # The attributes a PeagleMaskMod holds: what a pickle of one must hold, and nothing else.
+    _FIELDS = ("anchor_pos", "depth", "doc_of_position", "sliding_window", "kv_anchor_pos", "kv_depth")
+
+    def __setstate__(self, state) -> None:
+        """Unpickling (pickle, DataLoader workers, torch.load): the loaded fields are checked as the
+        constructor checks them, so a damaged or foreign pickle fails here, by name, and not later
+        inside flex_attention."""
+        if not isinstance(state, dict) or set(state) != set(self._FIELDS):
+            fields = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise TypeError(f"a pickled PeagleMaskMod must hold exactly the fields {list(self._FIELDS)}, got {fields}")
+        self.__dict__.update(state)
+        self._check()
+
+    def _check(self) -> None:
+        """Types, shapes and devices of the fields (not values: any value reads as the rule says,
+        out-of-range ones as padding)."""
+        tensors = {name: getattr(self, name) for name in self._FIELDS if name != "sliding_window"}
+        for name, tensor in tensors.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"PeagleMaskMod.{name} must be a torch.Tensor, got {type(tensor).__name__}")
+            if tensor.dtype not in _INT_DTYPES:
+                raise TypeError(f"PeagleMaskMod.{name} must have an integer dtype, got {tensor.dtype}")
+            if tensor.device != self.anchor_pos.device:
+                raise ValueError(f"PeagleMaskMod.{name} is on {tensor.device}, anchor_pos on {self.anchor_pos.device}")
+        if self.anchor_pos.dim() not in (1, 2):
+            raise ValueError(f"PeagleMaskMod.anchor_pos must be 1-D [Q_LEN] or 2-D [B, Q_LEN], got shape "
+                             f"{tuple(self.anchor_pos.shape)}")
+        for name, tensor in tensors.items():
+            if tensor.dim() != self.anchor_pos.dim() or (self.batched and tensor.shape[0] != self.anchor_pos.shape[0]):
+                raise ValueError(f"PeagleMaskMod.{name} has shape {tuple(tensor.shape)}, anchor_pos "
+                                 f"{tuple(self.anchor_pos.shape)}: every field is [length], or [B, length] for a batch")
+        for anchors, depths in (("anchor_pos", "depth"), ("kv_anchor_pos", "kv_depth")):
+            if tensors[anchors].shape != tensors[depths].shape:
+                raise ValueError(f"PeagleMaskMod.{anchors} and {depths} must have one shape, got "
+                                 f"{tuple(tensors[anchors].shape)} and {tuple(tensors[depths].shape)}")
+        if self.doc_of_position.shape[-1] == 0:
+            raise ValueError("PeagleMaskMod.doc_of_position must hold at least one position")
+        window = self.sliding_window
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise TypeError(f"PeagleMaskMod.sliding_window must be None or an int >= 1, got {window!r}")
 
     @property
     def keys_are_queries(self) -> bool:

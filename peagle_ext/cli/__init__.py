@@ -117,12 +117,40 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def check_path(option: str, path) -> str:
+    """A usage error unless ``path`` names a path: an empty or blank string names none, yet
+    ``os.path`` and ``pathlib`` read it as the current directory, so writing "there" would replace
+    files the user never named; a NUL byte no file system accepts. Every path option of every
+    command goes through here (the write checks below call it first). Returns ``path``."""
+    if not isinstance(path, str) or not path.strip():
+        raise UsageError(f"argument {option}: must name a path, got {path!r} (an empty path would be the "
+                         "current directory)")
+    if "\0" in path:
+        raise UsageError(f"argument {option}: holds a NUL byte, which no path can: {path[:40]!r}")
+    return path
+
+
+def check_distinct_files(outputs: dict[str, str | None], inputs: list[tuple[str, str]] = ()) -> None:
+    """A usage error when an output file (option -> path; None: not asked for) is one of the
+    ``inputs`` ((option, path) pairs: files the run reads) or another output: the run would
+    overwrite what it reads, or one result with another."""
+    seen = {os.path.realpath(path): option for option, path in inputs}
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        real = os.path.realpath(path)
+        if real in seen:
+            raise UsageError(f"argument {option}: {path} is the file {seen[real]} names; give another path")
+        seen[real] = option
+
+
 def check_writable(option: str, path: str) -> None:
     """Fail now, not after the work, when ``path`` cannot be written as a file.
 
     Opens it for appending (which truncates nothing) and removes it again if it did not exist,
     so the check is the real one, also for root on read-only file systems.
     """
+    check_path(option, path)
     if os.path.isdir(path):
         raise UsageError(f"argument {option}: {path} is a directory, expected a file path")
     existed = os.path.exists(path)
@@ -153,6 +181,7 @@ def check_directory_writable(option: str, path: str, needed_bytes: int = 0) -> N
     import shutil
     import tempfile
 
+    check_path(option, path)
     where = nearest_existing_directory(path)
     try:
         tempfile.TemporaryDirectory(dir=where).cleanup()
@@ -162,6 +191,36 @@ def check_directory_writable(option: str, path: str, needed_bytes: int = 0) -> N
     if free < needed_bytes:
         raise UsageError(f"argument {option}: {where} has {free / 2**20:.1f} MiB free, the output needs about "
                          f"{needed_bytes / 2**20:.1f} MiB")
+
+
+def check_checkpoint_out(option: str, out: str, overwrite: bool) -> None:
+    """A checkpoint directory to write: new, empty, or (with ``overwrite``) a draft checkpoint,
+    whose two files are replaced (anything else in it is kept). Never an existing file, never a
+    directory of other things (another model's config.json and weights, say), never an empty path."""
+    import json
+
+    from ..draft.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+
+    check_path(option, out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"argument {option}: {out} is a file, expected a checkpoint directory")
+    try:
+        if not os.path.isdir(out) or not os.listdir(out):
+            return
+    except OSError as error:
+        raise UsageError(f"argument {option}: cannot list {out} ({error.strerror or error})") from None
+    try:
+        with open(os.path.join(out, CONFIG_NAME), "rb") as file:
+            config = json.loads(file.read(1 << 20))
+        is_checkpoint = (isinstance(config, dict) and "speculators_model_type" in config
+                         and os.path.isfile(os.path.join(out, WEIGHTS_NAME)))
+    except (OSError, ValueError, RecursionError):
+        is_checkpoint = False
+    if not is_checkpoint:
+        raise UsageError(f"argument {option}: {out} holds other files and is not a draft checkpoint ({CONFIG_NAME} "
+                         f"with speculators_model_type, and {WEIGHTS_NAME}); give a new or empty directory")
+    if not overwrite:
+        raise UsageError(f"argument {option}: {out} already exists; pass --overwrite to replace it")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -141,7 +141,15 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main(argv: list[str]) -> int:
     from ..block_mask import BACKENDS, available_backends
-    from . import UsageError, check_writable, int_at_least, parser_for, positive_float, resolve_device
+    from . import (
+        UsageError,
+        check_distinct_files,
+        check_writable,
+        int_at_least,
+        parser_for,
+        positive_float,
+        resolve_device,
+    )
 
     parser = parser_for("bench")
     parser.add_argument("--lengths", type=int_at_least(1), nargs="+",
@@ -183,6 +191,7 @@ def main(argv: list[str]) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("argument --plot: needs matplotlib (pip install 'peagle_ext[plot]')") from None
+    check_distinct_files({"--json": args.json, "--markdown": args.markdown, "--plot": args.plot})
     # Inductor's pool of compile workers would otherwise keep the cores busy after each compile
     # and slow whatever is timed next.
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")

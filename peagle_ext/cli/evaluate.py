@@ -21,7 +21,15 @@ import time
 
 import torch
 
-from . import UsageError, check_writable, int_at_least, parser_for
+from . import UsageError, check_distinct_files, check_memory, check_path, check_writable, int_at_least, parser_for
+
+# New tokens per prompt when --max-new-tokens is not given (fewer where the position limits allow fewer).
+DEFAULT_NEW_TOKENS = 64
+# Below this a temperature divides logits past float32's range (the draws would be NaN), and above
+# it up to there it samples the argmax anyway: 0 is the way to ask for greedy decoding.
+MIN_TEMPERATURE = 1e-4
+# The largest prompts file read (a stream without end, /dev/zero say, is refused at this size).
+MAX_PROMPTS_BYTES = 64 << 20
 
 
 def parse_args(argv: list[str]):
@@ -34,21 +42,29 @@ def parse_args(argv: list[str]):
                         help="one prompt per line: token ids (tiny), a user message, or JSON chat messages")
     parser.add_argument("-k", "--num-speculative-tokens", type=int_at_least(1), default=5, dest="k",
                         help="tokens proposed per step (default 5)")
-    parser.add_argument("--max-new-tokens", type=int_at_least(1), default=64, help="new tokens per prompt (default 64)")
+    parser.add_argument("--max-new-tokens", type=int_at_least(1), default=None,
+                        help=f"new tokens per prompt, at most what the draft's and target's position limits leave "
+                             f"after the longest prompt (default {DEFAULT_NEW_TOKENS}, or that bound if lower)")
     parser.add_argument("--json", metavar="OUT", default=None, help="write the measurements here")
     parser.add_argument("--batch-size", type=int_at_least(1), default=8, help="prompts decoded together (default 8)")
     parser.add_argument("--temperature", type=float, default=0.0,
-                        help="0: greedy verification (default); > 0: rejection sampling")
+                        help=f"0: greedy verification (default); >= {MIN_TEMPERATURE:g}: rejection sampling")
     parser.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the draws when sampling (default 0)")
     parser.add_argument("--target-seed", type=int_at_least(0), default=0,
                         help="the tiny target's seed (train-demo --seed)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain-decoding baseline")
     parser.add_argument("--ignore-eos", action="store_true",
                         help="do not stop at the tokenizer's end-of-sequence token")
-    parser.add_argument("--threads", type=int_at_least(1), default=None, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int_at_least(1, os.cpu_count() or 1), default=None,
+                        help="torch intra-op threads (at most the CPUs here)")
     args = parser.parse_args(argv)
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise UsageError(f"argument --temperature: must be a finite number >= 0, got {args.temperature}")
+    if not (math.isfinite(args.temperature) and (args.temperature == 0 or args.temperature >= MIN_TEMPERATURE)):
+        raise UsageError(f"argument --temperature: must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, "
+                         f"got {args.temperature}")
+    for option in ("--draft", "--prompts") + (("--target",) if args.target != "tiny" else ()):
+        check_path(option, getattr(args, option[2:]))
+    if args.gguf_file is not None:
+        check_path("--gguf-file", args.gguf_file)
     if not os.path.isfile(os.path.join(args.draft, "config.json")):
         raise UsageError(f"argument --draft: {args.draft} holds no config.json (expected a draft checkpoint directory)")
     if args.target != "tiny":
@@ -60,16 +76,33 @@ def parse_args(argv: list[str]):
             raise UsageError(f"argument --target: {args.target} holds no config.json (give --gguf-file for a GGUF)")
     elif args.gguf_file is not None:
         raise UsageError("argument --gguf-file: only with a transformers model folder as --target")
-    try:
-        with open(args.prompts) as handle:
-            args.prompt_lines = [line.rstrip("\n") for line in handle if line.strip()]
-    except OSError as error:
-        raise UsageError(f"argument --prompts: cannot read {args.prompts} ({error.strerror or error})") from None
-    if not args.prompt_lines:
-        raise UsageError(f"argument --prompts: {args.prompts} holds no prompt")
+    args.prompt_lines = read_prompt_lines(args.prompts)
     if args.json is not None:
         check_writable("--json", args.json)
+        check_distinct_files({"--json": args.json}, [("--prompts", args.prompts)] + [
+            ("--draft", os.path.join(args.draft, name)) for name in ("config.json", "model.safetensors")])
     return args
+
+
+def read_prompt_lines(path: str) -> list[str]:
+    """The prompts file's non-blank lines: UTF-8 text of at most MAX_PROMPTS_BYTES."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_PROMPTS_BYTES + 1)
+    except OSError as error:
+        raise UsageError(f"argument --prompts: cannot read {path} ({error.strerror or error})") from None
+    if len(data) > MAX_PROMPTS_BYTES:
+        raise UsageError(f"argument --prompts: {path} is longer than {MAX_PROMPTS_BYTES >> 20} MiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise UsageError(f"argument --prompts: {path} is not UTF-8 text (byte 0x{data[error.start]:02x} on line "
+                         f"{line})") from None
+    lines = [line for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n") if line.strip()]
+    if not lines:
+        raise UsageError(f"argument --prompts: {path} holds no prompt")
+    return lines
 
 
 def tiny_prompts(lines: list[str], vocab_size: int) -> list[list[int]]:
@@ -83,6 +116,48 @@ def tiny_prompts(lines: list[str], vocab_size: int) -> list[list[int]]:
             raise UsageError(f"argument --prompts: line {number} has ids outside [0, {vocab_size})")
         prompts.append(ids)
     return prompts
+
+
+def position_limits(draft_config, target_config=None) -> list[tuple[str, int]]:
+    """(whose, max_position_embeddings) of the draft and, where it has one, the target."""
+    limits = [("the draft's", draft_config.max_position_embeddings)]
+    target_limit = getattr(target_config, "max_position_embeddings", None)
+    if isinstance(target_limit, int) and target_limit > 0:
+        limits.append(("the target's", target_limit))
+    return limits
+
+
+def check_prompt_lengths(prompts: list[list[int]], args, limits: list[tuple[str, int]], attention_heads: int) -> int:
+    """Usage errors, before decoding, for a prompt or --max-new-tokens past the position limits or
+    a first forward past the memory here; returns the new tokens per prompt to decode.
+
+    A prompt of P tokens decoding N new ones with K proposals a step reaches position
+    P + N + K - 2 (the last step proposes K tokens past the last one kept), so P + N + K - 1
+    positions must fit each limit."""
+    whose, limit = min(limits, key=lambda pair: pair[1])
+    longest = max(range(len(prompts)), key=lambda index: len(prompts[index]))
+    length = len(prompts[longest])
+    bound = limit - length - args.k + 1
+    if bound < 1:
+        raise UsageError(f"argument --prompts: line {longest + 1} has {length} tokens; with -k {args.k} the longest "
+                         f"prompt that leaves room for one new token is {limit - args.k} ({whose} "
+                         f"max_position_embeddings is {limit})")
+    if args.max_new_tokens is not None and args.max_new_tokens > bound:
+        raise UsageError(f"argument --max-new-tokens: must be <= {bound}, got {args.max_new_tokens} ({whose} "
+                         f"max_position_embeddings {limit}, less the longest prompt's {length} tokens (line "
+                         f"{longest + 1}) and the {args.k - 1} proposed past the end)")
+    # The first forward over a batch of the longest prompts: attention scores and weights (float32)
+    # and masks of every head over every pair of its positions, the draft's and the target's.
+    rows = min(args.batch_size, len(prompts))
+    needed = rows * length * length * (8 * attention_heads + 2)
+    check_memory("--prompts/--batch-size", needed, "cpu",
+                 f"the first forward over {rows} prompt(s) of {length} tokens (line {longest + 1})")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = min(DEFAULT_NEW_TOKENS, bound)
+        if bound < DEFAULT_NEW_TOKENS:
+            print(f"eval: {bound} new tokens per prompt, what {whose} max_position_embeddings ({limit}) leaves "
+                  f"after the longest prompt", file=sys.stderr)
+    return args.max_new_tokens
 
 
 def chat_prompts(lines: list[str], tokenizer) -> list[list[int]]:
@@ -150,6 +225,7 @@ def main(argv: list[str]) -> int:
             raise UsageError(f"argument --target: the tiny target gives 3 states of {TARGET_HIDDEN}; this draft reads "
                              f"{config.num_aux_hidden_states} of {config.target_hidden_size}")
         prompts = tiny_prompts(args.prompt_lines, config.vocab_size)
+        check_prompt_lengths(prompts, args, position_limits(config), config.num_attention_heads)
         target = TokenwiseTarget(demo_target(config.vocab_size, args.target_seed))
     else:
         if not config.eagle_aux_hidden_state_layer_ids:
@@ -165,6 +241,12 @@ def main(argv: list[str]) -> int:
                              f"{config.target_hidden_size}; {args.target} has {model.config.vocab_size} and "
                              f"{model.config.hidden_size}")
         prompts = chat_prompts(args.prompt_lines, tokenizer)
+        for number, ids in enumerate(prompts, 1):
+            if any(not 0 <= i < config.vocab_size for i in ids):
+                raise UsageError(f"argument --prompts: line {number} gives token ids outside the target's "
+                                 f"vocabulary [0, {config.vocab_size})")
+        check_prompt_lengths(prompts, args, position_limits(config, model.config),
+                             config.num_attention_heads + model.config.num_attention_heads)
         target = TransformersTarget(model, config.eagle_aux_hidden_state_layer_ids, tokenizer.pad_token_id or 0)
         eos = None if args.ignore_eos else tokenizer.eos_token_id
 

@@ -4,7 +4,6 @@ random target, with a progress bar, then save a checkpoint."""
 from __future__ import annotations
 
 import gc
-import json
 import math
 import os
 import sys
@@ -17,8 +16,10 @@ from ..draft.tiny_target import EVAL_PROMPTS, TARGET_HIDDEN, demo_acceptance, de
 from . import (
     UsageError,
     add_device_option,
+    check_checkpoint_out,
     check_directory_writable,
     check_memory,
+    check_path,
     int_at_least,
     parser_for,
     positive_float,
@@ -69,26 +70,9 @@ def demo_config(args):
 
 
 def check_out(out: str, overwrite: bool) -> None:
-    """--out must be new, an empty directory, or (with --overwrite) a draft checkpoint, whose two
-    files are replaced (anything else in it is kept). Never a directory of other things."""
-    from ..draft.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"argument --out: {out} is a file, expected a checkpoint directory")
-    if not os.path.isdir(out) or not os.listdir(out):
-        return
-    try:
-        with open(os.path.join(out, CONFIG_NAME), "rb") as file:
-            config = json.loads(file.read(1 << 20))
-        is_checkpoint = (isinstance(config, dict) and "speculators_model_type" in config
-                         and os.path.isfile(os.path.join(out, WEIGHTS_NAME)))
-    except (OSError, ValueError, RecursionError):
-        is_checkpoint = False
-    if not is_checkpoint:
-        raise UsageError(f"argument --out: {out} holds other files and is not a draft checkpoint ({CONFIG_NAME} "
-                         f"with speculators_model_type, and {WEIGHTS_NAME}); give a new or empty directory")
-    if not overwrite:
-        raise UsageError(f"argument --out: {out} already exists; pass --overwrite to replace it")
+    """--out must be new, an empty directory, or (with --overwrite) a draft checkpoint (see
+    :func:`peagle_ext.cli.check_checkpoint_out`)."""
+    check_checkpoint_out("--out", out, overwrite)
 
 
 def check_resources(args) -> None:
@@ -138,6 +122,8 @@ def parse_args(argv: list[str]):
         raise UsageError(f"argument --hidden-size: must be a multiple of {2 * DEMO_HEADS} ({DEMO_HEADS} attention "
                          f"heads of an even head dim, as rotary embeddings need), got {args.hidden_size}")
     check_out(args.out, args.overwrite)
+    if args.verifier is not None:
+        check_path("--verifier", args.verifier)
     args.device = resolve_device(args.device)
     check_resources(args)
     return args

@@ -366,6 +366,9 @@ def save_checkpoint(directory, config_json: dict, tensors: dict) -> None:
     deleted by the next save. Saves and loads of one directory lock it (flock), so concurrent
     saves take turns and a load never sees a half-moved save.
     """
+    if isinstance(directory, str) and not directory.strip():
+        # Path("") is the current directory: a save there would replace files no one named.
+        raise ValueError(f"directory must name a directory, got {directory!r}")
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory} exists and is not a directory")
