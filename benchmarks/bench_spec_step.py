@@ -141,6 +141,20 @@ def main() -> int:
         print(f"K={K}: speculative step {forced * 1e3:.1f} ms = {forced / plain_step_s:.2f}x a plain step "
               f"(every proposal accepted); {own * 1e3:.1f} ms = {own / plain_step_s:.2f}x with the random "
               f"draft's own acceptance (length {statistics.mean(acceptance[K]):.2f})")
+    # the floor: the target's forward over K + 1 tokens against one token, after the same prompt
+    target.start([prompts[0]])
+    forward = {}
+    for width in [1] + [K + 1 for K in args.k]:
+        ids = torch.tensor([prompts[0][-width:]])
+        runs = []
+        for _ in range(5 * args.repeats):
+            _, seconds = timed(target.extend, ids)
+            target.commit(torch.zeros_like(ids, dtype=torch.bool))  # cropped again: the same cache each time
+            runs.append(seconds)
+        forward[width] = statistics.median(runs)
+    print("the target's forward alone over K + 1 tokens: " + ", ".join(
+        f"K={K}: {forward[K + 1] / forward[1]:.2f}x one token" for K in args.k)
+        + f" ({forward[1] * 1e3:.1f} ms)")
     plain_rate = statistics.mean(plain_rates)
     if not args.no_generate:
         rates = []

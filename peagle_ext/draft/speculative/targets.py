@@ -49,6 +49,20 @@ def left_pad(prompts, pad_token_id: int, device):
     return ids.to(device), positions.to(device), valid.to(device)
 
 
+# Causal LMs whose logits are exactly ``lm_head(last_hidden_state)`` (no scaling, no soft-capping):
+# for these the target computes the logits itself, as lm_head.weight @ states^T, which on CPU BLAS
+# costs little more for the K + 1 verified tokens than for one (x @ W^T does not).
+PLAIN_HEAD_MODELS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
+
+
+def _plain_head(model):
+    """The model's lm_head when its logits are lm_head(last_hidden_state) alone, else None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(model).__name__ in PLAIN_HEAD_MODELS and isinstance(head, torch.nn.Linear) and head.bias is None:
+        return head
+    return None
+
+
 def _preallocated_layer_class():
     """A transformers KV-cache layer that writes new keys and values into a buffer (doubled when
     full) instead of concatenating the whole cache each forward; its ``keys``/``values`` are views
@@ -110,6 +124,7 @@ class TransformersTarget:
         self._layers = decoder_layers if decoder_layers is not None and len(decoder_layers) == layers else None
         self._decoder = decoder
         self._config = config
+        self._head = _plain_head(model) if self._layers is not None else None
         self._num_layers = layers
         self._plain_cache = bool(getattr(config, "sliding_window", None)) or any(
             kind != "full_attention" for kind in (getattr(config, "layer_types", None) or []))
@@ -170,12 +185,18 @@ class TransformersTarget:
                                                                                   with_kwargs=True))
                 else:
                     hooks.append(self._decoder.register_forward_hook(final_output))
-            out = self.model(**arguments)
+            if self._head is None:
+                logits = self.model(**arguments).logits
+            else:
+                del arguments["logits_to_keep"]
+                states = self._decoder(**arguments).last_hidden_state[:, -logits_to_keep:]
+                batch, width, hidden = states.shape
+                logits = torch.mm(self._head.weight, states.reshape(-1, hidden).T).T.view(batch, width, -1)
         finally:
             for hook in hooks:
                 hook.remove()
         aux = torch.cat([captured[layer_id] for layer_id in self.aux_layer_ids], dim=-1)
-        return out.logits.float(), aux
+        return logits.float(), aux
 
     def start(self, prompts: list[list[int]]):
         """Begin a decode (dropping any earlier one's state): prefill the prompts, left-padded:
