@@ -17,6 +17,7 @@ from peagle_ext.draft.speculative import (
     GREEDY_BELOW_TEMPERATURE,
     TokenwiseTarget,
     TransformersTarget,
+    measure,
     speculative_generate,
     target_generate,
 )
@@ -137,3 +138,10 @@ def test_target_generate_checks_the_same(module, arguments, message):
     target.max_positions = 64
     with pytest.raises(ValueError, match=message):
         target_generate(target, **(dict(prompts=[[1, 2]], max_new_tokens=3) | arguments))
+
+
+@pytest.mark.parametrize("name, value", [("batch_size", 0), ("batch_size", 1.5), ("batch_size", True),
+                                         ("seed", "0"), ("seed", 1.0)])
+def test_measure_checks_its_own_arguments(module, name, value):
+    with pytest.raises(ValueError, match=name):
+        measure(NoStart(module), draft(), [[1, 2]], 2, 3, **{name: value})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .loop import SpeculativeResult, speculative_generate, target_generate
+from .loop import SpeculativeResult, _is_int, speculative_generate, target_generate
 
 
 def measure(target, draft, prompts: list[list[int]], num_speculative_tokens: int, max_new_tokens: int, *,
@@ -18,6 +18,10 @@ def measure(target, draft, prompts: list[list[int]], num_speculative_tokens: int
     ``conditional_acceptance``, forward counts and (greedy, with the baseline)
     ``matches_target``: whether the tokens equal the plain decode's. ``progress(done)`` is called
     after each batch."""
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an int, got {seed!r}")
     generator = torch.Generator(device=target.device).manual_seed(seed)
     rows, spec_seconds, plain_seconds, plain_ids = [], 0.0, 0.0, []
     for begin in range(0, len(prompts), batch_size):
