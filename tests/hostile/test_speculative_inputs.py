@@ -11,7 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from peagle_ext.cli.train_demo import demo_target
+from peagle_ext.draft.tiny_target import demo_target
 from peagle_ext.draft.llama import Eagle3DraftConfig, LlamaEagle3DraftModel
 from peagle_ext.draft.speculative import (
     GREEDY_BELOW_TEMPERATURE,
