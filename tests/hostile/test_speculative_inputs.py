@@ -11,7 +11,6 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from peagle_ext.draft.tiny_target import demo_target
 from peagle_ext.draft.llama import Eagle3DraftConfig, LlamaEagle3DraftModel
 from peagle_ext.draft.speculative import (
     GREEDY_BELOW_TEMPERATURE,
@@ -21,6 +20,7 @@ from peagle_ext.draft.speculative import (
     speculative_generate,
     target_generate,
 )
+from peagle_ext.draft.tiny_target import demo_target
 
 from draft_helpers import single_thread  # noqa: F401 (autouse fixture)
 
