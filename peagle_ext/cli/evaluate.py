@@ -21,13 +21,11 @@ import time
 
 import torch
 
+from ..draft.speculative.loop import GREEDY_BELOW_TEMPERATURE, positions_needed
 from . import UsageError, check_distinct_files, check_memory, check_path, check_writable, int_at_least, parser_for
 
 # New tokens per prompt when --max-new-tokens is not given (fewer where the position limits allow fewer).
 DEFAULT_NEW_TOKENS = 64
-# Below this a temperature divides logits past float32's range (the draws would be NaN), and above
-# it up to there it samples the argmax anyway: 0 is the way to ask for greedy decoding.
-MIN_TEMPERATURE = 1e-4
 # The largest prompts file read (a stream without end, /dev/zero say, is refused at this size).
 MAX_PROMPTS_BYTES = 64 << 20
 
@@ -48,7 +46,7 @@ def parse_args(argv: list[str]):
     parser.add_argument("--json", metavar="OUT", default=None, help="write the measurements here")
     parser.add_argument("--batch-size", type=int_at_least(1), default=8, help="prompts decoded together (default 8)")
     parser.add_argument("--temperature", type=float, default=0.0,
-                        help=f"0: greedy verification (default); >= {MIN_TEMPERATURE:g}: rejection sampling")
+                        help=f"0 or below {GREEDY_BELOW_TEMPERATURE:g}: greedy verification; above: rejection sampling")
     parser.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the draws when sampling (default 0)")
     parser.add_argument("--target-seed", type=int_at_least(0), default=0,
                         help="the tiny target's seed (train-demo --seed)")
@@ -58,9 +56,8 @@ def parse_args(argv: list[str]):
     parser.add_argument("--threads", type=int_at_least(1, os.cpu_count() or 1), default=None,
                         help="torch intra-op threads (at most the CPUs here)")
     args = parser.parse_args(argv)
-    if not (math.isfinite(args.temperature) and (args.temperature == 0 or args.temperature >= MIN_TEMPERATURE)):
-        raise UsageError(f"argument --temperature: must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, "
-                         f"got {args.temperature}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UsageError(f"argument --temperature: must be a finite number >= 0, got {args.temperature}")
     for option in ("--draft", "--prompts") + (("--target",) if args.target != "tiny" else ()):
         check_path(option, getattr(args, option[2:]))
     if args.gguf_file is not None:
@@ -133,11 +130,11 @@ def check_prompt_lengths(prompts: list[list[int]], args, limits: list[tuple[str,
 
     A prompt of P tokens decoding N new ones with K proposals a step reaches position
     P + N + K - 2 (the last step proposes K tokens past the last one kept), so P + N + K - 1
-    positions must fit each limit."""
+    positions must fit each limit (``positions_needed``, the rule the decode itself checks)."""
     whose, limit = min(limits, key=lambda pair: pair[1])
     longest = max(range(len(prompts)), key=lambda index: len(prompts[index]))
     length = len(prompts[longest])
-    bound = limit - length - args.k + 1
+    bound = limit - positions_needed(length, 0, args.k)
     if bound < 1:
         raise UsageError(f"argument --prompts: line {longest + 1} has {length} tokens; with -k {args.k} the longest "
                          f"prompt that leaves room for one new token is {limit - args.k} ({whose} "
@@ -265,7 +262,7 @@ def main(argv: list[str]) -> int:
     if "target" in speed:
         print(f"tokens/s: speculative {speed['speculative']:.1f}, plain target {speed['target']:.1f} "
               f"(speedup {report['speedup']:.2f}x)")
-        if args.temperature == 0:
+        if args.temperature < GREEDY_BELOW_TEMPERATURE:
             same = sum(p["matches_target"] for p in report["prompts"])
             print(f"greedy outputs equal to the plain decode: {same}/{len(prompts)}")
     if args.json is not None:

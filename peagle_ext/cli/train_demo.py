@@ -205,6 +205,10 @@ def main(argv: list[str]) -> int:
     print(f"trained in {time.perf_counter() - started:.1f} s; checkpoint (config.json, model.safetensors) "
           f"written to {args.out}")
     trained_length = demo_acceptance(model, target, args.depths, args.seed)
+    if math.isnan(trained_length):
+        print(f"acceptance length not measured: {model.config.max_position_embeddings} positions leave no room "
+              f"for a prompt, {args.depths} proposals and a new token")
+        return 0
     model.load_state_dict(initial_state)
     untrained_length = demo_acceptance(model, target, args.depths, args.seed)
     print(f"acceptance length at K = {args.depths} (tokens per target forward, greedy, {EVAL_PROMPTS} prompts drawn "

@@ -61,14 +61,20 @@ def demo_target(vocab_size: int, seed: int = 0, device="cpu") -> TinyTarget:
 
 def demo_acceptance(draft, target: TinyTarget, num_speculative_tokens: int, seed: int = 0) -> float:
     """Mean acceptance length (tokens per target forward) of ``draft`` speculating for ``target`` on
-    prompts drawn from the target (greedy verification)."""
+    prompts drawn from the target (greedy verification), prompts and new tokens cut to fit the
+    draft's position limit; NaN when that limit leaves no room for a new token."""
     from .speculative import TokenwiseTarget, speculative_generate
 
+    positions = draft.config.max_position_embeddings
+    prompt_len = min(EVAL_PROMPT_LEN, max(1, positions // 2))
+    new_tokens = min(EVAL_NEW_TOKENS, positions - prompt_len - num_speculative_tokens)
+    if new_tokens < 1:
+        return float("nan")
     generator = torch.Generator().manual_seed(seed)
-    prompts = [target.sample(EVAL_PROMPT_LEN, generator).tolist() for _ in range(EVAL_PROMPTS)]
+    prompts = [target.sample(prompt_len, generator).tolist() for _ in range(EVAL_PROMPTS)]
     was_training = draft.training
     draft.eval()
-    result = speculative_generate(TokenwiseTarget(target), draft, prompts, num_speculative_tokens, EVAL_NEW_TOKENS)
+    result = speculative_generate(TokenwiseTarget(target), draft, prompts, num_speculative_tokens, new_tokens)
     draft.train(was_training)
     return result.acceptance_length
 

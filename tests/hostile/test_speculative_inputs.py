@@ -95,9 +95,39 @@ def test_prompt_and_new_tokens_are_bounded_by_the_targets_positions():
                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
     target = TransformersTarget(transformers.LlamaForCausalLM(config).eval(), [1])
     with pytest.raises(ValueError, match=r"target's max_position_embeddings \(32\)"):
-        speculative_generate(target, draft(), [[1] * 20], 3, 10)
+        speculative_generate(target, draft(), [[1] * 20], 3, 11)
     with pytest.raises(ValueError, match=r"target's max_position_embeddings \(32\)"):
-        target_generate(target, [[1] * 20], 12)
+        target_generate(target, [[1] * 20], 13)
+
+
+def test_the_position_bound_is_exact():
+    """At the bound (longest prompt + max_new_tokens + K - 1 = the limit) the decode runs, and no
+    position the target or the draft reads reaches the limit; one token more is refused."""
+    transformers = pytest.importorskip("transformers", reason="the transformers target needs transformers")
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    the_draft = draft(max_positions=32)
+    seen = []
+
+    def record(module, args, kwargs, output):
+        positions = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+        if positions is not None:
+            seen.append(int(positions.max()))
+
+    hooks = [model.model.rotary_emb.register_forward_hook(record, with_kwargs=True)]
+    hooks += [m.register_forward_hook(record, with_kwargs=True) for m in the_draft.modules()
+              if type(m).__name__ == "LlamaRotaryEmbedding"]
+    try:
+        result = speculative_generate(TransformersTarget(model, [0, 1, 2]), the_draft, [[1] * 20], 3, 10)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(result.rows[0].generated_ids) == 10
+    assert seen and max(seen) < 32, max(seen)
+    with pytest.raises(ValueError, match=r"max_position_embeddings \(32\)"):
+        speculative_generate(TransformersTarget(model, [0, 1, 2]), the_draft, [[1] * 20], 3, 11)
 
 
 def test_memory_beyond_what_is_available_is_refused_with_the_estimate(module):

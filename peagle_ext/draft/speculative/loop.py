@@ -132,6 +132,14 @@ def _draft_memory(draft, batch: int, prompt_length: int, total_length: int) -> i
     return cache + prefill
 
 
+def positions_needed(prompt_length: int, max_new_tokens: int, num_speculative_tokens: int) -> int:
+    """Positions a decode of ``max_new_tokens`` after a prompt of ``prompt_length`` tokens reaches,
+    counted from 0, plus one: a step runs while fewer than ``max_new_tokens`` are kept, so the last
+    one starts at position ``prompt_length + max_new_tokens - 2`` at the latest and reads K
+    positions past it."""
+    return prompt_length + max_new_tokens + num_speculative_tokens - 1
+
+
 def check_decode(target, draft, prompts, num_speculative_tokens, max_new_tokens, temperature,
                  eos_token_id) -> list[list[int]]:
     """Every argument of :func:`speculative_generate` checked before any work (a ValueError naming
@@ -145,16 +153,15 @@ def check_decode(target, draft, prompts, num_speculative_tokens, max_new_tokens,
     if eos_token_id is not None:
         _check_token_id("eos_token_id", eos_token_id, vocab_size)
     longest = max(len(p) for p in prompts)
-    # the last step reads up to K positions past the last kept token
-    needed = longest + max_new_tokens + num_speculative_tokens
+    needed = positions_needed(longest, max_new_tokens, num_speculative_tokens)
     limits = [("target", getattr(target, "max_positions", None))]
     if draft is not None:
         limits.append(("draft", draft.config.max_position_embeddings))
     for who, limit in limits:
         if limit is not None and needed > limit:
             raise ValueError(f"prompts and max_new_tokens: the longest prompt ({longest} tokens) + max_new_tokens "
-                             f"({max_new_tokens}) + num_speculative_tokens ({num_speculative_tokens}) = {needed} "
-                             f"positions, more than the {who}'s max_position_embeddings ({limit})")
+                             f"({max_new_tokens}) + num_speculative_tokens ({num_speculative_tokens}) - 1 = "
+                             f"{needed} positions, more than the {who}'s max_position_embeddings ({limit})")
     estimate = getattr(target, "memory_estimate", lambda *_: 0)(len(prompts), longest, needed)
     if draft is not None:
         estimate += _draft_memory(draft, len(prompts), longest, needed)
@@ -180,7 +187,7 @@ def speculative_generate(target, draft, prompts: list[list[int]], num_speculativ
     and below ``GREEDY_BELOW_TEMPERATURE`` (1e-5; the output is the target's greedy decode),
     rejection sampling otherwise (``generator`` for the draws). A row that is done stays in the
     batch until all are (its further tokens are dropped). Prompt ids must lie in the target's
-    vocabulary, and the longest prompt + max_new_tokens + K within the target's and the draft's
+    vocabulary, and the longest prompt + max_new_tokens + K - 1 within the target's and the draft's
     position limits and the memory available; a ValueError names what is wrong before any work."""
     prompts = check_decode(target, draft, prompts, num_speculative_tokens, max_new_tokens, temperature, eos_token_id)
     if temperature < GREEDY_BELOW_TEMPERATURE:
