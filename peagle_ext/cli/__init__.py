@@ -1,4 +1,4 @@
-"""The command line: ``python -m peagle_ext {demo,info,bench,train-demo,eval} [options]``.
+"""The command line: ``python -m peagle_ext {demo,info,bench,train-demo,train,eval} [options]``.
 
 Every mistake in the arguments ends in one line, ``<command>: error: argument --x: what is
 wrong``, and exit status 2, before any work starts; output paths are checked the same way.
@@ -18,6 +18,7 @@ COMMANDS = {
     "info": ("info", "torch version, CUDA, compiled kernels and available backends"),
     "bench": ("bench", "benchmark every backend against create_block_mask (see --help)"),
     "train-demo": ("train_demo", "train a tiny P-EAGLE draft on synthetic data and save a checkpoint"),
+    "train": ("train", "train a P-EAGLE or EAGLE-3 draft for a transformers model in a time budget (see --help)"),
     "eval": ("evaluate", "speculative decoding with a draft against a target: acceptance and speed (see --help)"),
 }
 
