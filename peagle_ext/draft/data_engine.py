@@ -232,11 +232,12 @@ def keep_instruction(text: str, special_tokens=()) -> bool:
     return letters >= 0.6 * len(text.replace(" ", "")) and not held_out_kind(text)
 
 
-def synthesize_instructions(model, tokenizer, count: int, *, batch_size: int = 32, max_tokens: int = 48,
+def synthesize_instructions(model, tokenizer, count: int, *, batch_size: int = 64, max_tokens: int = 40,
                             temperature: float = 1.0, top_p: float = 0.95, seed: int = 0, deadline=None,
                             seen=(), on_batch=None) -> list[str]:
     """Up to ``count`` distinct user instructions sampled by the target in its own user turn
-    (Magpie), filtered by :func:`keep_instruction` and deduplicated (among themselves and against
+    (Magpie; one cut off at ``max_tokens`` is kept up to its last question mark), filtered by
+    :func:`keep_instruction` and deduplicated (among themselves and against
     ``seen``, compared on their words in lower case). Stops at ``deadline`` (time.monotonic)."""
     prefix, stops = user_turn_prefix(tokenizer)
     generator = torch.Generator().manual_seed(seed)
@@ -249,9 +250,9 @@ def synthesize_instructions(model, tokenizer, count: int, *, batch_size: int = 3
                        temperature=temperature, top_p=top_p, generator=generator)
         tries += batch_size
         for new, finished, _ in rows:
-            if not finished:
-                continue
-            text = tokenizer.decode(new[:-1], skip_special_tokens=False).strip()
+            text = tokenizer.decode(new[:-1] if finished else new, skip_special_tokens=False).strip()
+            if not finished:  # cut off: keep it up to its last question, if it has one
+                text = text[: text.rfind("?") + 1]
             key = _normalized(text)
             if key in known or not keep_instruction(text, special):
                 continue
