@@ -9,9 +9,9 @@ Variants: ``base`` (the command's defaults), ``lrX`` (peak learning rate X), ``l
 layers), ``ratioR`` (COD down-sampling ratio R, min max(0.2, R - 0.4): more deep elements, so a
 larger share of the loss on the deep depths), ``mask_mean`` (``mask_hidden`` starts at the mean of
 the training auxiliary states instead of a std-1 normal), ``overfit`` (8 sequences only: can the
-deep depths be learned at all?). The figure of merit is the estimated acceptance length at K = 5,
-1 + sum over k = 1..5 of the product of the held-out accuracies of depths 0..k-1, next to the
-accuracies themselves.
+deep depths be learned at all?); ``a+b`` combines variants. The figure of merit is the estimated
+acceptance length at K = 5, 1 + sum over k = 1..5 of the product of the held-out accuracies of
+depths 0..k-1, next to the accuracies themselves.
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ def estimated_acceptance(accuracy, k=5):
 
 
 def variant_config(base: recipe.TrainConfig, name: str) -> recipe.TrainConfig:
+    if "+" in name:  # a combination: each part in turn
+        for part in name.split("+"):
+            base = variant_config(base, part)
+        return base
     if name.startswith("lr"):
         return dataclasses.replace(base, lr=float(name[2:]))
     if name.startswith("layers"):
@@ -89,9 +93,9 @@ def main() -> int:
     rows = []
     for name in args.variants:
         config = variant_config(base, name)
-        train_set = samples[:8] if name == "overfit" else samples
+        train_set = samples[:8] if "overfit" in name.split("+") else samples
         draft = recipe.make_draft(model, config, vocab, layer_ids, "target")
-        if name == "mask_mean":
+        if "mask_mean" in name.split("+"):
             with torch.no_grad():
                 mean = torch.cat([s.aux.float() for s in samples[:256]]).mean(0)
                 draft.mask_hidden.copy_(mean.view(1, 1, -1))

@@ -47,6 +47,10 @@ def parse_args(argv: list[str]):
                         help="longest response generated for the data (default %(default)s)")
     parser.add_argument("--gen-batch", type=int_at_least(1, 4096), default=defaults.gen_batch,
                         help="prompts decoded together for the data (default %(default)s)")
+    parser.add_argument("--data-share", type=positive_float, default=defaults.data_share,
+                        help="share of the budget for making data (default %(default)s)")
+    parser.add_argument("--eval-share", type=positive_float, default=defaults.eval_share,
+                        help="share of the budget for the evaluation (default %(default)s)")
     parser.add_argument("--data-dtype", choices=["bfloat16", "float32"], default=defaults.data_dtype,
                         help="dtype of the target's copy that makes the data (default %(default)s)")
     parser.add_argument("--step-tokens", type=int_at_least(1), default=defaults.step_tokens,
@@ -80,6 +84,7 @@ def parse_args(argv: list[str]):
         method=args.method, ks=sorted(set(args.ks)), prompts_file=args.prompts, verifier=args.verifier,
         layers=args.layers, depths=args.depths, lr=args.lr, draft_vocab=args.draft_vocab,
         response_tokens=args.response_tokens, gen_batch=args.gen_batch, data_dtype=args.data_dtype,
+        data_share=args.data_share, eval_share=args.eval_share,
         step_tokens=args.step_tokens,
         eval_tokens=args.eval_tokens, threads=args.threads, seed=args.seed)
     from ..draft.recipe import check_budget
