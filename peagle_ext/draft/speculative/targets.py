@@ -1,0 +1,254 @@
+"""Targets: the model that verifies the draft's proposals, behind one small interface.
+
+A target holds the state of one decode (its cache, each row's length); ``start`` begins a decode
+(it resets whatever an earlier one left), ``extend`` reads new tokens after what is committed,
+and ``commit`` says which of them stay:
+
+- ``start(prompts) -> (ids, positions, valid, logits, aux)``: the prompts left-padded into
+  ``ids``, ``positions``, ``valid`` [B, M]; ``logits`` [B, 1, V] at each row's last prompt token;
+  ``aux`` [B, M, A] the auxiliary states the draft reads.
+- ``extend(ids [B, Q]) -> (positions [B, Q], logits [B, Q, V], aux [B, Q, A])``: the tokens at
+  each row's next positions.
+- ``commit(keep [B, Q])``: of the last ``extend``'s tokens, each row keeps a prefix.
+- ``device``, ``vocab_size`` and ``max_positions`` (the longest sequence it can hold; None: no
+  limit) describe it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class Target(Protocol):
+    """What :func:`~peagle_ext.draft.speculative.speculative_generate` needs of a target."""
+
+    device: torch.device
+    vocab_size: int
+    max_positions: int | None
+
+    def start(self, prompts: list[list[int]]): ...
+
+    def extend(self, ids: torch.Tensor): ...
+
+    def commit(self, keep: torch.Tensor) -> None: ...
+
+
+def left_pad(prompts, pad_token_id: int, device):
+    """(ids, positions, valid) [B, M] for token lists, padded on the left (positions from 0)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token id lists")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.int64)
+    valid = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.as_tensor(prompt, dtype=torch.int64)
+        valid[row, width - len(prompt):] = True
+    positions = (valid.cumsum(1) - 1).clamp(min=0)
+    return ids.to(device), positions.to(device), valid.to(device)
+
+
+def _preallocated_layer_class():
+    """A transformers KV-cache layer that writes new keys and values into a buffer (doubled when
+    full) instead of concatenating the whole cache each forward; its ``keys``/``values`` are views
+    of the filled part, so cropping is the dynamic layer's own slicing."""
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self.buffers = None
+            length = self.get_seq_length()
+            end = length + key_states.shape[-2]
+            if self.buffers is None or self.buffers[0].shape[-2] < end:
+                capacity = max(end, 2 * (0 if self.buffers is None else self.buffers[0].shape[-2]))
+                shape = (*key_states.shape[:-2], capacity, key_states.shape[-1])
+                buffers = (key_states.new_empty(shape), value_states.new_empty(shape))
+                if length:
+                    buffers[0][..., :length, :] = self.keys
+                    buffers[1][..., :length, :] = self.values
+                self.buffers = buffers
+            self.buffers[0][..., length:end, :] = key_states
+            self.buffers[1][..., length:end, :] = value_states
+            self.keys, self.values = self.buffers[0][..., :end, :], self.buffers[1][..., :end, :]
+            return self.keys, self.values
+
+    return PreallocatedLayer
+
+
+class TransformersTarget:
+    """A transformers causal LM as the target: left-padded prefill, then forwards over new tokens
+    with its KV cache.
+
+    After each verification the cache is cropped to the longest prefix some row accepted; at batch
+    1 (or when every row accepted as many) nothing else stays. Slots a row rejected but another row
+    kept stay in the cache as holes that the attention mask hides; each row keeps its own
+    positions. The logits are computed only where the loop reads them (the last prompt token, then
+    every new token), and the auxiliary states are captured by hooks on the decoder layers that
+    the draft reads, not by ``output_hidden_states`` of every layer.
+
+    ``aux_layer_ids``: the draft's ``eagle_aux_hidden_state_layer_ids``; the auxiliary state of id
+    l is ``hidden_states[l]`` of ``output_hidden_states`` (the input of decoder layer l, vLLM's
+    capture point; l = num_hidden_layers: the final, normed output), concatenated in that order.
+    """
+
+    def __init__(self, model, aux_layer_ids, pad_token_id: int = 0):
+        config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") \
+            else model.config
+        layers = config.num_hidden_layers
+        if not aux_layer_ids or any(isinstance(layer_id, bool) or not isinstance(layer_id, int)
+                                    or not 0 <= layer_id <= layers for layer_id in aux_layer_ids):
+            raise ValueError(f"aux_layer_ids must be layer ids in [0, {layers}], got {aux_layer_ids}")
+        self.model, self.aux_layer_ids, self.pad_token_id = model, list(aux_layer_ids), pad_token_id
+        self.vocab_size = int(config.vocab_size)
+        self.max_positions = getattr(config, "max_position_embeddings", None)
+        decoder = getattr(model, "base_model", None)
+        decoder_layers = getattr(decoder, "layers", None)
+        # hooks need the decoder's layer list; other models fall back to output_hidden_states
+        self._layers = decoder_layers if decoder_layers is not None and len(decoder_layers) == layers else None
+        self._decoder = decoder
+        self._config = config
+        self._num_layers = layers
+        self._plain_cache = bool(getattr(config, "sliding_window", None)) or any(
+            kind != "full_attention" for kind in (getattr(config, "layer_types", None) or []))
+        # the state of one decode, set by start()
+        self.cache = None
+        self.mask: torch.Tensor | None = None  # [B, T]: which cached slots are real
+        self.length: torch.Tensor | None = None  # [B]: real tokens per row
+        self.dense = True  # no padding and no holes: the mask is all True
+
+    @property
+    def device(self):
+        return self.model.device
+
+    def memory_estimate(self, batch: int, prompt_length: int, total_length: int) -> int:
+        """Bytes of the decode's largest allocations: the KV cache (buffers up to twice the
+        sequence), the prefill's attention mask and scores, and the logits of a step."""
+        config = self._config
+        element = next(self.model.parameters()).element_size()
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        cache = 2 * 2 * self._num_layers * kv_heads * head_dim * element * batch * total_length
+        prefill = batch * prompt_length * prompt_length * (1 + element * heads)
+        return cache + prefill + batch * (total_length - prompt_length) * self.vocab_size * 4
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+        from transformers.cache_utils import Cache
+
+        if self._plain_cache:
+            return DynamicCache(config=self.model.config)
+        return Cache(layer_class_to_replicate=_preallocated_layer_class())
+
+    @torch.no_grad()
+    def _forward(self, ids, positions, logits_to_keep: int):
+        """(logits [B, logits_to_keep, V] of the last positions, aux [B, Q, A])."""
+        mask = None if self.dense else self.mask.long()
+        arguments = dict(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                         use_cache=True, logits_to_keep=logits_to_keep)
+        if self._layers is None:
+            out = self.model(**arguments, output_hidden_states=True)
+            aux = torch.cat([out.hidden_states[layer_id] for layer_id in self.aux_layer_ids], dim=-1)
+            return out.logits.float(), aux
+        captured, hooks = {}, []
+
+        def layer_input(layer_id):
+            def hook(module, args, kwargs):
+                captured[layer_id] = args[0] if args else kwargs["hidden_states"]
+            return hook
+
+        def final_output(module, args, output):
+            captured[self._num_layers] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+        try:
+            for layer_id in set(self.aux_layer_ids):
+                if layer_id < self._num_layers:
+                    hooks.append(self._layers[layer_id].register_forward_pre_hook(layer_input(layer_id),
+                                                                                  with_kwargs=True))
+                else:
+                    hooks.append(self._decoder.register_forward_hook(final_output))
+            out = self.model(**arguments)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        aux = torch.cat([captured[layer_id] for layer_id in self.aux_layer_ids], dim=-1)
+        return out.logits.float(), aux
+
+    def start(self, prompts: list[list[int]]):
+        """Begin a decode (dropping any earlier one's state): prefill the prompts, left-padded:
+        (ids, positions, valid: [B, M]; logits [B, 1, V] at the last prompt token; aux [B, M, A])."""
+        ids, positions, valid = left_pad(prompts, self.pad_token_id, self.device)
+        self.cache, self.mask = self._new_cache(), valid
+        self.length = valid.sum(1)
+        self.dense = bool(valid.all())
+        logits, aux = self._forward(ids, positions, 1)
+        return ids, positions, valid, logits, aux
+
+    def extend(self, ids: torch.Tensor):
+        """Read ids [B, Q] at each row's next positions: (positions [B, Q], logits [B, Q, V], aux)."""
+        positions = self.length.view(-1, 1) + torch.arange(ids.shape[1], device=ids.device)
+        self.mask = torch.cat([self.mask, torch.ones_like(ids, dtype=torch.bool)], 1)
+        return (positions, *self._forward(ids, positions, ids.shape[1]))
+
+    def commit(self, keep: torch.Tensor) -> None:
+        """Of the last ``extend``'s slots, keep [B, Q] (a prefix per row): the slots after the
+        longest kept prefix leave the cache, the others a row did not keep become holes."""
+        kept = keep.sum(1)
+        drop = keep.shape[1] - int(kept.max())
+        if drop:
+            self.cache.crop(-drop)
+            self.mask = self.mask[:, :self.mask.shape[1] - drop]
+        if drop < keep.shape[1]:
+            self.mask[:, -(keep.shape[1] - drop):] = keep[:, :keep.shape[1] - drop]
+        self.length = self.length + kept
+        self.dense = self.dense and bool((kept == kept[0]).all())
+
+
+class TokenwiseTarget:
+    """A target whose outputs at a position depend on that position's token alone (the demo's
+    tiny target): ``module(tokens [S]) -> (aux [S, A], logits [S, V])``. No cache is needed."""
+
+    def __init__(self, module):
+        self.module = module
+        self.vocab_size = _tokenwise_vocab_size(module)
+        self.max_positions = None
+        self.length: torch.Tensor | None = None  # [B]: real tokens per row, set by start()
+
+    @property
+    def device(self):
+        return next(self.module.parameters()).device
+
+    def memory_estimate(self, batch: int, prompt_length: int, total_length: int) -> int:
+        """Bytes of the largest allocation: the prefill's logits (the module has no cache)."""
+        return batch * prompt_length * (self.vocab_size or 0) * 4
+
+    @torch.no_grad()
+    def _forward(self, ids):
+        aux, logits = self.module(ids.reshape(-1))
+        return logits.float().view(*ids.shape, -1), aux.view(*ids.shape, -1)
+
+    def start(self, prompts: list[list[int]]):
+        """Begin a decode: (ids, positions, valid [B, M]; logits [B, 1, V]; aux [B, M, A])."""
+        ids, positions, valid = left_pad(prompts, 0, self.device)
+        self.length = valid.sum(1)
+        logits, aux = self._forward(ids)
+        return ids, positions, valid, logits[:, -1:], aux
+
+    def extend(self, ids: torch.Tensor):
+        positions = self.length.view(-1, 1) + torch.arange(ids.shape[1], device=ids.device)
+        return (positions, *self._forward(ids))
+
+    def commit(self, keep: torch.Tensor) -> None:
+        self.length = self.length + keep.sum(1)
+
+
+def _tokenwise_vocab_size(module) -> int | None:
+    """The vocabulary of a tokenwise module: its ``vocab_size``, or its first embedding's rows."""
+    size = getattr(module, "vocab_size", None)
+    if isinstance(size, int):
+        return size
+    embedding = next((m for m in module.modules() if isinstance(m, torch.nn.Embedding)), None)
+    return None if embedding is None else embedding.num_embeddings

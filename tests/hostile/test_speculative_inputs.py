@@ -1,0 +1,139 @@
+"""Careless and hostile arguments to speculative_generate and target_generate: every one refused by a
+ValueError naming the argument before any work (no decode starts, no memory is asked for), or given
+its documented meaning (a temperature below GREEDY_BELOW_TEMPERATURE decodes greedily)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from peagle_ext.cli.train_demo import demo_target
+from peagle_ext.draft.llama import Eagle3DraftConfig, LlamaEagle3DraftModel
+from peagle_ext.draft.speculative import (
+    GREEDY_BELOW_TEMPERATURE,
+    TokenwiseTarget,
+    TransformersTarget,
+    speculative_generate,
+    target_generate,
+)
+
+from draft_helpers import single_thread  # noqa: F401 (autouse fixture)
+
+VOCAB = 32
+
+
+def draft(max_positions: int = 64, parallel: bool = True) -> LlamaEagle3DraftModel:
+    torch.manual_seed(0)
+    return LlamaEagle3DraftModel(Eagle3DraftConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1,
+        vocab_size=VOCAB, draft_vocab_size=VOCAB, target_hidden_size=32, parallel_drafting=parallel, num_depths=4,
+        max_position_embeddings=max_positions)).eval()
+
+
+class NoStart(TokenwiseTarget):
+    """The demo's target, failing the test if a decode starts."""
+
+    def start(self, prompts):
+        raise AssertionError("the decode started before the arguments were checked")
+
+
+@pytest.fixture(scope="module")
+def module():
+    torch.manual_seed(1)
+    return demo_target(VOCAB)
+
+
+def refused(module, message, target_class=NoStart, **arguments):
+    arguments = dict(prompts=[[1, 2, 3]], num_speculative_tokens=3, max_new_tokens=4) | arguments
+    the_draft = arguments.pop("draft", None) or draft()
+    with pytest.raises(ValueError, match=message):
+        speculative_generate(target_class(module), the_draft, **arguments)
+
+
+@pytest.mark.parametrize("eos", [[36], "36", -1, 1.5, 10**30, True, False, VOCAB, math.nan, torch.tensor([3])])
+def test_eos_token_id_must_be_a_token_of_the_vocabulary(module, eos):
+    refused(module, "eos_token_id", eos_token_id=eos)
+
+
+@pytest.mark.parametrize("prompts", [
+    [[1.0, 2.0]], [[True, 2]], [[1, 2.5]], [["1"]], [[1, -1]], [[1, VOCAB]], [[10**30]], [[1], []], [], "abc",
+    [[[1, 2]]], [torch.tensor([1.0, 2.0])], [torch.tensor([True])], [torch.tensor([[1, 2]])], [torch.tensor([VOCAB])],
+    [[1], "12"], None, 5])
+def test_prompts_must_be_lists_of_token_ids_in_the_vocabulary(module, prompts):
+    refused(module, "prompts", prompts=prompts)
+
+
+@given(st.lists(st.lists(st.one_of(st.integers(), st.floats(allow_nan=True), st.booleans()), max_size=6),
+                max_size=3))
+def test_any_prompt_list_is_decoded_or_refused_by_name(prompts):
+    """Random prompt lists: valid ones decode, every other one is a ValueError naming prompts."""
+    torch.manual_seed(1)
+    target = TokenwiseTarget(demo_target(VOCAB))
+    valid = bool(prompts) and all(p and all(type(t) is int and 0 <= t < VOCAB for t in p) for p in prompts)
+    if valid:
+        result = speculative_generate(target, draft(), prompts, 2, 3)
+        assert all(len(row.generated_ids) == 3 for row in result.rows)
+    else:
+        with pytest.raises(ValueError, match="prompts"):
+            speculative_generate(target, draft(), prompts, 2, 3)
+
+
+def test_prompt_and_new_tokens_are_bounded_by_the_drafts_positions(module):
+    refused(module, r"draft's max_position_embeddings \(64\)", prompts=[[1] * 60], max_new_tokens=8)
+    refused(module, r"draft's max_position_embeddings \(64\)", max_new_tokens=10**9)
+    refused(module, r"draft's max_position_embeddings \(64\)", prompts=[[1] * 30_000])
+
+
+def test_prompt_and_new_tokens_are_bounded_by_the_targets_positions():
+    transformers = pytest.importorskip("transformers", reason="the transformers target needs transformers")
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    target = TransformersTarget(transformers.LlamaForCausalLM(config).eval(), [1])
+    with pytest.raises(ValueError, match=r"target's max_position_embeddings \(32\)"):
+        speculative_generate(target, draft(), [[1] * 20], 3, 10)
+    with pytest.raises(ValueError, match=r"target's max_position_embeddings \(32\)"):
+        target_generate(target, [[1] * 20], 12)
+
+
+def test_memory_beyond_what_is_available_is_refused_with_the_estimate(module):
+    """A draft that takes a million positions and 30,000-token prompts in a batch of 64: the
+    prefill's attention alone is terabytes; the message gives the estimate."""
+    with pytest.raises(ValueError, match=r"prompts and max_new_tokens: .* needs about [0-9.]+ GiB"):
+        speculative_generate(NoStart(demo_target(VOCAB)), draft(10**6), [[1] * 30_000] * 64, 3, 4)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 5e-324, GREEDY_BELOW_TEMPERATURE / 2])
+@pytest.mark.parametrize("parallel", [True, False], ids=["peagle", "eagle3"])
+def test_a_temperature_below_the_bound_decodes_greedily(module, temperature, parallel):
+    target = TokenwiseTarget(module)
+    prompts = [[1, 2, 3], [4]]
+    greedy = speculative_generate(target, draft(parallel=parallel), prompts, 3, 12)
+    tiny = speculative_generate(target, draft(parallel=parallel), prompts, 3, 12, temperature=temperature,
+                                generator=torch.Generator().manual_seed(0))
+    assert [row.generated_ids for row in tiny.rows] == [row.generated_ids for row in greedy.rows]
+
+
+@pytest.mark.parametrize("temperature", [-1e-40, math.inf, math.nan, True, "0.5", None, [0.5]])
+def test_temperature_must_be_a_finite_number_at_least_0(module, temperature):
+    refused(module, "temperature", temperature=temperature)
+
+
+@pytest.mark.parametrize("name, value", [("num_speculative_tokens", 0), ("num_speculative_tokens", 2.0),
+                                         ("num_speculative_tokens", True), ("max_new_tokens", -3),
+                                         ("max_new_tokens", "4"), ("max_new_tokens", None)])
+def test_counts_must_be_positive_ints(module, name, value):
+    refused(module, name, **{name: value})
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(prompts=[[1, 2.0]]), "prompts"), (dict(eos_token_id="3"), "eos_token_id"),
+    (dict(max_new_tokens=10**9), r"target's max_position_embeddings \(64\)")])
+def test_target_generate_checks_the_same(module, arguments, message):
+    target = NoStart(module)
+    target.max_positions = 64
+    with pytest.raises(ValueError, match=message):
+        target_generate(target, **(dict(prompts=[[1, 2]], max_new_tokens=3) | arguments))
