@@ -123,9 +123,10 @@ class _StateCapture:
 
 @torch.no_grad()
 def _decode(model, prompts, max_new_tokens, stop_ids, pad_id, capture=None, temperature=0.0, top_p=1.0,
-            generator=None):
+            generator=None, deadline=None):
     """Decode token-id ``prompts`` together (left-padded, one KV cache) until each row emits a
-    token of ``stop_ids`` (kept) or has ``max_new_tokens``; rows that finish leave the batch.
+    token of ``stop_ids`` (kept) or has ``max_new_tokens``, or ``deadline`` (time.monotonic)
+    passes (the rows are then cut where they are); rows that finish leave the batch.
     Greedy at temperature 0, else nucleus sampling. Returns per row (new ids, finished, states):
     with ``capture`` (a _StateCapture) states is (aux, last) float16 over the row's prompt and all
     of its new tokens but the last (the tokens the forwards read), else None."""
@@ -162,7 +163,8 @@ def _decode(model, prompts, max_new_tokens, stop_ids, pad_id, capture=None, temp
         for index, row in enumerate(rows):
             new[row].append(int(token[index]))
             finished[row] = bool(done[index])
-        keep = ~done if step + 1 < max_new_tokens else torch.zeros_like(done)
+        out_of_time = deadline is not None and time.monotonic() >= deadline
+        keep = ~done if step + 1 < max_new_tokens and not out_of_time else torch.zeros_like(done)
         if not bool(keep.any()):
             break
         if not bool(keep.all()):
@@ -247,7 +249,7 @@ def synthesize_instructions(model, tokenizer, count: int, *, batch_size: int = 6
     tries = 0
     while len(kept) < count and (deadline is None or time.monotonic() < deadline):
         rows = _decode(model, [prefix] * batch_size, max_tokens, stops, tokenizer.pad_token_id or 0,
-                       temperature=temperature, top_p=top_p, generator=generator)
+                       temperature=temperature, top_p=top_p, generator=generator, deadline=deadline)
         tries += batch_size
         for new, finished, _ in rows:
             text = tokenizer.decode(new[:-1] if finished else new, skip_special_tokens=False).strip()
@@ -284,7 +286,8 @@ def generate_samples(model, tokenizer, messages: list[str], layer_ids, *, max_to
                      deadline=None, on_batch=None):
     """Yield :class:`Sample` batches (lists) of the target's greedy responses to ``messages`` (user
     messages, through the chat template), ``batch_size`` prompts decoded together (sorted by
-    length so that little is padding), until ``deadline``."""
+    length so that little is padding), until ``deadline``: the batch decoding then is cut where
+    it is (a response cut short is still the target's greedy text)."""
     prompts = [(chat_template_ids(tokenizer, [{"role": "user", "content": m}]), m) for m in messages]
     prompts.sort(key=lambda pair: len(pair[0]))
     stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -295,8 +298,10 @@ def generate_samples(model, tokenizer, messages: list[str], layer_ids, *, max_to
                 return
             chunk = prompts[begin:begin + batch_size]
             rows = _decode(model, [ids for ids, _ in chunk], max_tokens, stops, tokenizer.pad_token_id or 0,
-                           capture=capture)
-            batch = [Sample(message, ids, new, aux, last) for (ids, message), (new, _, (aux, last)) in zip(chunk, rows)]
+                           capture=capture, deadline=deadline)
+            # a response of one token (cut at the deadline) supervises nothing
+            batch = [Sample(message, ids, new, aux, last) for (ids, message), (new, _, (aux, last)) in zip(chunk, rows)
+                     if len(new) > 1]
             if on_batch is not None:
                 on_batch(batch)
             yield batch

@@ -55,7 +55,7 @@ class TrainConfig:
     draft_vocab: int = 8192
     layers: int = 1
     depths: int = 8
-    lr: float = 1e-3
+    lr: float = 3e-3
     warmup_steps: int = 30
     down_sample_ratio: float = 0.7  # COD: depth d keeps a share max(ratio**d, ratio_min) of the positions
     down_sample_ratio_min: float = 0.2
@@ -393,6 +393,7 @@ def plot(summary: dict, path: str) -> bool:
         rates = [math.nan if r is None else r for r in report["conditional_acceptance"]]
         left.plot(range(1, len(rates) + 1), rates, marker="o",
                   label=f"{name}: acceptance length {report['acceptance_length']:.2f}")
+    left.set_xticks(range(1, 1 + max((len(r["conditional_acceptance"]) for r in results.values()), default=1)))
     left.set_xlabel("draft position")
     left.set_ylabel("acceptance given the earlier positions accepted")
     left.set_ylim(0, 1)
