@@ -4,6 +4,7 @@ held-out sequences (the target's responses to the held-out prompts) and on train
 
     python benchmarks/train_recipe.py --target DIR [--gguf-file F] --data RUN_OUT --seconds 180 \
         --variants base lr3e-3 layers2 ratio0.9 mask_mean overfit --json out.json --plot out.png
+    python benchmarks/train_recipe.py --replot a.json b.json --plot both.png --target - --data -
 
 Variants: ``base`` (the command's defaults), ``lrX`` (peak learning rate X), ``layersN`` (N draft
 layers), ``ratioR`` (COD down-sampling ratio R, min max(0.2, R - 0.4): more deep elements, so a
@@ -59,6 +60,26 @@ def variant_config(base: recipe.TrainConfig, name: str) -> recipe.TrainConfig:
     return base
 
 
+def draw(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for row in rows:
+        for axis, key in zip(axes, ("held_out_accuracy", "train_accuracy")):
+            axis.plot(range(len(row[key])), row[key], marker="o", label=f"{row['variant']} ({row['steps']} steps)")
+    for axis, title in zip(axes, ("held-out sequences", "training sequences")):
+        axis.set_title(f"teacher-forced accuracy per depth, {title}", fontsize=9)
+        axis.set_xlabel("COD depth")
+        axis.grid(alpha=0.3)
+        axis.set_ylim(0, 1)
+    axes[1].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--target", required=True)
@@ -69,7 +90,13 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
+    parser.add_argument("--replot", nargs="+", metavar="JSON", default=None,
+                        help="only draw --plot from the rows of earlier --json files")
     args = parser.parse_args()
+    if args.replot:
+        rows = [row for path in args.replot for row in json.load(open(path))]
+        draw(rows, args.plot)
+        return 0
     torch.set_num_threads(args.threads)
     model, tokenizer = load_transformers_target(args.target, args.gguf_file)
     layers = model.config.num_hidden_layers
@@ -115,23 +142,7 @@ def main() -> int:
             with open(args.json, "w") as handle:
                 json.dump(rows, handle, indent=1)
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-        for row in rows:
-            for axis, key in zip(axes, ("held_out_accuracy", "train_accuracy")):
-                axis.plot(range(len(row[key])), row[key], marker="o", label=row["variant"])
-        for axis, title in zip(axes, ("held-out sequences", "training sequences")):
-            axis.set_title(f"teacher-forced accuracy per depth, {title}", fontsize=9)
-            axis.set_xlabel("COD depth")
-            axis.grid(alpha=0.3)
-            axis.set_ylim(0, 1)
-        axes[0].legend(fontsize=8)
-        figure.tight_layout()
-        figure.savefig(args.plot, dpi=110)
+        draw(rows, args.plot)
     return 0
 
 
