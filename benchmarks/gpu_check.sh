@@ -9,9 +9,10 @@
 # 2. runs the CUDA tests: exactness against create_block_mask on the GPU for every GPU backend, the
 #    emulated pipeline's bytes, CUDA-graph capture and replay, no host sync under
 #    set_sync_debug_mode("error"), the launch count, CUDA vs CPU at N up to 200K (tests/mask/test_cuda.py);
+#    the interval engine's CUDA kernel against the CPU kernel, captured in a graph (tests/mask/test_intervals.py);
 # 3. the GPU benchmark: CUDA events, S = 4K..64K, 8 depths, ours against compiled and eager
 #    create_block_mask, peak CUDA memory, host syncs, one table, written to
-#    benchmarks/results/h200.md with the raw figures in benchmarks/results/h200.json, and each target
+#    benchmarks/results/<card>.md (h100, h200, ...) with the raw figures in <card>.json, and each target
 #    met or missed appended to it (benchmarks/targets.py);
 #    then where a build's time goes: host time per build against throughput, and the profiler's
 #    table of ops and kernels (benchmarks/profile_build.py);
@@ -34,6 +35,9 @@ export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MA
 # would come first on sys.path): nothing is installed.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TORCHINDUCTOR_COMPILE_THREADS="${TORCHINDUCTOR_COMPILE_THREADS:-8}"
+# Result files are named after the card that produced them (h100.json, h200.json, ...).
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o -i -E 'h100|h200|b200|a100|l40s|l4' | head -1 | tr '[:upper:]' '[:lower:]')
+card=${card:-gpu}
 budget=${GPU_CHECK_SECONDS:-470}  # of the 480 s allowed: the summary and copies need a few
 summary=()
 status=0
@@ -82,13 +86,13 @@ export -f sanitize
   stage cuda-runs 30 python3 -c "from peagle_ext import _native; s = _native.native_status(); assert s['cuda'] is None, s" ||
     { printf '  %s\n' "${summary[@]}"; exit 1; }
   export PEAGLE_EXT_REQUIRE_NATIVE=1
-  stage cuda-tests 150 python3 -m pytest -q -rs -p no:cacheprovider tests/mask/test_cuda.py
+  stage cuda-tests 150 python3 -m pytest -q -rs -p no:cacheprovider tests/mask/test_cuda.py tests/mask/test_intervals.py
   stage benchmark 170 python3 -m peagle_ext bench --device cuda --compiled --compiled-max-len 65536 \
     --lengths 4096 8192 16384 32768 65536 --depths 8 --repeats 50 --budget-s 2 \
-    --json "$results/h200.json" --markdown "$results/h200.md"
-  stage targets 10 python3 benchmarks/targets.py "$results/h200.json" --markdown "$results/h200.md"
+    --json "$results/$card.json" --markdown "$results/$card.md"
+  stage targets 10 python3 benchmarks/targets.py "$results/$card.json" --markdown "$results/$card.md"
   # Now, not at the end: a run stopped later (by a limit outside this script) still leaves them in $OUT.
-  [[ -n "${OUT:-}" ]] && cp -f "$results"/h200.md "$results"/h200.json "$OUT"/ 2>/dev/null
+  [[ -n "${OUT:-}" ]] && cp -f "$results/$card.md" "$results/$card.json" "$OUT"/ 2>/dev/null
   stage profile 40 python3 benchmarks/profile_build.py --device cuda --lengths 8192 65536
   stage draft-gpu-tests 150 python3 -m pytest -q -rs -p no:cacheprovider tests/draft/test_draft_gpu.py
   stage memcheck 45 bash -c "sanitize memcheck"

@@ -18,6 +18,7 @@ COMMANDS = {
     "info": ("info", "torch version, CUDA, compiled kernels and available backends"),
     "bench": ("bench", "benchmark every backend against create_block_mask (see --help)"),
     "train-demo": ("train_demo", "train a tiny P-EAGLE draft on synthetic data and save a checkpoint"),
+    "train": ("train", "train a P-EAGLE or EAGLE-3 draft for a transformers model in a time budget (see --help)"),
     "eval": ("evaluate", "speculative decoding with a draft against a target: acceptance and speed (see --help)"),
 }
 

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from ..draft.hf import chat_template_ids, json_ready, load_transformers_target  # noqa: F401 (their old home)
 from ..draft.speculative.loop import GREEDY_BELOW_TEMPERATURE, positions_needed
 from . import UsageError, check_distinct_files, check_memory, check_path, check_writable, int_at_least, parser_for
 
@@ -174,33 +175,6 @@ def chat_prompts(lines: list[str], tokenizer) -> list[list[int]]:
                                  "({'role': ..., 'content': ...})")
         prompts.append(chat_template_ids(tokenizer, messages))
     return prompts
-
-
-def chat_template_ids(tokenizer, messages) -> list[int]:
-    """Token ids of chat ``messages`` through the tokenizer's template, with the generation prompt."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def load_transformers_target(folder: str, gguf_file: str | None):
-    """(model in float32, eval mode; tokenizer) from a transformers folder or a GGUF file in it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    extra = {} if gguf_file is None else {"gguf_file": gguf_file}
-    tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).eval()
-    return model, tokenizer
-
-
-def json_ready(value):
-    """NaN (a rate nothing reached) becomes null, so the file is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_ready(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_ready(v) for v in value]
-    return value
 
 
 def main(argv: list[str]) -> int:
