@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from . import UsageError, check_directory_writable, int_at_least, parser_for, positive_float
+from . import UsageError, check_directory_writable, check_path, int_at_least, parser_for, positive_float
 
 
 def parse_args(argv: list[str]):
@@ -20,7 +20,6 @@ def parse_args(argv: list[str]):
 
     defaults = TrainConfig(target="", out="", budget_minutes=0)
     parser = parser_for("train")
-    parser.allow_abbrev = False  # a prefix of an option is a mistake, not that option
     parser.add_argument("--target", required=True, metavar="DIR", help="a transformers model folder")
     parser.add_argument("--gguf-file", metavar="NAME", default=None, help="a GGUF file in the target folder to load")
     parser.add_argument("--out", required=True, metavar="DIR",
@@ -57,12 +56,12 @@ def parse_args(argv: list[str]):
                         help="positions packed into one training step (default %(default)s)")
     parser.add_argument("--eval-tokens", type=int_at_least(1, 65536), default=defaults.eval_tokens,
                         help="new tokens per held-out prompt (default %(default)s)")
-    parser.add_argument("--threads", type=int_at_least(1, 4096), default=None,
-                        help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=int_at_least(1, os.cpu_count() or 1), default=None,
+                        help="torch intra-op threads, at most the CPUs here (default: torch's)")
     parser.add_argument("--seed", type=int_at_least(0), default=defaults.seed, help="seed (default %(default)s)")
     args = parser.parse_args(argv)
-    if not args.out:
-        raise UsageError("argument --out: must be a directory path, got an empty string")
+    for option in ("--out", "--target") + (("--prompts",) if args.prompts is not None else ()):
+        check_path(option, getattr(args, option[2:]))
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"argument --out: {args.out} exists and is not a directory")
     if not os.path.isdir(args.target):

@@ -102,15 +102,37 @@ def test_train_end_to_end_then_resume(tiny_target, tmp_path, capsys):
     assert again["method"] == "eagle3" and again["evaluation"]["results"]["K=2"]["matches_target"]
 
 
-@pytest.mark.parametrize("out, message", [("", "--out: must be a directory path"),
+@pytest.mark.parametrize("out, message", [("", "--out: must name a path"), (" ", "--out: must name a path"),
                                           ("FILE", "exists and is not a directory")])
-def test_out_refused_in_one_line(tiny_target, tmp_path, capsys, out, message):
+def test_out_refused_in_one_line(tiny_target, tmp_path, capsys, monkeypatch, out, message):
+    """An empty or blank --out names no directory: refused, and nothing is written in the current
+    directory, which here holds another model's files."""
+    here = tmp_path / "another_model"
+    here.mkdir()
+    (here / "config.json").write_text('{"model_type": "llama"}')
+    (here / "model.safetensors").write_bytes(b"weights")
+    monkeypatch.chdir(here)
     if out == "FILE":
         out = tmp_path / "a_file"
         out.write_text("x")
     assert run_cli("--target", tiny_target, "--out", out, "--budget-minutes", 1) == 2
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
+    assert sorted(os.listdir(here)) == ["config.json", "model.safetensors"]
+    assert (here / "model.safetensors").read_bytes() == b"weights"
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--target", "", "--target: must name a path"),
+    ("--prompts", " ", "--prompts: must name a path"),
+    ("--threads", str(10 * (os.cpu_count() or 1)), "--threads"),
+    ("--data-share", "0.9", "leave a training share")])
+def test_train_options_refused_in_one_line(tiny_target, tmp_path, capsys, option, value, message):
+    arguments = {"--target": tiny_target, "--out": tmp_path / "o", "--budget-minutes": 1, option: value}
+    assert run_cli(*[item for pair in arguments.items() for item in pair]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1, error
+    assert not (tmp_path / "o").exists()
 
 
 def test_budget_too_small_is_refused_before_any_work(tiny_target, tmp_path, capsys):
