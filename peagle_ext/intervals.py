@@ -87,6 +87,8 @@ def _check_intervals(starts, ends, kv_len, validate: bool) -> tuple[torch.Tensor
             raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
         if value.dim() not in (2, 3):
             raise ValueError(f"{name} must be [Q, M] or [B, Q, M], got shape {tuple(value.shape)}")
+        if value.device.type == "meta":
+            raise ValueError(f"{name} must hold values, not be on the meta device")
     if starts.shape != ends.shape:
         raise ValueError(f"starts and ends must have one shape, got {tuple(starts.shape)} and {tuple(ends.shape)}")
     if starts.device != ends.device:

@@ -14,10 +14,14 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from ._inputs import FIELD_MAX, check_fits
 from .block_mask import build_block_mask
 from .intervals import block_mask_from_intervals
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+# Peak bytes per interval while the intervals are built and merged (starts, ends, their clamped,
+# sorted and merged copies, int64 each, with margin).
+_BYTES_PER_INTERVAL = 128
 
 
 def _check_document_ids(document_ids) -> torch.Tensor:
@@ -30,6 +34,10 @@ def _check_document_ids(document_ids) -> torch.Tensor:
     if document_ids.dim() != 1 or document_ids.numel() == 0:
         raise ValueError(f"document_ids must be a non-empty [S] (or [1, S]) tensor, got shape "
                          f"{tuple(document_ids.shape)}")
+    if document_ids.device.type == "meta":
+        raise ValueError("document_ids must hold values, not be on the meta device")
+    if document_ids.numel() > FIELD_MAX:
+        raise ValueError(f"document_ids must hold at most 2^31 - 1 positions, got {document_ids.numel()}")
     return document_ids.long()
 
 
@@ -41,8 +49,13 @@ def _check_int(name: str, value, minimum: int | None = None) -> int:
     return value
 
 
-def _check_window(sliding_window) -> int | None:
-    return None if sliding_window is None else _check_int("sliding_window", sliding_window)
+def _check_window(sliding_window, total_seq_len: int) -> int | None:
+    """The window as an int in [0, total_seq_len], or None. The rule excludes every key with a
+    window <= 0 and none beyond the ones a window of total_seq_len excludes, so this is the same
+    mask, and sums with positions never leave int64 (an int past it would not even convert)."""
+    if sliding_window is None:
+        return None
+    return min(max(_check_int("sliding_window", sliding_window), 0), total_seq_len)
 
 
 def _check_total_seq_len(document_ids: torch.Tensor, total_seq_len) -> int:
@@ -88,7 +101,7 @@ def document_causal_block_mask(document_ids: torch.Tensor, sliding_window: int |
     """Packed documents, causal: q sees k iff ``doc[q] != -1 and doc[q] == doc[k] and k <= q``
     (and ``k > q - sliding_window`` with a window). S x S, ``S = len(document_ids)``."""
     document_ids = _check_document_ids(document_ids)
-    sliding_window = _check_window(sliding_window)
+    sliding_window = _check_window(sliding_window, document_ids.numel())
     run_start, contiguous = _run_starts(document_ids)
     positions = torch.arange(document_ids.numel(), device=document_ids.device)
     if contiguous or (sliding_window is not None and sliding_window <= 0):
@@ -109,7 +122,12 @@ def eagle3_block_mask(document_ids: torch.Tensor, total_seq_len: int, num_steps:
     document_ids = _check_document_ids(document_ids)
     total_seq_len = _check_total_seq_len(document_ids, total_seq_len)
     num_steps = _check_int("num_steps", num_steps, 1)
-    sliding_window = _check_window(sliding_window)
+    if num_steps * total_seq_len > FIELD_MAX:
+        raise ValueError(f"num_steps x total_seq_len (KV_LEN) must be at most 2^31 - 1, got {num_steps} x "
+                         f"{total_seq_len}")
+    check_fits(f"EAGLE-3 intervals for {total_seq_len} queries and {num_steps} steps",
+               _BYTES_PER_INTERVAL * total_seq_len * (num_steps + 1), document_ids.device)
+    sliding_window = _check_window(sliding_window, total_seq_len)
     run_start, contiguous = _run_starts(document_ids)
     positions = torch.arange(total_seq_len, device=document_ids.device)
     kv_len = num_steps * total_seq_len
@@ -151,6 +169,8 @@ def _document_run_intervals(document_ids, anchors, lo):
     past = torch.searchsorted(doc_rank * span + run_begin, anchor_rank * span + anchors)
     count = (past - first).clamp(min=0)
     width = max(int(count.max()), 1)
+    check_fits(f"{anchors.numel()} anchors x {width} document runs of intervals",
+               _BYTES_PER_INTERVAL * anchors.numel() * width, anchors.device)
     run = first[:, None] + torch.arange(width, device=anchors.device)[None, :]
     valid = (run < past[:, None]) & (anchor_doc != -1)[:, None] & (anchors >= 0)[:, None]
     run = run.clamp(max=run_begin.numel() - 1)
@@ -174,13 +194,18 @@ def dflash_block_mask(document_ids: torch.Tensor, total_seq_len: int, anchor_pos
     document_ids = _check_document_ids(document_ids)
     total_seq_len = _check_total_seq_len(document_ids, total_seq_len)
     block_size = _check_int("block_size", block_size, 1)
-    sliding_window = _check_window(sliding_window)
+    sliding_window = _check_window(sliding_window, total_seq_len)
     if not isinstance(sliding_window_non_causal, bool):
         raise TypeError(f"sliding_window_non_causal must be a bool, got {type(sliding_window_non_causal).__name__}")
     if not isinstance(anchor_positions, torch.Tensor) or anchor_positions.dtype not in _INT_DTYPES:
         raise TypeError("anchor_positions must be an integer torch.Tensor")
     if anchor_positions.dim() != 1 or anchor_positions.numel() == 0:
         raise ValueError(f"anchor_positions must be a non-empty 1-D tensor, got shape {tuple(anchor_positions.shape)}")
+    if anchor_positions.device.type == "meta":
+        raise ValueError("anchor_positions must hold values, not be on the meta device")
+    if total_seq_len + anchor_positions.numel() * block_size > FIELD_MAX:
+        raise ValueError(f"total_seq_len + len(anchor_positions) x block_size (KV_LEN) must be at most 2^31 - 1, "
+                         f"got {total_seq_len} + {anchor_positions.numel()} x {block_size}")
     anchors = anchor_positions.to(document_ids.device, torch.long)
     if bool(((anchors < -total_seq_len) | (anchors >= total_seq_len)).any()):
         raise ValueError(f"anchor_positions must lie in [-total_seq_len, total_seq_len) = [{-total_seq_len}, "
@@ -190,6 +215,8 @@ def dflash_block_mask(document_ids: torch.Tensor, total_seq_len: int, anchor_pos
     non_causal = sliding_window is None or sliding_window_non_causal
     lo = torch.zeros_like(anchors) if sliding_window is None else (anchors - sliding_window).clamp(min=0)
     base_starts, base_ends = _document_run_intervals(document_ids, anchors, lo)
+    check_fits(f"DFlash intervals for {q_len} queries", _BYTES_PER_INTERVAL * q_len * (base_starts.shape[1] + 1),
+               anchors.device)
     query = torch.arange(q_len, device=anchors.device)
     block = query // block_size
     own_start = total_seq_len + block * block_size
