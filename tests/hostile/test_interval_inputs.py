@@ -6,6 +6,8 @@ estimate for a size that would not fit), or in exactly create_block_mask's block
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import example, given
@@ -274,3 +276,21 @@ def test_mask_families_take_non_contiguous_ids_and_anchors():
                       eagle3_block_mask(ids[::2].contiguous(), 4, 2, BLOCK_SIZE=2))
     assert_same_bytes(dflash_block_mask(ids[::2], 4, anchors[::2], 2, BLOCK_SIZE=2),
                       dflash_block_mask(ids[::2].contiguous(), 4, anchors[::2].contiguous(), 2, BLOCK_SIZE=2))
+
+
+@pytest.mark.skipif(_native.interval_status()["cpu"] is not None, reason="the compiled interval op is not built")
+@pytest.mark.parametrize(("arguments", "says"), [
+    ((S, E, 4, 2, 2), "must be [B, Q, M]"),
+    ((S[None].int(), E[None].int(), 4, 2, 2), "must be int64"),
+    ((S[None], E[None, :1], 4, 2, 2), "differ in shape"),
+    ((S[None][:, :, :0], E[None][:, :, :0], 4, 2, 2), "intervals"),
+    ((S[None], E[None], 0, 2, 2), "kv_len"),
+    ((S[None], E[None], 2**31, 2, 2), "kv_len"),
+    ((S[None], E[None], 4, 0, 2), "block sizes"),
+    ((S[None], E[None], 4, 2, -1), "block sizes"),
+])
+def test_the_compiled_op_checks_its_own_inputs(arguments, says):
+    """The op behind the native backends, called directly, refuses what the Python checks would (a
+    RuntimeError from its checks, never a read out of bounds)."""
+    with pytest.raises(RuntimeError, match="build_interval_block_index: .*" + re.escape(says)):
+        torch.ops.peagle_ext.build_interval_block_index(*arguments)
