@@ -65,23 +65,32 @@ OpInputs check_inputs(const Tensor& anchor_pos, const Tensor& depth, const Tenso
                   num_kv_blocks};
 }
 
-BlockIndexTensors allocate_outputs(const OpInputs& in) {
+BlockIndexTensors allocate_block_index(const Tensor& like, int64_t num_rows, int64_t num_q_blocks,
+                                       int64_t num_kv_blocks) {
   auto ints = [&](std::initializer_list<int64_t> shape) {
-    return torch::stable::new_empty(in.anchor_pos, shape, ScalarType::Int);
+    return torch::stable::new_empty(like, shape, ScalarType::Int);
   };
-  const int64_t b = in.num_rows, rows = in.num_q_blocks, columns = in.num_kv_blocks;
+  const int64_t b = num_rows, rows = num_q_blocks, columns = num_kv_blocks;
   return {ints({b, 1, rows}),    ints({b, 1, rows, columns}), ints({b, 1, rows}),    ints({b, 1, rows, columns}),
           ints({b, 1, columns}), ints({b, 1, columns, rows}), ints({b, 1, columns}), ints({b, 1, columns, rows})};
 }
 
-ListOutputs list_outputs(BlockIndexTensors& out, const OpInputs& in, int64_t row) {
+ListOutputs block_index_row(BlockIndexTensors& out, int64_t num_q_blocks, int64_t num_kv_blocks, int64_t row) {
   auto& [kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx] = out;
-  const int64_t rows = in.num_q_blocks, columns = in.num_kv_blocks, tiles = rows * columns;
+  const int64_t rows = num_q_blocks, columns = num_kv_blocks, tiles = rows * columns;
   return ListOutputs{
       {kv_num.mutable_data_ptr<int32_t>() + row * rows, full_kv_num.mutable_data_ptr<int32_t>() + row * rows,
        q_num.mutable_data_ptr<int32_t>() + row * columns, full_q_num.mutable_data_ptr<int32_t>() + row * columns},
       {kv_idx.mutable_data_ptr<int32_t>() + row * tiles, full_kv_idx.mutable_data_ptr<int32_t>() + row * tiles,
        q_idx.mutable_data_ptr<int32_t>() + row * tiles, full_q_idx.mutable_data_ptr<int32_t>() + row * tiles}};
+}
+
+BlockIndexTensors allocate_outputs(const OpInputs& in) {
+  return allocate_block_index(in.anchor_pos, in.num_rows, in.num_q_blocks, in.num_kv_blocks);
+}
+
+ListOutputs list_outputs(BlockIndexTensors& out, const OpInputs& in, int64_t row) {
+  return block_index_row(out, in.num_q_blocks, in.num_kv_blocks, row);
 }
 
 Tensor empty_bytes(int64_t bytes, const Tensor& like) {

@@ -41,10 +41,16 @@ OpInputs check_inputs(const Tensor& anchor_pos, const Tensor& depth, const Tenso
                       std::optional<int64_t> sliding_window, int64_t q_block_size, int64_t kv_block_size,
                       const std::optional<Tensor>& kv_anchor_pos, const std::optional<Tensor>& kv_depth);
 
-// The eight outputs, uninitialized, on the inputs' device.
-BlockIndexTensors allocate_outputs(const OpInputs& in);
+// The eight outputs [B, 1, ...] of a B-row block index, uninitialized, on `like`'s device (every
+// builder's outputs: the P-EAGLE ops' and the interval ops').
+BlockIndexTensors allocate_block_index(const Tensor& like, int64_t num_rows, int64_t num_q_blocks,
+                                       int64_t num_kv_blocks);
 
-// Raw pointers to row `row` of the outputs, in the order write_list_line expects.
+// Raw pointers to row `row` of those outputs, in the order write_list_line expects.
+ListOutputs block_index_row(BlockIndexTensors& out, int64_t num_q_blocks, int64_t num_kv_blocks, int64_t row);
+
+// The same for the P-EAGLE op's inputs.
+BlockIndexTensors allocate_outputs(const OpInputs& in);
 ListOutputs list_outputs(BlockIndexTensors& out, const OpInputs& in, int64_t row = 0);
 
 // An uninitialized byte buffer on `like`'s device (the CUDA caching allocator's on a GPU).

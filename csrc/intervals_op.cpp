@@ -37,22 +37,11 @@ IntervalInputs check_interval_inputs(const Tensor& starts, const Tensor& ends, i
 }
 
 BlockIndexTensors allocate_interval_outputs(const IntervalInputs& in) {
-  auto ints = [&](std::initializer_list<int64_t> shape) {
-    return torch::stable::new_empty(in.starts, shape, torch::headeronly::ScalarType::Int);
-  };
-  const int64_t b = in.num_rows, rows = in.num_q_blocks, columns = in.num_kv_blocks;
-  return {ints({b, 1, rows}),    ints({b, 1, rows, columns}), ints({b, 1, rows}),    ints({b, 1, rows, columns}),
-          ints({b, 1, columns}), ints({b, 1, columns, rows}), ints({b, 1, columns}), ints({b, 1, columns, rows})};
+  return allocate_block_index(in.starts, in.num_rows, in.num_q_blocks, in.num_kv_blocks);
 }
 
 ListOutputs interval_list_outputs(BlockIndexTensors& out, const IntervalInputs& in, int64_t row) {
-  auto& [kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx] = out;
-  const int64_t rows = in.num_q_blocks, columns = in.num_kv_blocks, tiles = rows * columns;
-  return ListOutputs{
-      {kv_num.mutable_data_ptr<int32_t>() + row * rows, full_kv_num.mutable_data_ptr<int32_t>() + row * rows,
-       q_num.mutable_data_ptr<int32_t>() + row * columns, full_q_num.mutable_data_ptr<int32_t>() + row * columns},
-      {kv_idx.mutable_data_ptr<int32_t>() + row * tiles, full_kv_idx.mutable_data_ptr<int32_t>() + row * tiles,
-       q_idx.mutable_data_ptr<int32_t>() + row * tiles, full_q_idx.mutable_data_ptr<int32_t>() + row * tiles}};
+  return block_index_row(out, in.num_q_blocks, in.num_kv_blocks, row);
 }
 
 }  // namespace peagle

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..._inputs import available_memory_bytes
 from .draft import DraftCache, propose
 from .slots import draft_slots
 from .verify import greedy_verify as _greedy_verify
@@ -106,20 +107,6 @@ def _check_prompts(prompts, vocab_size: int | None) -> list[list[int]]:
     return checked
 
 
-def _available_memory(device) -> int | None:
-    """Bytes the decode may use on ``device``: free GPU memory, or the host's available memory."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
 
 def _draft_memory(draft, batch: int, prompt_length: int, total_length: int) -> int:
     """Bytes of the draft's largest allocations: its cache (buffers up to twice the sequence) and
@@ -165,8 +152,8 @@ def check_decode(target, draft, prompts, num_speculative_tokens, max_new_tokens,
     estimate = getattr(target, "memory_estimate", lambda *_: 0)(len(prompts), longest, needed)
     if draft is not None:
         estimate += _draft_memory(draft, len(prompts), longest, needed)
-    available = _available_memory(getattr(target, "device", "cpu"))
-    if available is not None and estimate > available:
+    available = available_memory_bytes(torch.device(getattr(target, "device", "cpu")))
+    if estimate > available:
         raise ValueError(f"prompts and max_new_tokens: decoding {len(prompts)} prompts of up to {longest} tokens "
                          f"to {needed} positions needs about {estimate / 2**30:.1f} GiB, more than the "
                          f"{available / 2**30:.1f} GiB available; use fewer or shorter prompts or fewer new tokens")
