@@ -41,9 +41,15 @@ def _build_block_index_fake(anchor_pos, depth, doc_of_position, sliding_window, 
     keys = anchor_pos if kv_anchor_pos is None else kv_anchor_pos
     num_q_blocks = num_blocks(anchor_pos.shape[-1], q_block_size)
     num_kv_blocks = num_blocks(keys.shape[-1], kv_block_size)
+    return _empty_block_index(anchor_pos, rows, num_q_blocks, num_kv_blocks)
+
+
+def _empty_block_index(like: torch.Tensor, rows: int, num_q_blocks: int, num_kv_blocks: int) -> tuple:
+    """The eight int32 outputs [rows, 1, ...] of a block index, uninitialized, on ``like``'s device
+    (every op's fake kernel)."""
 
     def ints(*shape):
-        return anchor_pos.new_empty((rows, 1, *shape), dtype=torch.int32)
+        return like.new_empty((rows, 1, *shape), dtype=torch.int32)
 
     return (
         ints(num_q_blocks), ints(num_q_blocks, num_kv_blocks),
@@ -57,16 +63,7 @@ def _build_interval_block_index_fake(starts, ends, kv_len, q_block_size, kv_bloc
     """The eight int32 outputs of the interval op, [B, 1, ...] for [B, Q, M] bounds."""
     rows, num_q_blocks, num_kv_blocks = starts.shape[0], num_blocks(starts.shape[1], q_block_size), num_blocks(
         kv_len, kv_block_size)
-
-    def ints(*shape):
-        return starts.new_empty((rows, 1, *shape), dtype=torch.int32)
-
-    return (
-        ints(num_q_blocks), ints(num_q_blocks, num_kv_blocks),
-        ints(num_q_blocks), ints(num_q_blocks, num_kv_blocks),
-        ints(num_kv_blocks), ints(num_kv_blocks, num_q_blocks),
-        ints(num_kv_blocks), ints(num_kv_blocks, num_q_blocks),
-    )
+    return _empty_block_index(starts, rows, num_q_blocks, num_kv_blocks)
 
 
 REBUILD_HINT = ("reinstall from the source to rebuild it for this environment: "
