@@ -206,3 +206,14 @@ def test_cuda_graph_capture_without_host_sync():
     graph.replay()
     torch.cuda.synchronize()
     assert_same_bytes(mask, expected)
+
+
+def test_interval_op_passes_opcheck():
+    """The interval op's schema, fake kernel (output shapes under torch.compile) and autograd
+    registration agree with what the CPU kernel returns."""
+    status = _native.interval_status()
+    if status["cpu"] is not None:
+        pytest.skip(f"needs the cpu interval kernel: {status['cpu']}")
+    starts = torch.randint(0, 400, (2, 300, 3), generator=torch.Generator().manual_seed(5))
+    ends = (starts + 40).clamp(max=500)
+    torch.library.opcheck(torch.ops.peagle_ext.build_interval_block_index.default, (starts, ends, 500, 128, 64))
