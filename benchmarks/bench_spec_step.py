@@ -86,12 +86,21 @@ def main() -> int:
     parser.add_argument("--own-acceptance", action="store_true",
                         help="also time steps at the random draft's own acceptance (one token each)")
     parser.add_argument("--no-generate", action="store_true", help="skip transformers' generate")
+    parser.add_argument("--unpacked", action="store_true",
+                        help="also measure everything with the linear layers' default CPU product (no oneDNN packing)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, tokenizer = load(args.folder, args.gguf_file)
+    for pack in (True, False) if args.unpacked else (True,):
+        print(f"--- linear layers: {'oneDNN-packed weights' if pack else 'default CPU product (F.linear)'}")
+        measure_all(args, model, tokenizer, pack)
+    return 0
+
+
+def measure_all(args, model, tokenizer, pack: bool) -> None:
     layers = model.config.num_hidden_layers
     layer_ids = [2, layers // 2, layers - 3]
-    target = speculative.TransformersTarget(model, layer_ids)
+    target = speculative.TransformersTarget(model, layer_ids, pack_weights=pack)
     prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True,
                                                   tokenize=True, return_dict=True)["input_ids"])
                for m in MESSAGES[:args.prompts]]
@@ -114,7 +123,8 @@ def main() -> int:
         loop._greedy_verify = accept_all if forced else greedy_verify
         try:
             _, prefill = timed(target.start, [prompt])
-            result, seconds = timed(speculative.speculative_generate, target, draft, [prompt], K, new)
+            result, seconds = timed(speculative.speculative_generate, target, draft, [prompt], K, new,
+                                    options={"pack_weights": pack})
         finally:
             loop._greedy_verify = greedy_verify
         return (seconds - prefill) / len(result.rows[0].accepted), result.acceptance_length
@@ -175,7 +185,6 @@ def main() -> int:
             rates.append(max((out.shape[1] - len(prompt)) / seconds for out, seconds in runs))
         print(f"plain decoding: target_generate {plain_rate:.1f} tokens/s, transformers generate "
               f"{statistics.mean(rates):.1f} tokens/s")
-    return 0
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@ its greedy responses, and the hidden states the draft learns from, cached on dis
   finished turn, no template tokens, not of the held-out kind) and deduplicated, and any seed
   prompts a user gives come first.
 - Responses (:func:`generate_samples`): the target's greedy continuations (as speculators' data
-  pipeline regenerates them), many prompts at once (left padding, attention mask, KV cache; rows
-  that finished leave the batch). The auxiliary states (the inputs of the decoder layers the draft
-  reads, vLLM's capture point) and the last hidden state (after the final norm, what the lm_head
-  reads) come from the same forwards through hooks.
+  pipeline regenerates them), many prompts at once (left padding, attention mask, KV cache read
+  once by all query heads of a key/value head; rows that finished leave the batch). The
+  auxiliary states (the inputs of the decoder layers the draft reads, vLLM's capture point) and
+  the last hidden state (after the final norm, what the lm_head reads) come from the same
+  forwards through hooks.
 - :class:`SampleCache`: shards of samples under a directory, so a second run reuses them.
 
 Held-out evaluation prompts are of another kind than the training prompts: the shipped
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .hf import chat_template_ids
+from .hf import chat_template_ids, grouped_decode_attention
 
 # Programming and arithmetic questions (a kind the synthesized chat instructions are kept free of).
 HELD_OUT_PROMPTS = [
@@ -147,8 +148,9 @@ def _decode(model, prompts, max_new_tokens, stop_ids, pad_id, capture=None, temp
     states = [[] for _ in range(batch)]
     stop = torch.tensor(sorted(stop_ids))
     for step in range(max_new_tokens):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)
+        with grouped_decode_attention(model):
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                        use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1].float()
         if capture is not None:
             aux, last = capture.take()

@@ -3,9 +3,11 @@ prompts through its template, and strict JSON for the measurements."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def load_transformers_target(folder: str, gguf_file: str | None):
@@ -16,6 +18,51 @@ def load_transformers_target(folder: str, gguf_file: str | None):
     tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).eval()
     return model, tokenizer
+
+
+GROUPED_DECODE_ATTENTION = "peagle_grouped_decode_sdpa"
+
+
+def _grouped_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                              **kwargs):
+    """transformers' SDPA attention, except for one query token per row with grouped key/value
+    heads: the query heads that share a key/value head become that head's query rows. Under a
+    padding mask transformers otherwise copies every key and value once per query head, the
+    whole KV cache at every layer and step (most of a batched decode step on a CPU)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    if q_len != 1 or heads == kv_heads or kwargs.get("output_attentions", False):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    # head h reads key/value head h // group (transformers' repeat_kv order); a [B, 1, 1, S]
+    # padding mask broadcasts over the group's rows
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                         scale=scaling)
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def grouped_decode_attention(model):
+    """Within the block, a transformers ``model`` on SDPA attention decodes with
+    :func:`_grouped_decode_attention` (the same products; about 3x faster batched decoding of
+    192-token responses for SmolLM2's 9 query and 3 key/value heads on a CPU). Another attention
+    implementation is left as it is."""
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        yield model
+        return
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(GROUPED_DECODE_ATTENTION, _grouped_decode_attention)
+    AttentionMaskInterface.register(GROUPED_DECODE_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(GROUPED_DECODE_ATTENTION)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation("sdpa")
 
 
 def chat_template_ids(tokenizer, messages) -> list[int]:

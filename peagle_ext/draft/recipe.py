@@ -329,14 +329,16 @@ def depth_accuracy(draft, model, samples, config: TrainConfig, seed: int = 1) ->
 # --- evaluation ---------------------------------------------------------------------------------
 
 
-def _prompt_lookup(model, prompts, k: int, max_new_tokens: int, eos):
-    """transformers' prompt-lookup decoding of each prompt (batch 1, greedy): tokens/s."""
+def _transformers_generate(model, prompts, k: int | None, max_new_tokens: int, eos):
+    """transformers' own ``generate`` of each prompt (batch 1, greedy), plain (``k`` None) or with
+    prompt-lookup decoding of ``k`` tokens: tokens/s."""
     tokens, seconds = 0, 0.0
+    lookup = {} if k is None else {"prompt_lookup_num_tokens": k}
     for prompt in prompts:
         ids = torch.tensor([prompt])
         started = time.perf_counter()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
-                             prompt_lookup_num_tokens=k, eos_token_id=eos, pad_token_id=eos)
+                             eos_token_id=eos, pad_token_id=eos, **lookup)
         seconds += time.perf_counter() - started
         tokens += out.shape[1] - ids.shape[1]
     return tokens / seconds
@@ -354,7 +356,7 @@ def evaluate(model, tokenizer, draft, layer_ids, config: TrainConfig, deadline: 
     target = TransformersTarget(model, layer_ids, tokenizer.pad_token_id or 0)
     started = time.monotonic()
     _, one = target_generate(target, prompts[:1], config.eval_tokens, eos)  # also a warm-up
-    runs_per_prompt = 2 * len(config.ks) + (1 if config.prompt_lookup else 0)
+    runs_per_prompt = 2 * len(config.ks) + (2 if config.prompt_lookup else 0)
     affordable = int((deadline - time.monotonic()) / (1.5 * one * runs_per_prompt))
     count = max(1, min(len(prompts), affordable))
     prompts = prompts[:count]
@@ -370,8 +372,11 @@ def evaluate(model, tokenizer, draft, layer_ids, config: TrainConfig, deadline: 
     lookup = None
     if config.prompt_lookup and time.monotonic() < deadline:
         k = config.ks[len(config.ks) // 2]
-        lookup = {"num_speculative_tokens": k, "tokens_per_second": _prompt_lookup(model, prompts, k,
-                                                                                   config.eval_tokens, eos)}
+        # transformers' generate runs the model's own layers (no packed weights): its prompt lookup is
+        # compared with its plain decoding
+        lookup = {"num_speculative_tokens": k,
+                  "tokens_per_second": _transformers_generate(model, prompts, k, config.eval_tokens, eos),
+                  "generate_tokens_per_second": _transformers_generate(model, prompts, None, config.eval_tokens, eos)}
     bar.close(f"{count} held-out prompts in {time.monotonic() - started:.0f} s")
     return {"held_out_prompts": count, "eval_tokens": config.eval_tokens, "results": results, "prompt_lookup": lookup,
             "eval_seconds": time.monotonic() - started}
@@ -405,9 +410,13 @@ def plot(summary: dict, path: str) -> bool:
         speeds += [report["tokens_per_second"]["target"], report["tokens_per_second"]["speculative"]]
     lookup = summary["evaluation"]["prompt_lookup"]
     if lookup:
+        if lookup.get("generate_tokens_per_second"):
+            names.append("transformers generate")
+            speeds.append(lookup["generate_tokens_per_second"])
         names.append(f"prompt lookup K={lookup['num_speculative_tokens']}")
         speeds.append(lookup["tokens_per_second"])
-    colors = ["0.6" if n.startswith("plain") else "C1" if n.startswith("prompt") else "C0" for n in names]
+    colors = ["0.6" if n.startswith("plain") else "C1" if n.startswith(("prompt", "transformers")) else "C0"
+              for n in names]
     right.barh(range(len(names)), speeds, color=colors)
     right.set_yticks(range(len(names)), names, fontsize=8)
     right.invert_yaxis()
@@ -501,7 +510,11 @@ def report_lines(summary: dict) -> list[str]:
                      + ("" if report["matches_target"] else "  (output differs from plain decoding!)"))
     lookup = evaluation["prompt_lookup"]
     if lookup:
-        lines.append(f"prompt lookup (transformers), K = {lookup['num_speculative_tokens']}: "
+        generate = lookup.get("generate_tokens_per_second")
+        lines.append(f"transformers' generate (its own layers, unpacked): {generate:.1f} tokens/s; its prompt lookup, "
+                     f"K = {lookup['num_speculative_tokens']}: {lookup['tokens_per_second']:.1f} tokens/s "
+                     f"({lookup['tokens_per_second'] / generate:.2f}x)" if generate else
+                     f"prompt lookup (transformers), K = {lookup['num_speculative_tokens']}: "
                      f"{lookup['tokens_per_second']:.1f} tokens/s")
     lines.append(f"total {summary['total_seconds']:.0f} s")
     return lines

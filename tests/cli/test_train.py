@@ -14,7 +14,7 @@ pytest.importorskip("tokenizers")
 
 from peagle_ext.cli import main  # noqa: E402
 from peagle_ext.draft import data_engine  # noqa: E402
-from peagle_ext.draft.hf import chat_template_ids  # noqa: E402
+from peagle_ext.draft.hf import chat_template_ids, grouped_decode_attention  # noqa: E402
 
 WORDS = ("the a of to and in is it you that he was for on are with as his they be at one have this from or had by "
          "word but what some we can out other were all there when up use your how said an each she which do their "
@@ -183,6 +183,35 @@ def test_decode_equals_greedy_and_states_equal_a_full_forward(tiny_target):
         assert sample.aux.shape == aux.shape
         torch.testing.assert_close(sample.aux.float(), aux, atol=2e-2, rtol=1e-2)
         torch.testing.assert_close(sample.last.float(), out.hidden_states[-1][0], atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_grouped_decode_attention_equals_transformers_sdpa(tiny_target, padded):
+    """One decode step of a left-padded batch gives the logits of transformers' own SDPA attention,
+    and the model is back on SDPA after the block."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_target, dtype=torch.float32).eval()
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, model.config.vocab_size, (3, 9), generator=generator)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :4] = mask[1, :1] = 0
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+
+    def step():
+        cache = transformers.DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                  past_key_values=cache, use_cache=True)
+            return model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions[:, -1:],
+                         past_key_values=cache, use_cache=True).logits
+
+    expected = step()
+    with grouped_decode_attention(model):
+        assert model.config._attn_implementation != "sdpa"
+        got = step()
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_sample_cache_round_trip_and_refuses_other_data(tmp_path):

@@ -205,23 +205,28 @@ def llama_trained_draft(model):
     return draft.eval()
 
 
+@pytest.mark.parametrize("pack", [None, False])
 @pytest.mark.parametrize("K", [1, 3, 5])
 @pytest.mark.parametrize("kind", ["peagle-trained", "eagle3-trained", "peagle-random", "eagle3-random"])
-def test_greedy_equals_a_transformers_llamas_greedy_decode(llama_and_reference, llama_draft, kind, K):
+def test_greedy_equals_a_transformers_llamas_greedy_decode(llama_and_reference, llama_draft, kind, K, pack):
+    """The reference recomputes every sequence with the model's own F.linear; the loop runs with
+    oneDNN-packed weights (None: the default where the build has it) and without (False)."""
     model, reference = llama_and_reference
     if "trained" in kind:
         draft = llama_draft if kind.startswith("peagle") else as_eagle3(llama_draft)
     else:
         draft = random_draft(kind.startswith("peagle"), eagle_aux_hidden_state_layer_ids=[1, 2, 3])
-    result = speculative_generate(TransformersTarget(model, [1, 2, 3]), draft, PROMPTS, K, 16)
+    target = TransformersTarget(model, [1, 2, 3], pack_weights=pack)
+    result = speculative_generate(target, draft, PROMPTS, K, 16, pack_weights=pack)
     assert [row.generated_ids for row in result.rows] == reference
     if kind == "peagle-trained":
         assert result.acceptance_length > 1.0  # some proposals were accepted: the cache kept holes
 
 
-def test_plain_decoding_through_the_target_interface_is_the_greedy_decode(llama_and_reference):
+@pytest.mark.parametrize("pack", [None, False])
+def test_plain_decoding_through_the_target_interface_is_the_greedy_decode(llama_and_reference, pack):
     model, reference = llama_and_reference
-    generated, seconds = target_generate(TransformersTarget(model, [1, 2, 3]), PROMPTS, 16)
+    generated, seconds = target_generate(TransformersTarget(model, [1, 2, 3], pack_weights=pack), PROMPTS, 16)
     assert generated == reference and seconds > 0
 
 

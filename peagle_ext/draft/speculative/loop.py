@@ -12,6 +12,7 @@ import torch
 
 from ..._inputs import available_memory_bytes
 from .draft import DraftCache, propose
+from .packed import packed_linears
 from .slots import draft_slots
 from .verify import greedy_verify as _greedy_verify
 from .verify import next_tokens as _next_tokens
@@ -166,7 +167,7 @@ def check_decode(target, draft, prompts, num_speculative_tokens, max_new_tokens,
 @torch.no_grad()
 def speculative_generate(target, draft, prompts: list[list[int]], num_speculative_tokens: int,
                          max_new_tokens: int, temperature: float = 0.0, generator: torch.Generator | None = None,
-                         eos_token_id: int | None = None) -> SpeculativeResult:
+                         eos_token_id: int | None = None, pack_weights: bool | None = None) -> SpeculativeResult:
     """Decode ``prompts`` (token id lists) with ``draft`` proposing K = ``num_speculative_tokens``
     tokens per step and ``target`` (a :class:`TransformersTarget` or :class:`TokenwiseTarget`)
     verifying them; up to ``max_new_tokens`` new tokens per prompt, stopping after
@@ -175,7 +176,9 @@ def speculative_generate(target, draft, prompts: list[list[int]], num_speculativ
     rejection sampling otherwise (``generator`` for the draws). A row that is done stays in the
     batch until all are (its further tokens are dropped). Prompt ids must lie in the target's
     vocabulary, and the longest prompt + max_new_tokens + K - 1 within the target's and the draft's
-    position limits and the memory available; a ValueError names what is wrong before any work."""
+    position limits and the memory available; a ValueError names what is wrong before any work.
+    ``pack_weights``: the draft's linear layers compute with oneDNN-packed weights on the CPU
+    (:func:`~peagle_ext.draft.speculative.packed.packed_linears`; None = where this build can)."""
     prompts = check_decode(target, draft, prompts, num_speculative_tokens, max_new_tokens, temperature, eos_token_id)
     if temperature < GREEDY_BELOW_TEMPERATURE:
         temperature = 0.0
@@ -187,37 +190,38 @@ def speculative_generate(target, draft, prompts: list[list[int]], num_speculativ
     def choose(logits):  # the draft's picks: argmax, or draws at the same temperature
         return _next_tokens(logits.float(), temperature, generator)
 
-    started = time.perf_counter()
-    ids, positions, valid, logits, aux = target.start(prompts)
-    batch, width = ids.shape
-    rows = [RowResult() for _ in range(batch)]
-    active = torch.ones(batch, dtype=torch.bool)
-    last = torch.full((batch,), width - 1, dtype=torch.int64, device=ids.device)
-    bonus = _next_tokens(logits[:, -1], temperature, generator)
-    _append(rows, active, [[t] for t in bonus.tolist()], max_new_tokens, eos_token_id)
-    cache = DraftCache(len(draft.model.layers))
-    steps = torch.arange(K + 1, device=ids.device).view(1, -1)
-    while bool(active.any()):
-        slots = draft_slots(ids, positions, draft.project_hidden_states(aux), valid, last, bonus, num_masked,
-                            draft.config.mask_token_id, mask_hidden)
-        chosen, draft_logits, forwards = propose(draft, slots, cache, K, choose)
-        proposals = draft_vocab[chosen]
-        ids = torch.cat([bonus.view(batch, 1), proposals], dim=1)
-        positions, logits, aux = target.extend(ids)
-        if temperature == 0:
-            accepted, bonus = _greedy_verify(proposals, logits)
-        else:
-            draft_probs = torch.softmax(draft_logits.float() / temperature, -1)
-            accepted, bonus = _rejection_verify(proposals, draft_probs, draft_vocab, logits, temperature, generator)
-        keep = steps <= accepted.view(-1, 1)
-        target.commit(keep)
-        valid, last = keep, accepted
-        for row in (r for r, a in zip(rows, active.tolist()) if a):
-            row.target_forwards += 1
-            row.draft_forwards += forwards
-        accepted_list, proposal_rows, bonus_list = accepted.tolist(), proposals.tolist(), bonus.tolist()
-        new_tokens = [proposal_rows[b][:accepted_list[b]] + [bonus_list[b]] for b in range(batch)]
-        _append(rows, active, new_tokens, max_new_tokens, eos_token_id, accepted_list)
+    with packed_linears(draft, pack_weights):
+        started = time.perf_counter()
+        ids, positions, valid, logits, aux = target.start(prompts)
+        batch, width = ids.shape
+        rows = [RowResult() for _ in range(batch)]
+        active = torch.ones(batch, dtype=torch.bool)
+        last = torch.full((batch,), width - 1, dtype=torch.int64, device=ids.device)
+        bonus = _next_tokens(logits[:, -1], temperature, generator)
+        _append(rows, active, [[t] for t in bonus.tolist()], max_new_tokens, eos_token_id)
+        cache = DraftCache(len(draft.model.layers))
+        steps = torch.arange(K + 1, device=ids.device).view(1, -1)
+        while bool(active.any()):
+            slots = draft_slots(ids, positions, draft.project_hidden_states(aux), valid, last, bonus, num_masked,
+                                draft.config.mask_token_id, mask_hidden)
+            chosen, draft_logits, forwards = propose(draft, slots, cache, K, choose)
+            proposals = draft_vocab[chosen]
+            ids = torch.cat([bonus.view(batch, 1), proposals], dim=1)
+            positions, logits, aux = target.extend(ids)
+            if temperature == 0:
+                accepted, bonus = _greedy_verify(proposals, logits)
+            else:
+                draft_probs = torch.softmax(draft_logits.float() / temperature, -1)
+                accepted, bonus = _rejection_verify(proposals, draft_probs, draft_vocab, logits, temperature, generator)
+            keep = steps <= accepted.view(-1, 1)
+            target.commit(keep)
+            valid, last = keep, accepted
+            for row in (r for r, a in zip(rows, active.tolist()) if a):
+                row.target_forwards += 1
+                row.draft_forwards += forwards
+            accepted_list, proposal_rows, bonus_list = accepted.tolist(), proposals.tolist(), bonus.tolist()
+            new_tokens = [proposal_rows[b][:accepted_list[b]] + [bonus_list[b]] for b in range(batch)]
+            _append(rows, active, new_tokens, max_new_tokens, eos_token_id, accepted_list)
     return SpeculativeResult(rows, K, time.perf_counter() - started)
 
 
