@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import os
 
-from . import UsageError, add_device_option, check_memory, check_writable, int_at_least, parser_for, resolve_device
+from . import (
+    UsageError,
+    add_device_option,
+    check_memory,
+    check_path,
+    check_writable,
+    int_at_least,
+    parser_for,
+    resolve_device,
+)
 
 # Picture formats matplotlib writes without extra packages; a path without a suffix gets PNG.
 PICTURE_FORMATS = ("png", "svg", "pdf", "jpg", "jpeg")
@@ -119,7 +128,7 @@ def main(argv: list[str]) -> int:
                         help="picture to write (format from the suffix, PNG without one; needs matplotlib)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    picture_format(args.out)
+    picture_format(check_path("--out", args.out))  # a NUL byte or a blank value is named as such, not as a format
     check_writable("--out", args.out)
     check_size(args.seq_len, args.depths, args.block_size, device)
 
