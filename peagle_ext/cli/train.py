@@ -17,6 +17,7 @@ from . import UsageError, check_directory_writable, check_path, int_at_least, pa
 
 def parse_args(argv: list[str]):
     from ..draft.recipe import TrainConfig
+    from ..draft.speculative import DRAFT_DTYPES
 
     defaults = TrainConfig(target="", out="", budget_minutes=0)
     parser = parser_for("train")
@@ -56,6 +57,9 @@ def parse_args(argv: list[str]):
                         help="positions packed into one training step (default %(default)s)")
     parser.add_argument("--eval-tokens", type=int_at_least(1, 65536), default=defaults.eval_tokens,
                         help="new tokens per held-out prompt (default %(default)s)")
+    parser.add_argument("--draft-dtype", choices=list(DRAFT_DTYPES), default=defaults.draft_dtype,
+                        help="the draft's dtype when the evaluation decodes (auto: bfloat16 on a CPU with native "
+                             "bfloat16, else as trained; the saved draft stays float32; default %(default)s)")
     parser.add_argument("--threads", type=int_at_least(1, os.cpu_count() or 1), default=None,
                         help="torch intra-op threads, at most the CPUs here (default: torch's)")
     parser.add_argument("--seed", type=int_at_least(0), default=defaults.seed, help="seed (default %(default)s)")
@@ -85,7 +89,7 @@ def parse_args(argv: list[str]):
         response_tokens=args.response_tokens, gen_batch=args.gen_batch, data_dtype=args.data_dtype,
         data_share=args.data_share, eval_share=args.eval_share,
         step_tokens=args.step_tokens,
-        eval_tokens=args.eval_tokens, threads=args.threads, seed=args.seed)
+        eval_tokens=args.eval_tokens, draft_dtype=args.draft_dtype, threads=args.threads, seed=args.seed)
     from ..draft.recipe import check_budget
 
     try:

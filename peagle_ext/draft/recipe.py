@@ -44,7 +44,7 @@ class TrainConfig:
     budget_minutes: float
     gguf_file: str | None = None
     method: str = "peagle"  # or "eagle3"
-    ks: list[int] = field(default_factory=lambda: [3, 5, 7])
+    ks: list[int] = field(default_factory=lambda: [1, 3, 5, 7])
     prompts_file: str | None = None
     verifier: str | None = None  # recorded in the checkpoint; default: the target's path
     data_share: float = 0.4  # data volume, more than epochs, is what the draft lacks
@@ -62,6 +62,7 @@ class TrainConfig:
     bf16_autocast: bool = True  # the training step's matrix products in bfloat16 (weights stay float32)
     step_tokens: int = 512  # tokens (positions) packed into one training step
     eval_tokens: int = 48
+    draft_dtype: str = "auto"  # the draft's dtype in the evaluation's decoding (draft_for_decoding)
     max_eval_prompts: int = len(HELD_OUT_PROMPTS)
     prompt_lookup: bool = True
     threads: int | None = None
@@ -348,9 +349,10 @@ def evaluate(model, tokenizer, draft, layer_ids, config: TrainConfig, deadline: 
     """Speculative decoding at batch 1, greedy, for each K of ``config.ks`` against the target's plain
     decoding of the same prompts (timed next to it), and prompt lookup at the middle K; as many
     held-out prompts as the time to ``deadline`` allows (estimated from one plain decode)."""
-    from .speculative import TransformersTarget, measure, target_generate
+    from .speculative import TransformersTarget, draft_for_decoding, measure, target_generate
 
     eos = tokenizer.eos_token_id
+    draft = draft_for_decoding(draft, config.draft_dtype)
     prompts = [chat_template_ids(tokenizer, [{"role": "user", "content": m}])
                for m in HELD_OUT_PROMPTS[: config.max_eval_prompts]]
     target = TransformersTarget(model, layer_ids, tokenizer.pad_token_id or 0)
@@ -379,6 +381,7 @@ def evaluate(model, tokenizer, draft, layer_ids, config: TrainConfig, deadline: 
                   "generate_tokens_per_second": _transformers_generate(model, prompts, None, config.eval_tokens, eos)}
     bar.close(f"{count} held-out prompts in {time.monotonic() - started:.0f} s")
     return {"held_out_prompts": count, "eval_tokens": config.eval_tokens, "results": results, "prompt_lookup": lookup,
+            "draft_dtype": str(draft.model.fc.weight.dtype).removeprefix("torch."),
             "eval_seconds": time.monotonic() - started}
 
 
@@ -499,7 +502,7 @@ def report_lines(summary: dict) -> list[str]:
         f"({training['epochs']:.1f} epochs), loss {training['final_loss']:.3f}, accuracy per depth "
         + " ".join(f"{a:.2f}" for a in training["depth_accuracy"]),
         f"evaluation: {evaluation['held_out_prompts']} held-out prompts, {evaluation['eval_tokens']} new tokens each, "
-        f"batch 1, greedy",
+        f"batch 1, greedy, draft in {evaluation.get('draft_dtype', 'float32')}",
         f"{'K':>3} {'accept len':>10} {'spec tok/s':>10} {'plain tok/s':>11} {'speedup':>8}  acceptance per position",
     ]
     for report in evaluation["results"].values():

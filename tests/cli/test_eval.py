@@ -26,13 +26,16 @@ def prompts(tmp_path):
     return path
 
 
-def test_eval_on_the_tiny_target_writes_the_measurements(demo_draft, prompts, tmp_path, capsys):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_eval_on_the_tiny_target_writes_the_measurements(demo_draft, prompts, tmp_path, capsys, dtype):
     out = tmp_path / "eval.json"
     assert main(["eval", "--draft", str(demo_draft), "--target", "tiny", "--prompts", str(prompts), "-k", "3",
-                 "--max-new-tokens", "20", "--json", str(out)]) == 0
+                 "--max-new-tokens", "20", "--json", str(out), "--draft-dtype", dtype]) == 0
     printed = capsys.readouterr().out
     assert "acceptance length" in printed and "greedy outputs equal to the plain decode: 3/3" in printed
+    assert f"peagle draft ({dtype})" in printed
     report = json.loads(out.read_text())
+    assert report["draft_dtype"] == dtype
     assert report["method"] == "peagle" and report["num_speculative_tokens"] == 3
     assert len(report["prompts"]) == 3
     for entry in report["prompts"]:
@@ -53,6 +56,7 @@ def test_eval_sampling_without_baseline(demo_draft, prompts, tmp_path):
 
 @pytest.mark.parametrize("extra, option", [
     (["-k", "0"], "--num-speculative-tokens"),
+    (["--draft-dtype", "float16"], "--draft-dtype"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--temperature", "-1"], "--temperature"),
     (["--temperature", "nan"], "--temperature"),

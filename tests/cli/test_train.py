@@ -70,16 +70,16 @@ def test_train_end_to_end_then_resume(tiny_target, tmp_path, capsys):
     out = tmp_path / "run"
     assert run_cli("--target", tiny_target, "--out", out, "--budget-minutes", 0.5, "-k", 2, 3, "--prompts", seeds,
                    "--threads", 1, "--gen-batch", 8, "--response-tokens", 24, "--eval-tokens", 12,
-                   "--draft-vocab", 64) == 0
+                   "--draft-vocab", 64, "--draft-dtype", "bfloat16") == 0
     printed = capsys.readouterr().out
-    assert "accept len" in printed
+    assert "accept len" in printed and "draft in bfloat16" in printed
     summary = json.loads((out / "results.json").read_text())
     assert summary["total_seconds"] <= 30 + 5, "the budget was not kept"
     assert summary["data"]["sequences"] > 0 and summary["data"]["new_response_tokens"] > 0
     assert summary["training"]["training_steps"] > 0
     assert len(summary["training"]["depth_accuracy"]) == 8
     results = summary["evaluation"]["results"]
-    assert set(results) == {"K=2", "K=3"}
+    assert set(results) == {"K=2", "K=3"} and summary["evaluation"]["draft_dtype"] == "bfloat16"
     for report in results.values():
         assert report["matches_target"], "speculative decoding changed the greedy output"
         assert report["acceptance_length"] >= 1
@@ -100,6 +100,7 @@ def test_train_end_to_end_then_resume(tiny_target, tmp_path, capsys):
     again = json.loads((out / "results.json").read_text())
     assert again["data"]["cached_response_tokens"] == first
     assert again["method"] == "eagle3" and again["evaluation"]["results"]["K=2"]["matches_target"]
+    assert again["evaluation"]["draft_dtype"] in ("float32", "bfloat16")  # auto: by this CPU
 
 
 @pytest.mark.parametrize("out, message", [("", "--out: must name a path"), (" ", "--out: must name a path"),
@@ -126,7 +127,8 @@ def test_out_refused_in_one_line(tiny_target, tmp_path, capsys, monkeypatch, out
     ("--target", "", "--target: must name a path"),
     ("--prompts", " ", "--prompts: must name a path"),
     ("--threads", str(10 * (os.cpu_count() or 1)), "--threads"),
-    ("--data-share", "0.9", "leave a training share")])
+    ("--data-share", "0.9", "leave a training share"),
+    ("--draft-dtype", "float16", "--draft-dtype")])
 def test_train_options_refused_in_one_line(tiny_target, tmp_path, capsys, option, value, message):
     arguments = {"--target": tiny_target, "--out": tmp_path / "o", "--budget-minutes": 1, option: value}
     assert run_cli(*[item for pair in arguments.items() for item in pair]) == 2
@@ -152,7 +154,7 @@ def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         run_cli("--help")
     text = capsys.readouterr().out
-    assert "(default peagle)" in text and "(default [3, 5, 7])" in text
+    assert "(default peagle)" in text and "(default [1, 3, 5, 7])" in text
 
 
 def test_held_out_prompts_are_of_another_kind():

@@ -224,6 +224,35 @@ def test_greedy_equals_a_transformers_llamas_greedy_decode(llama_and_reference, 
 
 
 @pytest.mark.parametrize("pack", [None, False])
+@pytest.mark.parametrize("kind", ["peagle", "eagle3"])
+def test_a_bfloat16_draft_beside_a_float32_target_is_lossless(llama_and_reference, llama_draft, kind, pack):
+    """The loop hands the float32 target's states to the draft in the draft's dtype; the
+    proposals change a little, the output not at all, and the trained draft still gets accepted."""
+    model, reference = llama_and_reference
+    draft = speculative.draft_for_decoding(llama_draft if kind == "peagle" else as_eagle3(llama_draft), "bfloat16")
+    assert draft.model.fc.weight.dtype == torch.bfloat16 and llama_draft.model.fc.weight.dtype == torch.float32
+    result = speculative_generate(TransformersTarget(model, [1, 2, 3], pack_weights=pack), draft, PROMPTS, 3, 16,
+                                  pack_weights=pack)
+    assert [row.generated_ids for row in result.rows] == reference
+    if kind == "peagle":
+        assert result.acceptance_length > 1.0
+
+
+def test_draft_for_decoding_picks_the_dtype(llama_draft, monkeypatch):
+    assert speculative.draft_for_decoding(llama_draft, "float32") is llama_draft  # already float32: no copy
+    half = speculative.draft_for_decoding(llama_draft, "bfloat16")
+    assert half is not llama_draft and half.model.fc.weight.dtype == torch.bfloat16
+    assert speculative.draft_for_decoding(half, "float32").lm_head.weight.dtype == torch.float32
+    monkeypatch.setattr(speculative.draft, "native_bfloat16_cpu", lambda: False)
+    assert speculative.draft_for_decoding(llama_draft, "auto") is llama_draft
+    monkeypatch.setattr(speculative.draft, "native_bfloat16_cpu", lambda: True)
+    assert speculative.draft_for_decoding(llama_draft, "auto").model.fc.weight.dtype == torch.bfloat16
+    assert speculative.draft_for_decoding(half, "auto") is half  # auto converts float32 drafts only
+    with pytest.raises(ValueError, match="dtype must be one of auto, bfloat16, float32, got 'float16'"):
+        speculative.draft_for_decoding(llama_draft, "float16")
+
+
+@pytest.mark.parametrize("pack", [None, False])
 def test_plain_decoding_through_the_target_interface_is_the_greedy_decode(llama_and_reference, pack):
     model, reference = llama_and_reference
     generated, seconds = target_generate(TransformersTarget(model, [1, 2, 3], pack_weights=pack), PROMPTS, 16)

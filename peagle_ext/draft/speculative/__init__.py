@@ -39,7 +39,7 @@ Modules: :mod:`.slots` (the draft's inputs), :mod:`.draft` (its cache, forward a
 :mod:`.measure` (both on the same prompts, as a report).
 """
 
-from .draft import DraftCache, draft_forward, propose
+from .draft import DRAFT_DTYPES, DraftCache, draft_for_decoding, draft_forward, native_bfloat16_cpu, propose
 from .loop import (
     GREEDY_BELOW_TEMPERATURE,
     RowResult,
@@ -54,8 +54,8 @@ from .targets import Target, TokenwiseTarget, TransformersTarget, left_pad
 from .verify import draw, greedy_verify, next_tokens, rejection_verify
 
 __all__ = [
-    "GREEDY_BELOW_TEMPERATURE", "DraftCache", "DraftSlots", "RowResult", "SpeculativeResult", "Target",
-    "TokenwiseTarget", "TransformersTarget", "check_decode", "draft_forward", "draft_slots", "draw",
-    "greedy_verify", "left_pad", "measure", "next_tokens", "propose", "rejection_verify", "speculative_generate",
-    "target_generate",
+    "DRAFT_DTYPES", "GREEDY_BELOW_TEMPERATURE", "DraftCache", "DraftSlots", "RowResult", "SpeculativeResult", "Target",
+    "TokenwiseTarget", "TransformersTarget", "check_decode", "draft_for_decoding", "draft_forward", "draft_slots",
+    "draw", "greedy_verify", "left_pad", "measure", "native_bfloat16_cpu", "next_tokens", "propose",
+    "rejection_verify", "speculative_generate", "target_generate",
 ]

@@ -185,6 +185,8 @@ def speculative_generate(target, draft, prompts: list[list[int]], num_speculativ
     K = num_speculative_tokens
     draft_vocab = draft.draft_to_target_ids()
     mask_hidden = draft.masked_projected_hidden()[0] if draft.config.parallel_drafting else None
+    # the target's states enter the draft in the draft's dtype (a bfloat16 draft beside a float32 target)
+    draft_dtype = draft.model.fc.weight.dtype
     num_masked = K - 1 if draft.config.parallel_drafting else 0
 
     def choose(logits):  # the draft's picks: argmax, or draws at the same temperature
@@ -202,8 +204,9 @@ def speculative_generate(target, draft, prompts: list[list[int]], num_speculativ
         cache = DraftCache(len(draft.model.layers))
         steps = torch.arange(K + 1, device=ids.device).view(1, -1)
         while bool(active.any()):
-            slots = draft_slots(ids, positions, draft.project_hidden_states(aux), valid, last, bonus, num_masked,
-                                draft.config.mask_token_id, mask_hidden)
+            hidden = draft.project_hidden_states(aux.to(draft_dtype))
+            slots = draft_slots(ids, positions, hidden, valid, last, bonus, num_masked, draft.config.mask_token_id,
+                                mask_hidden)
             chosen, draft_logits, forwards = propose(draft, slots, cache, K, choose)
             proposals = draft_vocab[chosen]
             ids = torch.cat([bonus.view(batch, 1), proposals], dim=1)
