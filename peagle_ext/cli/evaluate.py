@@ -232,7 +232,6 @@ def main(argv: list[str]) -> int:
     report = measure(target, draft, prompts, args.k, args.max_new_tokens, batch_size=args.batch_size,
                      temperature=args.temperature, seed=args.seed, eos_token_id=eos, baseline=not args.no_baseline,
                      progress=progress)
-    report["draft_dtype"] = str(draft.model.fc.weight.dtype).removeprefix("torch.")
     rates = " ".join("-" if math.isnan(r) else f"{r:.2f}" for r in report["conditional_acceptance"])
     print(f"{report['method']} draft ({report['draft_dtype']}), K = {args.k}, {len(prompts)} prompts, "
           f"{report['new_tokens']} new tokens: acceptance length {report['acceptance_length']:.3f} tokens per "

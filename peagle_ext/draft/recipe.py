@@ -381,7 +381,7 @@ def evaluate(model, tokenizer, draft, layer_ids, config: TrainConfig, deadline: 
                   "generate_tokens_per_second": _transformers_generate(model, prompts, None, config.eval_tokens, eos)}
     bar.close(f"{count} held-out prompts in {time.monotonic() - started:.0f} s")
     return {"held_out_prompts": count, "eval_tokens": config.eval_tokens, "results": results, "prompt_lookup": lookup,
-            "draft_dtype": str(draft.model.fc.weight.dtype).removeprefix("torch."),
+            "draft_dtype": next(iter(results.values()))["draft_dtype"],  # every K decoded with the same draft
             "eval_seconds": time.monotonic() - started}
 
 

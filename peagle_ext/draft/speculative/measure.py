@@ -11,7 +11,8 @@ def measure(target, draft, prompts: list[list[int]], num_speculative_tokens: int
             batch_size: int = 8, temperature: float = 0.0, seed: int = 0, eos_token_id: int | None = None,
             baseline: bool = True, progress=None) -> dict:
     """Speculative decoding of ``prompts`` in batches of ``batch_size``, and (``baseline``) the
-    target's plain greedy decoding of the same batches, as a JSON-ready dict: ``acceptance_length``
+    target's plain greedy decoding of the same batches, as a JSON-ready dict: ``method``, ``draft_dtype``
+    (the dtype the draft decoded in), ``acceptance_length``
     (tokens per verification forward), ``conditional_acceptance`` (per draft position, the rate of
     acceptance given the positions before it accepted), forward counts, ``tokens_per_second`` of
     both and their ratio ``speedup``, and per prompt ``generated_ids``, ``acceptance_length``,
@@ -40,6 +41,7 @@ def measure(target, draft, prompts: list[list[int]], num_speculative_tokens: int
     new_tokens = sum(len(row.generated_ids) for row in rows)
     report = {
         "method": "peagle" if draft.config.parallel_drafting else "eagle3",
+        "draft_dtype": str(draft.model.fc.weight.dtype).removeprefix("torch."),
         "num_speculative_tokens": num_speculative_tokens, "temperature": temperature,
         "acceptance_length": whole.acceptance_length,
         "conditional_acceptance": whole.conditional_acceptance(),
