@@ -89,21 +89,25 @@ def eval_inputs(tmp_path):
 
 
 def command_line(command: str, option: str, value: str, eval_inputs: dict) -> list[str]:
-    """A command line that would run (or fail only later) but for ``option``'s ``value``."""
+    """A command line that would run (or fail only later) but for ``option``'s ``value``, given as
+    ``option=value`` so that a value starting with '-' reaches the option (as its own word argparse
+    would take it for another option)."""
     if command == "eval":
-        given_inputs = {**eval_inputs, option: value}
+        given_inputs = {**eval_inputs}
         if option == "--gguf-file":  # only with a model folder as the target
             given_inputs["--target"] = str(Path(eval_inputs["--draft"]).parent)
-        return ["eval", *[part for pair in given_inputs.items() for part in pair]]
+        given_inputs.pop(option, None)
+        return ["eval", *[part for pair in given_inputs.items() for part in pair], f"{option}={value}"]
     sizes = {"demo": ["--seq-len", "64"], "bench": ["--lengths", "128", "--repeats", "1", "--backends", "python"],
              "train-demo": ["--steps", "1", "--seq-len", "16"]}[command]
-    return [command, *sizes, "--device", "cpu", option, value]
+    return [command, *sizes, "--device", "cpu", f"{option}={value}"]
 
 
 @settings(max_examples=80)
 @given(st.sampled_from([(command, option) for command, options in PATH_OPTIONS.items() for option in options]),
        NO_PATH)
 @example(("demo", "--out"), "0.\x00")  # a suffix of one NUL byte: the path check, not the picture format, answers
+@example(("demo", "--out"), "-\x00")  # a leading '-': the value still reaches the path check
 def test_every_path_option_refuses_a_path_that_names_nothing(capsys, monkeypatch, tmp_path_factory, command_option,
                                                               value):
     """Empty, blank or NUL-holding values of every path option: one line naming the option, exit
