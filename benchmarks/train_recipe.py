@@ -10,9 +10,13 @@ Variants: ``base`` (the command's defaults), ``lrX`` (peak learning rate X), ``l
 layers), ``ratioR`` (COD down-sampling ratio R, min max(0.2, R - 0.4): more deep elements, so a
 larger share of the loss on the deep depths), ``mask_mean`` (``mask_hidden`` starts at the mean of
 the training auxiliary states instead of a std-1 normal), ``overfit`` (8 sequences only: can the
-deep depths be learned at all?); ``a+b`` combines variants. The figure of merit is the estimated
+deep depths be learned at all?), ``vocabN`` (a draft vocabulary of N tokens), ``frozen_head`` (the
+lm_head stays at the target's rows); ``a+b`` combines variants. The figure of merit is the estimated
 acceptance length at K = 5, 1 + sum over k = 1..5 of the product of the held-out accuracies of
-depths 0..k-1, next to the accuracies themselves.
+depths 0..k-1, next to the accuracies themselves. The accuracies are measured over the draft
+vocabulary; ``--loop-k K ...`` also decodes the held-out prompts through the speculative loop
+(batch 1, greedy, ``--loop-tokens`` new tokens, the draft as ``train`` evaluates it) and reports
+the acceptance length and per-position acceptance at each K, over the target's whole vocabulary.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from peagle_ext.draft import recipe  # noqa: E402
 from peagle_ext.draft.data_engine import HELD_OUT_PROMPTS, SampleCache, generate_samples  # noqa: E402
-from peagle_ext.draft.hf import load_transformers_target  # noqa: E402
+from peagle_ext.draft.hf import chat_template_ids, load_transformers_target  # noqa: E402
+from peagle_ext.draft.speculative import TransformersTarget, draft_for_decoding, measure  # noqa: E402
 
 
 def estimated_acceptance(accuracy, k=5):
@@ -54,6 +59,8 @@ def variant_config(base: recipe.TrainConfig, name: str) -> recipe.TrainConfig:
         return dataclasses.replace(base, lr=float(name[2:]))
     if name.startswith("layers"):
         return dataclasses.replace(base, layers=int(name[6:]))
+    if name.startswith("vocab"):
+        return dataclasses.replace(base, draft_vocab=int(name[5:]))
     if name.startswith("ratio"):
         ratio = float(name[5:])
         return dataclasses.replace(base, down_sample_ratio=ratio, down_sample_ratio_min=max(0.2, ratio - 0.4))
@@ -88,6 +95,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=180.0, help="training time per variant")
     parser.add_argument("--variants", nargs="+", default=["base"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--loop-k", type=int, nargs="+", default=[], metavar="K",
+                        help="also decode the held-out prompts through the speculative loop at these K")
+    parser.add_argument("--loop-tokens", type=int, default=48, help="new tokens per prompt in the loop")
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     parser.add_argument("--replot", nargs="+", metavar="JSON", default=None,
@@ -116,12 +126,15 @@ def main() -> int:
     print(f"{len(samples)} training sequences ({sum(len(s.response_ids) for s in samples)} response tokens), "
           f"{len(held)} held-out sequences", flush=True)
     base = recipe.TrainConfig(target=args.target, out=args.data, budget_minutes=1.0)
-    vocab, _ = recipe.draft_vocabulary(samples, model.config.vocab_size, base.draft_vocab)
+    prompts = [chat_template_ids(tokenizer, [{"role": "user", "content": m}]) for m in HELD_OUT_PROMPTS]
     rows = []
     for name in args.variants:
         config = variant_config(base, name)
         train_set = samples[:8] if "overfit" in name.split("+") else samples
+        vocab, _ = recipe.draft_vocabulary(samples, model.config.vocab_size, config.draft_vocab)
         draft = recipe.make_draft(model, config, vocab, layer_ids, "target")
+        if "frozen_head" in name.split("+"):
+            draft.lm_head.weight.requires_grad_(False)
         if "mask_mean" in name.split("+"):
             with torch.no_grad():
                 mean = torch.cat([s.aux.float() for s in samples[:256]]).mean(0)
@@ -133,6 +146,14 @@ def main() -> int:
         row = {"variant": name, "steps": figures["training_steps"], "epochs": figures["epochs"],
                "loss": figures["final_loss"], "held_out_accuracy": held_accuracy, "train_accuracy": train_accuracy,
                "estimated_acceptance_k5": estimated_acceptance(held_accuracy, 5)}
+        target = TransformersTarget(model, layer_ids, tokenizer.pad_token_id or 0)
+        for k in args.loop_k:
+            report = measure(target, draft_for_decoding(draft, config.draft_dtype), prompts, k, args.loop_tokens,
+                             batch_size=1, eos_token_id=tokenizer.eos_token_id, baseline=False)
+            row[f"loop_K={k}"] = {"acceptance_length": report["acceptance_length"],
+                                  "conditional_acceptance": report["conditional_acceptance"]}
+            print(f"  loop, K={k}: acceptance length {report['acceptance_length']:.3f}, per position "
+                  + " ".join(f"{a:.2f}" for a in report["conditional_acceptance"]), flush=True)
         rows.append(row)
         print(f"{name:<10} {row['steps']:>5} steps ({row['epochs']:.1f} epochs) loss {row['loss']:.3f}  est. acc. "
               f"length K=5 {row['estimated_acceptance_k5']:.2f}\n  held-out per depth "

@@ -185,6 +185,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     from ..draft.llama import LlamaEagle3DraftModel
     from ..draft.speculative import TokenwiseTarget, TransformersTarget, draft_for_decoding, measure
+    from ..draft.speculative.measure import agreement_text
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -243,8 +244,7 @@ def main(argv: list[str]) -> int:
         print(f"tokens/s: speculative {speed['speculative']:.1f}, plain target {speed['target']:.1f} "
               f"(speedup {report['speedup']:.2f}x)")
         if args.temperature < GREEDY_BELOW_TEMPERATURE:
-            same = sum(p["matches_target"] for p in report["prompts"])
-            print(f"greedy outputs equal to the plain decode: {same}/{len(prompts)}")
+            print(f"greedy outputs against the plain decode: {agreement_text(report)}")
     if args.json is not None:
         with open(args.json, "w") as handle:
             json.dump(json_ready(report), handle, indent=1)

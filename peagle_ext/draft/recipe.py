@@ -493,6 +493,8 @@ def run(config: TrainConfig) -> dict:
 
 def report_lines(summary: dict) -> list[str]:
     """The run's figures as a few readable lines."""
+    from .speculative.measure import agreement_text
+
     data, training, evaluation = summary["data"], summary["training"], summary["evaluation"]
     lines = [
         f"data: {data['sequences']} sequences, {data['response_tokens']} response tokens "
@@ -510,7 +512,7 @@ def report_lines(summary: dict) -> list[str]:
         speed = report["tokens_per_second"]
         lines.append(f"{report['num_speculative_tokens']:>3} {report['acceptance_length']:>10.3f} "
                      f"{speed['speculative']:>10.1f} {speed['target']:>11.1f} {report['speedup']:>7.2f}x  {rates}"
-                     + ("" if report["matches_target"] else "  (output differs from plain decoding!)"))
+                     + ("" if report["matches_target"] else f"  (outputs: {agreement_text(report)})"))
     lookup = evaluation["prompt_lookup"]
     if lookup:
         generate = lookup.get("generate_tokens_per_second")

@@ -21,6 +21,7 @@ from peagle_ext.draft.speculative import (
     speculative_generate,
     target_generate,
 )
+from peagle_ext.draft.speculative.measure import agreement_text
 from peagle_ext.draft.tiny_target import demo_acceptance, demo_target
 
 from draft_helpers import single_thread, tiny_model  # noqa: F401 (autouse fixture)
@@ -267,6 +268,60 @@ def test_eos_stops_a_row_and_max_new_tokens_cuts(trained):
     assert result.rows[0].generated_ids == reference[: reference.index(eos) + 1]
     result = speculative_generate(TokenwiseTarget(target), trained, PROMPTS[:1], 4, 5)
     assert result.rows[0].generated_ids == reference[:5]
+
+
+class _NextLogits:
+    """A target whose next-token logits are the same after any tokens (tokens 5 and 7 given)."""
+
+    def __init__(self, logit_5: float, logit_7: float):
+        self.logits = torch.full((1, 1, VOCAB), -10.0)
+        self.logits[..., 5], self.logits[..., 7] = logit_5, logit_7
+        self.read = []
+
+    def start(self, prompts):
+        self.read += prompts
+        return None, None, None, self.logits, None
+
+
+@pytest.mark.parametrize("logit_7, tie", [(20.0 + 2e-6, True), (20.0 + 1e-3, True), (20.0 + 3e-3, False),
+                                          (20.5, False), (-10.0, False)])
+def test_first_difference_tells_a_tie_of_the_targets_logits_from_a_real_difference(logit_7, tie):
+    # within TIE_TOLERANCE (1e-4) of the larger logit's magnitude, 20: a gap of at most 2e-3
+    target = _NextLogits(20.0, logit_7)
+    found = speculative.first_difference(target, [1, 2], [3, 5, 9], [3, 7, 9])
+    assert target.read == [[1, 2, 3]]  # the prompt and the tokens both decodes agree on
+    assert found["position"] == 1 and found["speculative_token"] == 5 and found["target_token"] == 7
+    assert found["logit_gap"] == pytest.approx(abs(logit_7 - 20.0), abs=1e-5) and found["tie"] is tie
+
+
+def test_first_difference_where_one_decode_stops_early_is_no_tie():
+    target = _NextLogits(20.0, 20.0)
+    found = speculative.first_difference(target, [1], [3, 4], [3, 4, 6])
+    assert found == {"position": 2, "speculative_token": None, "target_token": 6, "logit_gap": None, "tie": False}
+    assert target.read == []
+
+
+def test_measure_reports_where_outputs_differ_and_whether_at_a_tie(trained, monkeypatch):
+    target = TokenwiseTarget(demo_target(VOCAB))
+    report = speculative.measure(target, trained, PROMPTS, 3, 12, batch_size=2)
+    assert all(p["matches_target"] and "first_difference" not in p for p in report["prompts"])
+    assert speculative.output_agreement(report) == (len(PROMPTS), 0, 0)
+    # a loop that changed one token of the second prompt's output: a difference, not a tie
+    real = speculative.measure.__globals__["speculative_generate"]
+
+    def changed(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if args[2] == PROMPTS[:2]:
+            ids = result.rows[1].generated_ids
+            ids[4] = (ids[4] + 1) % VOCAB
+        return result
+
+    monkeypatch.setitem(speculative.measure.__globals__, "speculative_generate", changed)
+    report = speculative.measure(target, trained, PROMPTS, 3, 12, batch_size=2)
+    found = report["prompts"][1]["first_difference"]
+    assert not report["prompts"][1]["matches_target"] and found["position"] == 4 and not found["tie"]
+    assert speculative.output_agreement(report) == (len(PROMPTS) - 1, 0, 1)
+    assert "3/4 equal; 1 differs otherwise" in agreement_text(report)
 
 
 @pytest.mark.parametrize("bad, message", [

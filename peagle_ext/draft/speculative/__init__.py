@@ -48,14 +48,15 @@ from .loop import (
     speculative_generate,
     target_generate,
 )
-from .measure import measure
+from .measure import TIE_TOLERANCE, first_difference, measure, output_agreement
 from .slots import DraftSlots, draft_slots
 from .targets import Target, TokenwiseTarget, TransformersTarget, left_pad
 from .verify import draw, greedy_verify, next_tokens, rejection_verify
 
 __all__ = [
-    "DRAFT_DTYPES", "GREEDY_BELOW_TEMPERATURE", "DraftCache", "DraftSlots", "RowResult", "SpeculativeResult", "Target",
-    "TokenwiseTarget", "TransformersTarget", "check_decode", "draft_for_decoding", "draft_forward", "draft_slots",
-    "draw", "greedy_verify", "left_pad", "measure", "native_bfloat16_cpu", "next_tokens", "propose",
-    "rejection_verify", "speculative_generate", "target_generate",
+    "DRAFT_DTYPES", "GREEDY_BELOW_TEMPERATURE", "TIE_TOLERANCE", "DraftCache", "DraftSlots", "RowResult",
+    "SpeculativeResult", "Target", "TokenwiseTarget", "TransformersTarget", "check_decode", "draft_for_decoding",
+    "draft_forward", "draft_slots", "draw", "first_difference", "greedy_verify", "left_pad", "measure",
+    "native_bfloat16_cpu", "next_tokens", "output_agreement", "propose", "rejection_verify", "speculative_generate",
+    "target_generate",
 ]

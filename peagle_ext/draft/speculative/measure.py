@@ -6,6 +6,14 @@ import torch
 
 from .loop import SpeculativeResult, _is_int, speculative_generate, target_generate
 
+# Greedy speculative decoding takes the target's argmax at every position, as plain decoding does,
+# but reads it from a forward over K + 1 tokens, whose sums round differently from a one-token
+# forward's. Where the target's two best logits lie within that rounding of each other, the two
+# decodes may take different tokens (and go separate ways from there). A difference is counted as
+# such a tie when the two tokens' logits, recomputed by one forward over the prompt and the tokens
+# both decodes agree on, differ by at most this share of the larger logit's magnitude (at least 1).
+TIE_TOLERANCE = 1e-4
+
 
 def measure(target, draft, prompts: list[list[int]], num_speculative_tokens: int, max_new_tokens: int, *,
             batch_size: int = 8, temperature: float = 0.0, seed: int = 0, eos_token_id: int | None = None,
@@ -17,8 +25,9 @@ def measure(target, draft, prompts: list[list[int]], num_speculative_tokens: int
     acceptance given the positions before it accepted), forward counts, ``tokens_per_second`` of
     both and their ratio ``speedup``, and per prompt ``generated_ids``, ``acceptance_length``,
     ``conditional_acceptance``, forward counts and (greedy, with the baseline)
-    ``matches_target``: whether the tokens equal the plain decode's. ``progress(done)`` is called
-    after each batch."""
+    ``matches_target``: whether the tokens equal the plain decode's, and where they do not,
+    ``first_difference`` (:func:`first_difference`: whether it is a tie of the target's logits).
+    ``progress(done)`` is called after each batch."""
     if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if not _is_int(seed):
@@ -60,5 +69,49 @@ def measure(target, draft, prompts: list[list[int]], num_speculative_tokens: int
                  "target_forwards": row.target_forwards, "draft_forwards": row.draft_forwards}
         if baseline and temperature == 0:
             entry["matches_target"] = row.generated_ids == plain_ids[index]
+            if not entry["matches_target"]:
+                entry["first_difference"] = first_difference(target, prompts[index], row.generated_ids,
+                                                             plain_ids[index])
         report["prompts"].append(entry)
     return report
+
+
+@torch.no_grad()
+def first_difference(target, prompt: list[int], speculative_ids: list[int], plain_ids: list[int]) -> dict:
+    """Where a greedy speculative decode first differs from the plain one: ``position`` (index in
+    the new tokens), each decode's token there (None past its end), the target's logits of the two
+    tokens recomputed by one forward over ``prompt`` and the agreed tokens (``logit_gap``: their
+    difference) and ``tie``: whether the gap lies within rounding (``TIE_TOLERANCE``), the one way
+    the two decodes may differ (see above)."""
+    position = next((i for i, (a, b) in enumerate(zip(speculative_ids, plain_ids)) if a != b),
+                    min(len(speculative_ids), len(plain_ids)))
+    tokens = [ids[position] if position < len(ids) else None for ids in (speculative_ids, plain_ids)]
+    found = {"position": position, "speculative_token": tokens[0], "target_token": tokens[1], "logit_gap": None,
+             "tie": False}
+    if None in tokens:  # one decode stopped where the other went on: not a choice between two tokens
+        return found
+    logits = target.start([[int(t) for t in prompt] + list(plain_ids[:position])])[3][0, -1].float()
+    pair = logits[tokens]
+    gap = float((pair[0] - pair[1]).abs())
+    found["logit_gap"] = gap
+    found["tie"] = gap <= TIE_TOLERANCE * max(1.0, float(pair.abs().max()))
+    return found
+
+
+def output_agreement(report: dict) -> tuple[int, int, int]:
+    """Of a greedy ``measure`` report's prompts (with its baseline): (outputs equal to the plain
+    decode, outputs that differ first at a tie of the target's logits, outputs that differ otherwise)."""
+    equal = sum(p["matches_target"] for p in report["prompts"])
+    ties = sum(not p["matches_target"] and p.get("first_difference", {}).get("tie", False) for p in report["prompts"])
+    return equal, ties, len(report["prompts"]) - equal - ties
+
+
+def agreement_text(report: dict) -> str:
+    """``output_agreement`` in words, e.g. "35/36 equal; 1 differs first at a tie of the target's logits"."""
+    equal, ties, other = output_agreement(report)
+    text = f"{equal}/{len(report['prompts'])} equal"
+    if ties:
+        text += f"; {ties} differ{'s' if ties == 1 else ''} first at a tie of the target's logits"
+    if other:
+        text += f"; {other} differ{'s' if other == 1 else ''} otherwise (a defect)"
+    return text
