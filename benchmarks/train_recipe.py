@@ -127,6 +127,7 @@ def main() -> int:
           f"{len(held)} held-out sequences", flush=True)
     base = recipe.TrainConfig(target=args.target, out=args.data, budget_minutes=1.0)
     prompts = [chat_template_ids(tokenizer, [{"role": "user", "content": m}]) for m in HELD_OUT_PROMPTS]
+    target = TransformersTarget(model, layer_ids, tokenizer.pad_token_id or 0) if args.loop_k else None
     rows = []
     for name in args.variants:
         config = variant_config(base, name)
@@ -146,10 +147,10 @@ def main() -> int:
         row = {"variant": name, "steps": figures["training_steps"], "epochs": figures["epochs"],
                "loss": figures["final_loss"], "held_out_accuracy": held_accuracy, "train_accuracy": train_accuracy,
                "estimated_acceptance_k5": estimated_acceptance(held_accuracy, 5)}
-        target = TransformersTarget(model, layer_ids, tokenizer.pad_token_id or 0)
+        decoding = draft_for_decoding(draft, config.draft_dtype) if args.loop_k else None
         for k in args.loop_k:
-            report = measure(target, draft_for_decoding(draft, config.draft_dtype), prompts, k, args.loop_tokens,
-                             batch_size=1, eos_token_id=tokenizer.eos_token_id, baseline=False)
+            report = measure(target, decoding, prompts, k, args.loop_tokens, batch_size=1,
+                             eos_token_id=tokenizer.eos_token_id, baseline=False)
             row[f"loop_K={k}"] = {"acceptance_length": report["acceptance_length"],
                                   "conditional_acceptance": report["conditional_acceptance"]}
             print(f"  loop, K={k}: acceptance length {report['acceptance_length']:.3f}, per position "
