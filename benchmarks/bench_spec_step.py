@@ -92,19 +92,24 @@ def main() -> int:
     parser.add_argument("--no-generate", action="store_true", help="skip transformers' generate")
     parser.add_argument("--unpacked", action="store_true",
                         help="also measure everything with the linear layers' default CPU product (no oneDNN packing)")
+    parser.add_argument("--repeat-kv", action="store_true",
+                        help="also measure everything with transformers' own SDPA attention, which repeats the "
+                             "cached keys and values per query head in a masked forward")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, tokenizer = load(args.folder, args.gguf_file)
-    for pack in (True, False) if args.unpacked else (True,):
-        print(f"--- linear layers: {'oneDNN-packed weights' if pack else 'default CPU product (F.linear)'}")
-        measure_all(args, model, tokenizer, pack)
+    setups = [(True, True)] + [(False, True)] * args.unpacked + [(True, False)] * args.repeat_kv
+    for pack, grouped in setups:
+        print(f"--- linear layers: {'oneDNN-packed weights' if pack else 'default CPU product (F.linear)'}; "
+              f"attention: {'grouped keys and values' if grouped else 'keys and values repeated per head'}")
+        measure_all(args, model, tokenizer, pack, grouped)
     return 0
 
 
-def measure_all(args, model, tokenizer, pack: bool) -> None:
+def measure_all(args, model, tokenizer, pack: bool, grouped: bool) -> None:
     layers = model.config.num_hidden_layers
     layer_ids = [2, layers // 2, layers - 3]
-    target = speculative.TransformersTarget(model, layer_ids, pack_weights=pack)
+    target = speculative.TransformersTarget(model, layer_ids, pack_weights=pack, grouped_attention=grouped)
     prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True,
                                                   tokenize=True, return_dict=True)["input_ids"])
                for m in MESSAGES[:args.prompts]]

@@ -160,7 +160,10 @@ def tiny_llama(seed=0, vocab=VOCAB):
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return transformers.LlamaForCausalLM(config).eval()
+    model = transformers.LlamaForCausalLM(config).eval()
+    # grouped keys and values under SDPA: the lossless tests below run the target's grouped attention
+    assert model.config._attn_implementation == "sdpa" and config.num_key_value_heads < config.num_attention_heads
+    return model
 
 
 def llama_greedy(model, prompt, count):

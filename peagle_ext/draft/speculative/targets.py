@@ -21,6 +21,7 @@ from typing import Protocol
 
 import torch
 
+from .gqa import cpu_grouped_attention
 from .packed import packed_linears, packing_available
 
 
@@ -114,9 +115,14 @@ class TransformersTarget:
     during its forwards (:mod:`.packed`; about 1.7x faster one-token forwards and 1.25x, not
     1.65x, for six tokens against one, at the cost of a packed copy of the weights); None = where
     this torch build can, False = never.
+
+    ``grouped_attention``: on the CPU, a model of ``PLAIN_HEAD_MODELS`` with SDPA attention reads
+    its grouped keys and values without repeating them per query head, also in the masked
+    verification forward (:mod:`.gqa`); False = transformers' own SDPA attention.
     """
 
-    def __init__(self, model, aux_layer_ids, pad_token_id: int = 0, pack_weights: bool | None = None):
+    def __init__(self, model, aux_layer_ids, pad_token_id: int = 0, pack_weights: bool | None = None,
+                 grouped_attention: bool = True):
         config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") \
             else model.config
         layers = config.num_hidden_layers
@@ -135,6 +141,7 @@ class TransformersTarget:
         self._head = _plain_head(model) if self._layers is not None else None
         self._num_layers = layers
         self.pack_weights = packing_available() if pack_weights is None else bool(pack_weights)
+        self.grouped_attention = bool(grouped_attention)
         self._plain_cache = bool(getattr(config, "sliding_window", None)) or any(
             kind != "full_attention" for kind in (getattr(config, "layer_types", None) or []))
         # the state of one decode, set by start()
@@ -171,7 +178,9 @@ class TransformersTarget:
     def _forward(self, ids, positions, logits_to_keep: int):
         """(logits [B, logits_to_keep, V] of the last positions, aux [B, Q, A])."""
         packing = packed_linears(self.model) if self.pack_weights else contextlib.nullcontext()
-        with packing:
+        # the Llama-like models of PLAIN_HEAD_MODELS (one config, transformers' own attention) on the CPU
+        grouped = self.grouped_attention and self._head is not None and ids.device.type == "cpu"
+        with packing, cpu_grouped_attention(self.model.config, grouped):
             return self._forward_model(ids, positions, logits_to_keep)
 
     def _forward_model(self, ids, positions, logits_to_keep: int):
