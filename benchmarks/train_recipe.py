@@ -11,13 +11,15 @@ layers), ``ratioR`` (COD down-sampling ratio R, min max(0.2, R - 0.4): more deep
 larger share of the loss on the deep depths), ``mask_mean`` (``mask_hidden`` starts at the mean of
 the training auxiliary states instead of a std-1 normal), ``overfit`` (8 sequences only: can the
 deep depths be learned at all?), ``vocabN`` (a draft vocabulary of N tokens), ``frozen_head`` (the
-lm_head stays at the target's rows), ``target_layerN`` (the draft's decoder layer starts as the
-target's layer N: see :func:`start_as_target_layer`); ``a+b`` combines variants. The figure of merit is the estimated
-acceptance length at K = 5, 1 + sum over k = 1..5 of the product of the held-out accuracies of
-depths 0..k-1, next to the accuracies themselves. The accuracies are measured over the draft
-vocabulary; ``--loop-k K ...`` also decodes the held-out prompts through the speculative loop
-(batch 1, greedy, ``--loop-tokens`` new tokens, the draft as ``train`` evaluates it) and reports
-the acceptance length and per-position acceptance at each K, over the target's whole vocabulary.
+lm_head stays at the target's rows), ``random_init`` (the draft's layers start at random, not as
+the target's: ``TrainConfig.init``), ``target_layerN`` (they start as the target's layers from N on,
+not from the last auxiliary layer: ``recipe.start_from_target_layers``); ``a+b`` combines
+variants. The figure of merit is the estimated acceptance length at K = 5, 1 + sum over k = 1..5 of
+the product of the held-out accuracies of depths 0..k-1, next to the accuracies themselves. The
+accuracies are measured over the draft vocabulary; ``--loop-k K ...`` also decodes the held-out
+prompts through the speculative loop (batch 1, greedy, ``--loop-tokens`` new tokens, the draft as
+``train`` evaluates it) and reports the acceptance length and per-position acceptance at each K,
+over the target's whole vocabulary.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ def variant_config(base: recipe.TrainConfig, name: str) -> recipe.TrainConfig:
         for part in name.split("+"):
             base = variant_config(base, part)
         return base
+    if name == "random_init":
+        return dataclasses.replace(base, init="random")
+    if name.startswith("target_layer"):  # the layers are copied after make_draft
+        return dataclasses.replace(base, init="random")
     if name.startswith("lr"):
         return dataclasses.replace(base, lr=float(name[2:]))
     if name.startswith("layers"):
@@ -66,30 +72,6 @@ def variant_config(base: recipe.TrainConfig, name: str) -> recipe.TrainConfig:
         ratio = float(name[5:])
         return dataclasses.replace(base, down_sample_ratio=ratio, down_sample_ratio_min=max(0.2, ratio - 0.4))
     return base
-
-
-@torch.no_grad()
-def start_as_target_layer(draft, model, layer_id: int) -> None:
-    """The draft's first decoder layer starts as the target's layer ``layer_id`` applied to the
-    hidden half of its input (the embedding half of q/k/v starts at zero), its ``fc`` passes the
-    last auxiliary state through unchanged (the input of target layer ``layer_id`` when that is the
-    last auxiliary layer), and its final norm is the target's: before training, depth 0 computes
-    what the target's next layer would, in the space the target's lm_head reads."""
-    source, layer = model.model.layers[layer_id], draft.model.layers[0]
-    hidden = draft.config.hidden_size
-    for name in ("q_proj", "k_proj", "v_proj"):
-        weight = getattr(layer.self_attn, name).weight
-        weight[:, :hidden] = 0
-        weight[:, hidden:] = getattr(source.self_attn, name).weight
-    layer.self_attn.o_proj.weight.copy_(source.self_attn.o_proj.weight)
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        getattr(layer.mlp, name).weight.copy_(getattr(source.mlp, name).weight)
-    layer.hidden_norm.weight.copy_(source.input_layernorm.weight)
-    layer.post_attention_layernorm.weight.copy_(source.post_attention_layernorm.weight)
-    draft.model.norm.weight.copy_(model.model.norm.weight)
-    fc = draft.model.fc.weight  # [H, num_aux * H]
-    fc.zero_()
-    fc[:, -hidden:] = torch.eye(hidden)
 
 
 def draw(rows, path):
@@ -161,7 +143,7 @@ def main() -> int:
         draft = recipe.make_draft(model, config, vocab, layer_ids, "target")
         for part in name.split("+"):
             if part.startswith("target_layer"):
-                start_as_target_layer(draft, model, int(part[len("target_layer"):]))
+                recipe.start_from_target_layers(draft, model, int(part[len("target_layer"):]))
         if "frozen_head" in name.split("+"):
             draft.lm_head.weight.requires_grad_(False)
         if "mask_mean" in name.split("+"):

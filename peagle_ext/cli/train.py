@@ -37,6 +37,9 @@ def parse_args(argv: list[str]):
                         help="the target's hub id recorded in the checkpoint (default: the --target path)")
     parser.add_argument("--layers", type=int_at_least(1, 64), default=defaults.layers,
                         help="draft decoder layers (default %(default)s)")
+    parser.add_argument("--init", choices=["target", "random"], default=defaults.init,
+                        help="the draft's layers start as the target's layers after its last auxiliary one, or at "
+                             "random (default %(default)s)")
     parser.add_argument("--depths", type=int_at_least(1, 64), default=defaults.depths,
                         help="P-EAGLE COD depths trained (default %(default)s)")
     parser.add_argument("--lr", type=positive_float, default=defaults.lr,
@@ -85,7 +88,7 @@ def parse_args(argv: list[str]):
     config = TrainConfig(
         target=args.target, out=args.out, budget_minutes=args.budget_minutes, gguf_file=args.gguf_file,
         method=args.method, ks=sorted(set(args.ks)), prompts_file=args.prompts, verifier=args.verifier,
-        layers=args.layers, depths=args.depths, lr=args.lr, draft_vocab=args.draft_vocab,
+        layers=args.layers, init=args.init, depths=args.depths, lr=args.lr, draft_vocab=args.draft_vocab,
         response_tokens=args.response_tokens, gen_batch=args.gen_batch, data_dtype=args.data_dtype,
         data_share=args.data_share, eval_share=args.eval_share,
         step_tokens=args.step_tokens,

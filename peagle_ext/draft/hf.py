@@ -4,6 +4,7 @@ prompts through its template, and strict JSON for the measurements."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -25,44 +26,68 @@ GROUPED_DECODE_ATTENTION = "peagle_grouped_decode_sdpa"
 
 def _grouped_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                               **kwargs):
-    """transformers' SDPA attention, except for one query token per row with grouped key/value
-    heads: the query heads that share a key/value head become that head's query rows. Under a
-    padding mask transformers otherwise copies every key and value once per query head, the
-    whole KV cache at every layer and step (most of a batched decode step on a CPU)."""
+    """transformers' SDPA attention, without the copy of every key and value per query head that
+    transformers makes for grouped key/value heads whenever a mask is present (the whole KV cache,
+    at every layer and step):
+
+    - one query token per row (a decode step; any device): the query heads that share a key/value
+      head become that head's query rows;
+    - several query tokens (a verification forward over K + 1 tokens) on the CPU under a boolean
+      mask or none: SDPA's ``enable_gqa``, which the CPU kernels take together with a mask (CUDA's
+      fast kernels do not, so there transformers' own path stays).
+
+    Anything else (no grouping, attention weights asked for, a position bias, attention sinks)
+    goes to transformers' own function."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
-    if q_len != 1 or heads == kv_heads or kwargs.get("output_attentions", False):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    # head h reads key/value head h // group (transformers' repeat_kv order); a [B, 1, 1, S]
-    # padding mask broadcasts over the group's rows
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
-    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                         scale=scaling)
-    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+    grouped = heads != kv_heads and not kwargs.get("output_attentions", False) \
+        and kwargs.get("position_bias") is None and kwargs.get("s_aux") is None
+    if grouped and q_len == 1:
+        # head h reads key/value head h // group (transformers' repeat_kv order); a [B, 1, 1, S]
+        # padding mask broadcasts over the group's rows
+        rows = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+        out = F.scaled_dot_product_attention(rows, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                             scale=scaling)
+        return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+    if grouped and query.device.type == "cpu" and not dropout and (attention_mask is None
+                                                                    or attention_mask.dtype == torch.bool):
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
+                                             is_causal=bool(attention_mask is None and causal), enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
 
 
-@contextlib.contextmanager
-def grouped_decode_attention(model):
-    """Within the block, a transformers ``model`` on SDPA attention decodes with
-    :func:`_grouped_decode_attention` (the same products; about 3x faster batched decoding of
-    192-token responses for SmolLM2's 9 query and 3 key/value heads on a CPU). Another attention
-    implementation is left as it is."""
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
-        yield model
-        return
+@functools.cache
+def _register_grouped_attention() -> None:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
     AttentionInterface.register(GROUPED_DECODE_ATTENTION, _grouped_decode_attention)
     AttentionMaskInterface.register(GROUPED_DECODE_ATTENTION, sdpa_mask)
-    model.set_attn_implementation(GROUPED_DECODE_ATTENTION)
+
+
+@contextlib.contextmanager
+def grouped_decode_attention(model, enabled: bool = True):
+    """Within the block, a transformers ``model`` on SDPA attention runs
+    :func:`_grouped_decode_attention` (the same products; about 3x faster batched decoding of
+    192-token responses for SmolLM2's 9 query and 3 key/value heads on a CPU, and a verification
+    forward without copying the cache). Another attention implementation, or ``enabled=False``,
+    is left as it is. The switch is the config's attention name, which the model reads at every
+    forward (cheap enough to enter per forward; ``set_attn_implementation`` costs ~0.4 ms)."""
+    config = model.config
+    if not enabled or getattr(config, "_attn_implementation", None) != "sdpa":
+        yield model
+        return
+    _register_grouped_attention()
+    config._attn_implementation = GROUPED_DECODE_ATTENTION
     try:
         yield model
     finally:
-        model.set_attn_implementation("sdpa")
+        config._attn_implementation = "sdpa"
 
 
 def chat_template_ids(tokenizer, messages) -> list[int]:

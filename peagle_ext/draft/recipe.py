@@ -54,6 +54,7 @@ class TrainConfig:
     data_dtype: str = "bfloat16"  # the target's copy that makes the data (bfloat16: about 2x faster on CPU)
     draft_vocab: int = 8192
     layers: int = 1
+    init: str = "target"  # the draft's layers start as the target's layers after the last auxiliary one, or "random"
     depths: int = 8
     lr: float = 3e-3
     warmup_steps: int = 30
@@ -204,7 +205,8 @@ def draft_vocabulary(samples, vocab_size: int, size: int):
 
 def make_draft(model, config: TrainConfig, vocab_ids, layer_ids, verifier: str) -> LlamaEagle3DraftModel:
     """A draft shaped like the target's layers (``config.layers`` of them), with the target's
-    embeddings (frozen) and its lm_head rows of the draft vocabulary as the starting lm_head."""
+    embeddings (frozen) and its lm_head rows of the draft vocabulary as the starting lm_head; with
+    ``config.init`` "target", its layers start as the target's (:func:`start_from_target_layers`)."""
     target = model.config
     rope = getattr(target, "rope_parameters", None) or {"rope_theta": getattr(target, "rope_theta", 10000.0)}
     torch.manual_seed(config.seed)
@@ -225,8 +227,62 @@ def make_draft(model, config: TrainConfig, vocab_ids, layer_ids, verifier: str) 
     with torch.no_grad():
         draft.model.embed_tokens.weight.copy_(model.get_input_embeddings().weight)
         draft.lm_head.weight.copy_(model.lm_head.weight[draft.draft_to_target_ids()])
+    if config.init == "target":
+        start_from_target_layers(draft, model, layer_ids[-1])
     draft.freeze_embeddings()
     return draft
+
+
+@torch.no_grad()
+def start_from_target_layers(draft, model, first_layer: int) -> int:
+    """Start the draft's decoder layers as the target's layers ``first_layer``, ``first_layer`` + 1,
+    ... (the last one repeated if the draft has more), its final norm as the target's, and its
+    ``fc`` as passing the last auxiliary state through unchanged. With the last auxiliary state the
+    input of target layer ``first_layer`` (vLLM's capture point), depth 0 starts out computing what
+    the target's next layers do with it, in the space the target's lm_head reads; the first layer's
+    q/k/v read the hidden half of their ``[embeddings, hidden]`` input as the target's do, and start
+    at zero on the embedding half. A weight whose shape differs from the target's (another
+    architecture) keeps its random start. Returns the number of tensors copied (0: no layer
+    ``first_layer`` in the target, or not a Llama-like one)."""
+    source_layers = getattr(getattr(model, "base_model", None), "layers", None)
+    if source_layers is None or not 0 <= first_layer < len(source_layers):
+        return 0
+    copied = 0
+
+    def copy(into: torch.Tensor, source) -> None:
+        nonlocal copied
+        if isinstance(source, torch.Tensor) and into.shape == source.shape:
+            into.copy_(source)
+            copied += 1
+
+    def weight(module, path: str):
+        for name in path.split("."):
+            module = getattr(module, name, None)
+        return module
+
+    hidden = draft.draft_config.hidden_size
+    for index, layer in enumerate(draft.model.layers):
+        source = source_layers[min(first_layer + index, len(source_layers) - 1)]
+        for name in ("q_proj", "k_proj", "v_proj"):
+            into = getattr(layer.self_attn, name).weight
+            target_weight = weight(source, f"self_attn.{name}.weight")
+            if layer.self_attn.fuse_input and target_weight is not None and into.shape[1] == 2 * hidden:
+                into[:, :hidden] = 0  # the embedding half: learned from zero
+                copy(into[:, hidden:], target_weight)
+            else:
+                copy(into, target_weight)
+        names = ["self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "post_attention_layernorm"]
+        for name in names:
+            copy(weight(layer, name).weight, weight(source, f"{name}.weight"))
+        norm = layer.hidden_norm if index == 0 and hasattr(layer, "hidden_norm") else layer.input_layernorm
+        copy(norm.weight, weight(source, "input_layernorm.weight"))
+    if copied:
+        copy(draft.model.norm.weight, weight(model.base_model, "norm.weight"))
+        fc = draft.model.fc.weight  # [H, num_aux * target_hidden]: the last auxiliary state passes through
+        if fc.shape[0] == fc.shape[1] // draft.draft_config.num_aux_hidden_states:
+            fc.zero_()
+            fc[:, -fc.shape[0]:] = torch.eye(fc.shape[0])
+    return copied
 
 
 def training_pairs(sample):

@@ -228,3 +228,36 @@ def test_sample_cache_round_trip_and_refuses_other_data(tmp_path):
     with pytest.raises(ValueError, match="use another --out"):
         data_engine.SampleCache(str(tmp_path), {**meta, "aux_layer_ids": [0, 1, 2]})
     assert os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("init", ["target", "random"])
+def test_a_draft_started_from_the_target_computes_its_next_layer(tiny_target, init):
+    """With init "target", depth 0 of a fresh draft over a sequence computes the target's layer
+    after the last auxiliary one: its states (before the final norm) equal the target's
+    hidden_states[last + 1], whatever the input tokens; at random they do not. A second draft
+    layer continues with the target's next layer."""
+    from peagle_ext.draft import recipe
+    from peagle_ext.draft.speculative.draft import DraftCache, draft_forward
+    from peagle_ext.draft.speculative.slots import DraftSlots
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_target, dtype=torch.float32).eval()
+    layer_ids = [2, 4, 5]
+    tokens = torch.randint(4, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        states = model(tokens, output_hidden_states=True).hidden_states
+    aux = torch.cat([states[layer] for layer in layer_ids], -1)
+    for layers in (1, 2):
+        config = recipe.TrainConfig(target="", out="", budget_minutes=1, method="eagle3", init=init, layers=layers)
+        draft = recipe.make_draft(model, config, list(range(model.config.vocab_size)), layer_ids, "t").eval()
+        ones = torch.ones_like(tokens, dtype=torch.bool)
+        other_tokens = torch.randint(4, model.config.vocab_size, tokens.shape, generator=torch.Generator())
+        slots = DraftSlots(other_tokens, draft.project_hidden_states(aux), torch.arange(12).view(1, -1), ones, ones,
+                           torch.zeros(1, 1, dtype=torch.int64))
+        out = draft_forward(draft, slots, DraftCache(layers))
+        expected = states[layer_ids[-1] + layers]
+        if init == "target":
+            torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+            assert torch.equal(draft.model.norm.weight, model.model.norm.weight)
+        else:
+            assert not torch.allclose(out, expected, atol=1e-2)
+    assert recipe.start_from_target_layers(draft, model, model.config.num_hidden_layers) == 0  # no such layer

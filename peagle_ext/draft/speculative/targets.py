@@ -21,7 +21,7 @@ from typing import Protocol
 
 import torch
 
-from .gqa import cpu_grouped_attention
+from ..hf import grouped_decode_attention
 from .packed import packed_linears, packing_available
 
 
@@ -116,9 +116,10 @@ class TransformersTarget:
     1.65x, for six tokens against one, at the cost of a packed copy of the weights); None = where
     this torch build can, False = never.
 
-    ``grouped_attention``: on the CPU, a model of ``PLAIN_HEAD_MODELS`` with SDPA attention reads
-    its grouped keys and values without repeating them per query head, also in the masked
-    verification forward (:mod:`.gqa`); False = transformers' own SDPA attention.
+    ``grouped_attention``: a model on SDPA attention reads its grouped keys and values without
+    copying them per query head, in one-token forwards and, on the CPU, in the masked
+    verification forward (:func:`~peagle_ext.draft.hf.grouped_decode_attention`); False =
+    transformers' own SDPA attention.
     """
 
     def __init__(self, model, aux_layer_ids, pad_token_id: int = 0, pack_weights: bool | None = None,
@@ -178,9 +179,7 @@ class TransformersTarget:
     def _forward(self, ids, positions, logits_to_keep: int):
         """(logits [B, logits_to_keep, V] of the last positions, aux [B, Q, A])."""
         packing = packed_linears(self.model) if self.pack_weights else contextlib.nullcontext()
-        # the Llama-like models of PLAIN_HEAD_MODELS (one config, transformers' own attention) on the CPU
-        grouped = self.grouped_attention and self._head is not None and ids.device.type == "cpu"
-        with packing, cpu_grouped_attention(self.model.config, grouped):
+        with packing, grouped_decode_attention(self.model, self.grouped_attention):
             return self._forward_model(ids, positions, logits_to_keep)
 
     def _forward_model(self, ids, positions, logits_to_keep: int):

@@ -1,6 +1,6 @@
-"""The target's grouped-query attention on the CPU: the same result as transformers' SDPA attention
-(which repeats the keys and values per query head under a mask), switched on only for the
-duration of the target's forwards, and lossless in the decoding loop."""
+"""Grouped-query attention without copying the keys and values per query head (one-token decode
+steps; verification forwards on the CPU): the same result as transformers' SDPA attention, switched
+on only for the duration of the target's forwards, and lossless in the decoding loop."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from peagle_ext.draft import speculative
+from peagle_ext.draft.hf import GROUPED_DECODE_ATTENTION, _grouped_decode_attention, grouped_decode_attention
 from peagle_ext.draft.speculative import TransformersTarget, speculative_generate, target_generate
-from peagle_ext.draft.speculative.gqa import ATTENTION_NAME, _grouped_sdpa, cpu_grouped_attention
 
 transformers = pytest.importorskip("transformers", reason="the grouped attention plugs into transformers")
 from transformers.integrations import sdpa_attention  # noqa: E402
@@ -40,21 +40,22 @@ def verification_mask(query_len, key_len, holes=()):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("query_len, key_len, masked", [(1, 40, False), (6, 40, True), (6, 6, False), (4, 90, True)])
-def test_grouped_sdpa_equals_transformers_sdpa(query_len, key_len, masked, dtype):
+@pytest.mark.parametrize("query_len, key_len, masked",
+                         [(1, 40, False), (1, 40, True), (6, 40, True), (6, 6, False), (4, 90, True)])
+def test_grouped_attention_equals_transformers_sdpa(query_len, key_len, masked, dtype):
     """Verification (a mask), one-token decoding and prefill (no mask: causal when Q > 1)."""
     query, key, value = qkv(query_len, key_len, dtype=dtype)
     mask = verification_mask(query_len, key_len, holes=(3, 7)) if masked else None
     module = Module(groups=3)
-    ours, _ = _grouped_sdpa(module, query, key, value, mask, scaling=0.25)
+    ours, _ = _grouped_decode_attention(module, query, key, value, mask, scaling=0.25)
     theirs, _ = sdpa_attention.sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
     assert ours.shape == theirs.shape == (2, query_len, 6, 16)
     tolerance = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(ours, theirs, atol=tolerance, rtol=tolerance)
     # a wrong mask would not pass: hiding one more column changes the output
     if masked:
-        other, _ = _grouped_sdpa(module, query, key, value, verification_mask(query_len, key_len, holes=(3, 7, 8)),
-                                 scaling=0.25)
+        wider = verification_mask(query_len, key_len, holes=(3, 7, 8))
+        other, _ = _grouped_decode_attention(module, query, key, value, wider, scaling=0.25)
         assert not torch.allclose(other, ours)
 
 
@@ -71,25 +72,25 @@ def test_what_the_grouped_path_cannot_take_goes_to_transformers(case, monkeypatc
         options["dropout"] = 0.1
     elif case == "position bias":
         options["position_bias"] = torch.zeros(2, 6, 4, 20)
-    out, _ = _grouped_sdpa(Module(groups=1 if case == "one group" else 3), query, key, value, mask, **options)
+    module = Module(groups=1 if case == "one group" else 3)
+    out, _ = _grouped_decode_attention(module, query, key, value, mask, **options)
     assert out == "theirs" and len(calls) == 1
 
 
 def test_the_switch_holds_for_the_block_only():
-    config = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
-                                      num_attention_heads=4, num_key_value_heads=2)
-    config._attn_implementation = "sdpa"
-    with cpu_grouped_attention(config):
-        assert config._attn_implementation == ATTENTION_NAME
+    model = tiny_gqa_llama()
+    config = model.config
+    with grouped_decode_attention(model):
+        assert config._attn_implementation == GROUPED_DECODE_ATTENTION
     assert config._attn_implementation == "sdpa"
     with pytest.raises(RuntimeError, match="inside"):
-        with cpu_grouped_attention(config):
+        with grouped_decode_attention(model):
             raise RuntimeError("inside")
     assert config._attn_implementation == "sdpa"
-    with cpu_grouped_attention(config, enabled=False):
+    with grouped_decode_attention(model, enabled=False):
         assert config._attn_implementation == "sdpa"
     config._attn_implementation = "eager"  # a model set to another attention is left alone
-    with cpu_grouped_attention(config):
+    with grouped_decode_attention(model):
         assert config._attn_implementation == "eager"
 
 
@@ -113,7 +114,7 @@ def test_the_target_runs_its_forwards_with_the_grouped_attention_and_gets_the_sa
         target = TransformersTarget(model, [1, 2, 3], grouped_attention=grouped)
         target.start([[5, 9, 14, 3, 7], [11, 4]])
         outputs[grouped] = target.extend(torch.tensor([[8, 21, 30, 2], [40, 6, 6, 17]]))
-    assert seen == [ATTENTION_NAME] * 2 + ["sdpa"] * 2
+    assert seen == [GROUPED_DECODE_ATTENTION] * 2 + ["sdpa"] * 2
     assert model.config._attn_implementation == "sdpa"
     for ours, theirs in zip(outputs[True], outputs[False]):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
