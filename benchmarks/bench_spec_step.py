@@ -92,6 +92,9 @@ def main() -> int:
     parser.add_argument("--no-generate", action="store_true", help="skip transformers' generate")
     parser.add_argument("--unpacked", action="store_true",
                         help="also measure everything with the linear layers' default CPU product (no oneDNN packing)")
+    parser.add_argument("--context", type=int, default=0, metavar="TOKENS",
+                        help="repeat each chat message until its prompt holds at least this many tokens (the cache a "
+                             "step reads grows with it)")
     parser.add_argument("--repeat-kv", action="store_true",
                         help="also measure everything with transformers' own SDPA attention, which repeats the "
                              "cached keys and values per query head in a masked forward")
@@ -110,9 +113,16 @@ def measure_all(args, model, tokenizer, pack: bool, grouped: bool) -> None:
     layers = model.config.num_hidden_layers
     layer_ids = [2, layers // 2, layers - 3]
     target = speculative.TransformersTarget(model, layer_ids, pack_weights=pack, grouped_attention=grouped)
-    prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True,
+    def prompt_ids(message):
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
                                                   tokenize=True, return_dict=True)["input_ids"])
-               for m in MESSAGES[:args.prompts]]
+
+    prompts = []
+    for message in MESSAGES[:args.prompts]:
+        repeated = message
+        while len(prompt_ids(repeated)) < args.context:
+            repeated += " " + message
+        prompts.append(prompt_ids(repeated))
     new = args.new_tokens
     loop = sys.modules[speculative.speculative_generate.__module__]
     greedy_verify = loop._greedy_verify

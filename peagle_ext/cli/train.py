@@ -16,7 +16,7 @@ from . import UsageError, check_directory_writable, check_path, int_at_least, pa
 
 
 def parse_args(argv: list[str]):
-    from ..draft.recipe import TrainConfig
+    from ..draft.recipe import INITS, METHODS, TrainConfig
     from ..draft.speculative import DRAFT_DTYPES
 
     defaults = TrainConfig(target="", out="", budget_minutes=0)
@@ -27,7 +27,7 @@ def parse_args(argv: list[str]):
                         help="directory for the cached data, the draft, results.json and results.png")
     parser.add_argument("--budget-minutes", required=True, type=positive_float, metavar="M",
                         help="wall time of the whole run, loading to results")
-    parser.add_argument("--method", choices=["peagle", "eagle3"], default=defaults.method,
+    parser.add_argument("--method", choices=list(METHODS), default=defaults.method,
                         help="draft kind (default %(default)s)")
     parser.add_argument("-k", "--num-speculative-tokens", type=int_at_least(1, 64), nargs="+", dest="ks",
                         default=defaults.ks, metavar="K", help="K values evaluated (default %(default)s)")
@@ -37,7 +37,7 @@ def parse_args(argv: list[str]):
                         help="the target's hub id recorded in the checkpoint (default: the --target path)")
     parser.add_argument("--layers", type=int_at_least(1, 64), default=defaults.layers,
                         help="draft decoder layers (default %(default)s)")
-    parser.add_argument("--init", choices=["target", "random"], default=defaults.init,
+    parser.add_argument("--init", choices=list(INITS), default=defaults.init,
                         help="the draft's layers start as the target's layers after its last auxiliary one, or at "
                              "random (default %(default)s)")
     parser.add_argument("--depths", type=int_at_least(1, 64), default=defaults.depths,

@@ -33,6 +33,9 @@ from .training import eagle_pairs, peagle_training_step
 
 # The least training time that makes a draft worth saving; a smaller share is refused up front.
 MIN_TRAIN_SECONDS = 10.0
+METHODS = ("peagle", "eagle3")
+# how the draft's layers start: as the target's layers after the last auxiliary one, or at random
+INITS = ("target", "random")
 
 
 @dataclass
@@ -43,7 +46,7 @@ class TrainConfig:
     out: str
     budget_minutes: float
     gguf_file: str | None = None
-    method: str = "peagle"  # or "eagle3"
+    method: str = "peagle"  # one of METHODS
     ks: list[int] = field(default_factory=lambda: [1, 3, 5, 7])
     prompts_file: str | None = None
     verifier: str | None = None  # recorded in the checkpoint; default: the target's path
@@ -54,7 +57,7 @@ class TrainConfig:
     data_dtype: str = "bfloat16"  # the target's copy that makes the data (bfloat16: about 2x faster on CPU)
     draft_vocab: int = 8192
     layers: int = 1
-    init: str = "target"  # the draft's layers start as the target's layers after the last auxiliary one, or "random"
+    init: str = "target"  # one of INITS
     depths: int = 8
     lr: float = 3e-3
     warmup_steps: int = 30
@@ -77,7 +80,11 @@ class TrainConfig:
 
 
 def check_budget(config: TrainConfig) -> None:
-    """A budget whose training share cannot train is refused before any work (ValueError)."""
+    """A config that cannot run (an unknown method or init, shares that leave no training, a
+    budget whose training share cannot train) is refused before any work (ValueError)."""
+    for name, allowed in (("method", METHODS), ("init", INITS)):
+        if getattr(config, name) not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
     if not 0 < config.data_share < 1 or not 0 < config.eval_share < 1 or config.data_share + config.eval_share >= 1:
         raise ValueError(f"data_share ({config.data_share}) and eval_share ({config.eval_share}) must be in (0, 1) "
                          "and leave a training share")

@@ -128,7 +128,8 @@ def test_out_refused_in_one_line(tiny_target, tmp_path, capsys, monkeypatch, out
     ("--prompts", " ", "--prompts: must name a path"),
     ("--threads", str(10 * (os.cpu_count() or 1)), "--threads"),
     ("--data-share", "0.9", "leave a training share"),
-    ("--draft-dtype", "float16", "--draft-dtype")])
+    ("--draft-dtype", "float16", "--draft-dtype"),
+    ("--init", "pretrained", "--init")])
 def test_train_options_refused_in_one_line(tiny_target, tmp_path, capsys, option, value, message):
     arguments = {"--target": tiny_target, "--out": tmp_path / "o", "--budget-minutes": 1, option: value}
     assert run_cli(*[item for pair in arguments.items() for item in pair]) == 2
@@ -143,6 +144,16 @@ def test_budget_too_small_is_refused_before_any_work(tiny_target, tmp_path, caps
     error = capsys.readouterr().err
     assert "--budget-minutes 0.05" in error and "to train" in error
     assert not out.exists()
+
+
+@pytest.mark.parametrize("field, value", [("init", "pretrained"), ("init", None), ("method", "medusa")])
+def test_an_unknown_method_or_init_is_refused_before_any_work(field, value):
+    from peagle_ext.draft import recipe
+
+    config = recipe.TrainConfig(target="t", out="o", budget_minutes=60, **{field: value})
+    with pytest.raises(ValueError, match=f"{field} must be one of .*, got {value!r}"):
+        recipe.check_budget(config)
+    recipe.check_budget(recipe.TrainConfig(target="t", out="o", budget_minutes=60))  # the defaults run
 
 
 def test_abbreviated_options_are_refused(tiny_target, tmp_path, capsys):
