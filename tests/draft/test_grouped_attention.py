@@ -1,15 +1,15 @@
 """Grouped-query attention without copying the keys and values per query head (one-token decode
 steps; verification forwards on the CPU): the same result as transformers' SDPA attention, switched
-on only for the duration of the target's forwards, and lossless in the decoding loop."""
+on only for the duration of the target's forwards. The lossless tests of the decoding loop
+(tests/draft/test_speculative.py) run on a grouped-query Llama on SDPA, so through it as well."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from peagle_ext.draft import speculative
 from peagle_ext.draft.hf import GROUPED_DECODE_ATTENTION, _grouped_decode_attention, grouped_decode_attention
-from peagle_ext.draft.speculative import TransformersTarget, speculative_generate, target_generate
+from peagle_ext.draft.speculative import TransformersTarget
 
 transformers = pytest.importorskip("transformers", reason="the grouped attention plugs into transformers")
 from transformers.integrations import sdpa_attention  # noqa: E402
@@ -118,35 +118,3 @@ def test_the_target_runs_its_forwards_with_the_grouped_attention_and_gets_the_sa
     assert model.config._attn_implementation == "sdpa"
     for ours, theirs in zip(outputs[True], outputs[False]):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-
-
-def reference_decode(model, prompt, count):
-    sequence = list(prompt)
-    with torch.no_grad():
-        for _ in range(count):
-            sequence.append(int(model(torch.tensor([sequence])).logits[0, -1].argmax()))
-    return sequence[len(prompt):]
-
-
-@pytest.mark.parametrize("parallel", [True, False])
-def test_decoding_with_the_grouped_attention_is_the_models_greedy_decode(parallel):
-    """Batch 1 and a padded batch, a random draft: the loop and plain decoding through the
-    grouped attention equal the model's own greedy decode. (The lossless tests of the loop with a
-    trained draft, holes included, run on a GQA Llama with SDPA attention too, so through this
-    path as well.)"""
-    from peagle_ext.draft.llama import Eagle3DraftConfig, LlamaEagle3DraftModel
-
-    model = tiny_gqa_llama(seed=1)
-    prompts = [[3, 9, 4], [20, 1, 7, 7, 2, 5], [33]]
-    reference = [reference_decode(model, prompt, 12) for prompt in prompts]
-    torch.manual_seed(0)
-    draft = LlamaEagle3DraftModel(Eagle3DraftConfig(
-        hidden_size=48, intermediate_size=96, num_attention_heads=6, num_key_value_heads=2, vocab_size=96,
-        draft_vocab_size=96, rms_norm_eps=1e-5, target_hidden_size=48, num_aux_hidden_states=3,
-        parallel_drafting=parallel, eagle_aux_hidden_state_layer_ids=[1, 2, 3], max_position_embeddings=256)).eval()
-    target = TransformersTarget(model, [1, 2, 3])
-    for K in (1, 4):
-        assert [row.generated_ids for row in speculative_generate(target, draft, prompts, K, 12).rows] == reference
-        assert speculative_generate(target, draft, prompts[1:2], K, 12).rows[0].generated_ids == reference[1]
-    assert target_generate(target, prompts, 12)[0] == reference
-    assert speculative.TransformersTarget(model, [1]).grouped_attention is True
