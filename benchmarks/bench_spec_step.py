@@ -113,6 +113,7 @@ def measure_all(args, model, tokenizer, pack: bool, grouped: bool) -> None:
     layers = model.config.num_hidden_layers
     layer_ids = [2, layers // 2, layers - 3]
     target = speculative.TransformersTarget(model, layer_ids, pack_weights=pack, grouped_attention=grouped)
+
     def prompt_ids(message):
         return list(tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
                                                   tokenize=True, return_dict=True)["input_ids"])

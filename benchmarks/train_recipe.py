@@ -58,9 +58,7 @@ def variant_config(base: recipe.TrainConfig, name: str) -> recipe.TrainConfig:
         for part in name.split("+"):
             base = variant_config(base, part)
         return base
-    if name == "random_init":
-        return dataclasses.replace(base, init="random")
-    if name.startswith("target_layer"):  # the layers are copied after make_draft
+    if name == "random_init" or name.startswith("target_layer"):  # target_layerN: copied after make_draft
         return dataclasses.replace(base, init="random")
     if name.startswith("lr"):
         return dataclasses.replace(base, lr=float(name[2:]))

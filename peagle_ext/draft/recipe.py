@@ -256,11 +256,13 @@ def start_from_target_layers(draft, model, first_layer: int) -> int:
         return 0
     copied = 0
 
-    def copy(into: torch.Tensor, source) -> None:
+    def copy(into: torch.Tensor, source) -> bool:
         nonlocal copied
-        if isinstance(source, torch.Tensor) and into.shape == source.shape:
-            into.copy_(source)
-            copied += 1
+        if not (isinstance(source, torch.Tensor) and into.shape == source.shape):
+            return False
+        into.copy_(source)
+        copied += 1
+        return True
 
     def weight(module, path: str):
         for name in path.split("."):
@@ -273,9 +275,9 @@ def start_from_target_layers(draft, model, first_layer: int) -> int:
         for name in ("q_proj", "k_proj", "v_proj"):
             into = getattr(layer.self_attn, name).weight
             target_weight = weight(source, f"self_attn.{name}.weight")
-            if layer.self_attn.fuse_input and target_weight is not None and into.shape[1] == 2 * hidden:
-                into[:, :hidden] = 0  # the embedding half: learned from zero
-                copy(into[:, hidden:], target_weight)
+            if layer.self_attn.fuse_input and into.shape[1] == 2 * hidden:
+                if copy(into[:, hidden:], target_weight):
+                    into[:, :hidden] = 0  # the embedding half: learned from zero
             else:
                 copy(into, target_weight)
         names = ["self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "post_attention_layernorm"]
