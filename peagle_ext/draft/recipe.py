@@ -58,7 +58,7 @@ class TrainConfig:
     draft_vocab: int = 8192
     layers: int = 1
     init: str = "target"  # one of INITS
-    depths: int = 8
+    depths: int = 3  # the draft pays at K <= 3 here; deeper depths cost steps that depth 0 needs
     lr: float = 3e-3
     warmup_steps: int = 30
     down_sample_ratio: float = 0.7  # COD: depth d keeps a share max(ratio**d, ratio_min) of the positions

@@ -54,8 +54,10 @@ def left_pad(prompts, pad_token_id: int, device):
 
 
 # Causal LMs whose logits are exactly ``lm_head(last_hidden_state)`` (no scaling, no soft-capping):
-# for these the target computes the logits itself, as lm_head.weight @ states^T, which on CPU BLAS
-# costs little more for the K + 1 verified tokens than for one (x @ W^T does not).
+# for these the target computes the logits itself from the decoder's last K + 1 states: through the
+# packed lm_head when the linears are packed (about as fast for 1 to 8 rows), else as
+# lm_head.weight @ states^T, which on CPU BLAS costs little more for K + 1 rows than for one
+# (the unpacked states @ W^T does not).
 PLAIN_HEAD_MODELS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
 
 
