@@ -11,8 +11,8 @@ layers), ``ratioR`` (COD down-sampling ratio R, min max(0.2, R - 0.4): more deep
 larger share of the loss on the deep depths), ``mask_mean`` (``mask_hidden`` starts at the mean of
 the training auxiliary states instead of a std-1 normal), ``overfit`` (8 sequences only: can the
 deep depths be learned at all?), ``vocabN`` (a draft vocabulary of N tokens), ``frozen_head`` (the
-lm_head stays at the target's rows), ``depthsN`` (N COD depths, not 8: a draft meant for K <= N
-spends no steps on the depths beyond), ``random_init`` (the draft's layers start at random, not as
+lm_head stays at the target's rows), ``depthsN`` (N COD depths, not the default 3: a draft
+trains the depths decoding at K = N reads, and no others), ``random_init`` (the draft's layers start at random, not as
 the target's: ``TrainConfig.init``), ``target_layerN`` (they start as the target's layers from N on,
 not from the last auxiliary layer: ``recipe.start_from_target_layers``); ``a+b`` combines
 variants. The figure of merit is the estimated acceptance length at K = 5, 1 + sum over k = 1..5 of
