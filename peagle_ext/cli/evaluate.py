@@ -60,9 +60,15 @@ def parse_args(argv: list[str]):
                              "as saved; the output is the target's either way; default %(default)s)")
     parser.add_argument("--threads", type=int_at_least(1, os.cpu_count() or 1), default=None,
                         help="torch intra-op threads (at most the CPUs here)")
+    parser.add_argument("--alternatives", type=int_at_least(0), default=None,
+                        help="greedy decoding: the draft's next-best first tokens verified beside its proposals in "
+                             "the same target forward (default 2 where greedy, 0 when sampling)")
     args = parser.parse_args(argv)
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UsageError(f"argument --temperature: must be a finite number >= 0, got {args.temperature}")
+    if args.alternatives and args.temperature >= GREEDY_BELOW_TEMPERATURE:
+        raise UsageError(f"argument --alternatives: alternative first tokens are verified in greedy decoding only; "
+                         f"with --temperature {args.temperature} it must be 0")
     for option in ("--draft", "--prompts") + (("--target",) if args.target != "tiny" else ()):
         check_path(option, getattr(args, option[2:]))
     if args.gguf_file is not None:
@@ -195,6 +201,9 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"argument --draft: {error}") from None
     draft = draft_for_decoding(draft, args.draft_dtype)
     config, eos = draft.config, None
+    if args.alternatives is not None and args.alternatives >= config.draft_vocab_size:
+        raise UsageError(f"argument --alternatives: must be below the draft's vocabulary ({config.draft_vocab_size} "
+                         f"tokens), got {args.alternatives}")
     if args.target == "tiny":
         from ..draft.tiny_target import TARGET_HIDDEN, demo_target
 
@@ -232,13 +241,16 @@ def main(argv: list[str]) -> int:
 
     report = measure(target, draft, prompts, args.k, args.max_new_tokens, batch_size=args.batch_size,
                      temperature=args.temperature, seed=args.seed, eos_token_id=eos, baseline=not args.no_baseline,
-                     progress=progress)
+                     progress=progress, alternatives=args.alternatives)
     rates = " ".join("-" if math.isnan(r) else f"{r:.2f}" for r in report["conditional_acceptance"])
     print(f"{report['method']} draft ({report['draft_dtype']}), K = {args.k}, {len(prompts)} prompts, "
           f"{report['new_tokens']} new tokens: acceptance length {report['acceptance_length']:.3f} tokens per "
           "target forward")
     print(f"acceptance per draft position (given the ones before): {rates}")
     print(f"forwards: target {report['target_forwards']}, draft {report['draft_forwards']}")
+    if report["alternatives"]:
+        print(f"alternative first tokens verified per step: {report['alternatives']}; steps that took one: "
+              f"{report['alternatives_taken']}")
     speed = report["tokens_per_second"]
     if "target" in speed:
         print(f"tokens/s: speculative {speed['speculative']:.1f}, plain target {speed['target']:.1f} "

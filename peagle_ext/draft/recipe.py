@@ -578,6 +578,14 @@ def report_lines(summary: dict) -> list[str]:
         lines.append(f"{report['num_speculative_tokens']:>3} {report['acceptance_length']:>10.3f} "
                      f"{speed['speculative']:>10.1f} {speed['target']:>11.1f} {report['speedup']:>7.2f}x  {rates}"
                      + ("" if report["matches_target"] else f"  (outputs: {agreement_text(report)})"))
+    reports = list(evaluation["results"].values())
+    if reports and reports[0].get("alternatives"):
+        # target_forwards counts each prompt's prefill too
+        shares = ", ".join(f"K = {r['num_speculative_tokens']}: "
+                           f"{r['alternatives_taken'] / max(1, r['target_forwards'] - len(r['prompts'])):.1%}"
+                           for r in reports)
+        lines.append(f"{reports[0]['alternatives']} alternative first tokens verified per step; steps that took one: "
+                     f"{shares}")
     lookup = evaluation["prompt_lookup"]
     if lookup:
         generate = lookup.get("generate_tokens_per_second")

@@ -37,6 +37,8 @@ def test_eval_on_the_tiny_target_writes_the_measurements(demo_draft, prompts, tm
     report = json.loads(out.read_text())
     assert report["draft_dtype"] == dtype
     assert report["method"] == "peagle" and report["num_speculative_tokens"] == 3
+    # greedy: two alternative first tokens verified per step by default
+    assert report["alternatives"] == 2 and 0 <= report["alternatives_taken"] <= report["target_forwards"]
     assert len(report["prompts"]) == 3
     for entry in report["prompts"]:
         assert len(entry["generated_ids"]) == 20 and all(isinstance(t, int) for t in entry["generated_ids"])
@@ -68,6 +70,9 @@ def test_eval_sampling_without_baseline(demo_draft, prompts, tmp_path):
     (["--prompts", "WORDS"], "--prompts"),
     (["--json", "/proc/no/such.json"], "--json"),
     (["--batch-size", "0"], "--batch-size"),
+    (["--alternatives", "-1"], "--alternatives"),
+    (["--alternatives", "1", "--temperature", "0.7"], "--alternatives"),
+    (["--alternatives", "100000"], "--alternatives"),
 ])
 def test_eval_usage_mistakes(demo_draft, prompts, tmp_path, extra, option, capsys):
     (tmp_path / "empty.txt").write_text("\n\n")

@@ -242,6 +242,97 @@ def test_a_bfloat16_draft_beside_a_float32_target_is_lossless(llama_and_referenc
         assert result.acceptance_length > 1.0
 
 
+@pytest.mark.parametrize("alternatives", [0, 1, 3, VOCAB - 1])
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("kind", ["peagle-trained", "peagle-random", "eagle3-random"])
+def test_alternative_first_tokens_are_lossless_and_taken(llama_and_reference, llama_draft, kind, K, alternatives):
+    """Verifying the draft's next-best first tokens as a tree beside its chain: the output stays the
+    model's greedy decode, at batch 1 (the cache cropped and rearranged) and in a batch (holes).
+    With every other token of the vocabulary as an alternative, the target's first token is always
+    verified, so every step accepts at least one token, by an alternative wherever the first
+    proposal was wrong."""
+    model, reference = llama_and_reference
+    if kind == "peagle-trained":
+        draft = llama_draft
+    else:
+        draft = random_draft(kind.startswith("peagle"), eagle_aux_hidden_state_layer_ids=[1, 2, 3])
+    taken = 0
+    for prompts, expected in [(PROMPTS, reference)] + [([p], [r]) for p, r in zip(PROMPTS, reference)]:
+        target = recording_target(model)
+        result = speculative_generate(target, draft, prompts, K, 16, alternatives=alternatives)
+        assert [row.generated_ids for row in result.rows] == expected
+        assert all(1 <= row.target_forwards <= 16 for row in result.rows)
+        taken += sum(row.alternatives_taken for row in result.rows)
+        if len(prompts) == 1:  # batch 1: the cache holds exactly the committed tokens
+            assert all(cached == lengths[0] and holes == 0 for cached, lengths, _, holes in target.record)
+        if alternatives == VOCAB - 1:
+            assert all(accepted >= 1 for row in result.rows for accepted in row.accepted)
+    assert taken == 0 if alternatives == 0 else alternatives < VOCAB - 1 or taken > 0
+
+
+def test_a_tree_forward_equals_the_chains_it_holds(llama_and_reference):
+    """One forward over [b, x1, x2, a] with ``a`` reading b alone gives, at each token, the logits
+    and states of the chain that leads to it ([b, x1, x2] and [b, a]), a's position that of x1;
+    kept as [b, a] (rearranged), the cache then reads on as if [b, a] had been the chain."""
+    model, _ = llama_and_reference
+    prompts = [[1, 2, 3], [7, 8, 9, 10, 11]]  # left padding in the mask too
+    tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]], dtype=torch.bool)
+
+    def chain(*steps):
+        target = TransformersTarget(model, [1, 2, 3])
+        target.start(prompts)
+        for ids in steps[:-1]:
+            target.extend(ids)
+            target.commit(torch.ones_like(ids, dtype=torch.bool))
+        return target.extend(steps[-1])
+
+    target = TransformersTarget(model, [1, 2, 3])
+    target.start(prompts)
+    ids = torch.tensor([[4, 5, 6, 30], [12, 13, 14, 31]])
+    positions, logits, aux = target.extend(ids, tree)
+    assert positions.tolist() == [[3, 4, 5, 4], [5, 6, 7, 6]]
+    chain_positions, chain_logits, chain_aux = chain(ids[:, :3])
+    branch_positions, branch_logits, branch_aux = chain(ids[:, [0, 3]])
+    torch.testing.assert_close(logits[:, :3], chain_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(aux[:, :3], chain_aux, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[:, 3], branch_logits[:, 1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(aux[:, 3], branch_aux[:, 1], atol=1e-5, rtol=1e-5)
+    assert positions[:, 3].tolist() == branch_positions[:, 1].tolist()
+    # keep [b, a] in row 0, [b] in row 1 (a hole after it)
+    keep = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    order = torch.tensor([[0, 3, 1, 2], [0, 1, 2, 3]])
+    target.commit(keep, order)
+    after = torch.tensor([[20], [21]])
+    _, next_logits, next_aux = target.extend(after)
+    _, expected_logits, expected_aux = chain(torch.tensor([[4, 30, 20]]).expand(2, -1))
+    torch.testing.assert_close(next_logits[0], expected_logits[0, 2:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(next_aux[0], expected_aux[0, 2:], atol=1e-5, rtol=1e-5)
+    _, expected_logits, _ = chain(torch.tensor([[4, 21], [12, 21]]))
+    torch.testing.assert_close(next_logits[1], expected_logits[1, 1:], atol=1e-5, rtol=1e-5)
+
+
+def test_a_sliding_window_target_reads_chains_only():
+    """A model that masks more than causally (a sliding window) takes no tree: by default its
+    decode verifies no alternatives (and stays its greedy decode); asked for one, it is refused."""
+    transformers = pytest.importorskip("transformers", reason="the transformers target needs transformers")
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=4,
+                                        max_position_embeddings=256)
+    model = transformers.MistralForCausalLM(config).eval()
+    target = TransformersTarget(model, [1, 2, 3])
+    assert not target.tree_attention
+    draft = random_draft(True, eagle_aux_hidden_state_layer_ids=[1, 2, 3])
+    result = speculative_generate(target, draft, [PROMPTS[2]], 3, 12)
+    assert result.rows[0].generated_ids == llama_greedy(model, PROMPTS[2], 12)
+    assert result.rows[0].alternatives_taken == 0
+    with pytest.raises(ValueError, match="alternatives: this target reads chains only"):
+        speculative_generate(target, draft, [PROMPTS[2]], 3, 12, alternatives=1)
+    with pytest.raises(ValueError, match="visible: this target reads chains only"):
+        target.start([PROMPTS[2]])
+        target.extend(torch.tensor([[1, 2]]), torch.ones(2, 2, dtype=torch.bool).tril())
+
+
 def test_draft_for_decoding_picks_the_dtype(llama_draft, monkeypatch):
     assert speculative.draft_for_decoding(llama_draft, "float32") is llama_draft  # already float32: no copy
     half = speculative.draft_for_decoding(llama_draft, "bfloat16")
@@ -437,8 +528,8 @@ def test_captured_aux_states_and_logits_equal_output_hidden_states(llama_and_ref
 class RecordingTarget(TransformersTarget):
     """Records, after each commit, the cache length, the committed lengths and whether holes remain."""
 
-    def commit(self, keep):
-        super().commit(keep)
+    def commit(self, keep, order=None):
+        super().commit(keep, order)
         self.record.append((self.cache.get_seq_length(), self.length.tolist(), self.dense, int((~self.mask).sum())))
 
 

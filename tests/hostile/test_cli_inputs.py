@@ -17,7 +17,8 @@ NUMERIC_OPTIONS = {
     "train-demo": ["--steps", "--seq-len", "--depths", "--seed", "--lr", "--vocab", "--hidden-size", "--layers",
                    "--sequence-partitions"],
     "bench": ["--lengths", "--depths", "--compiled-max-len", "--repeats", "--budget-s"],
-    "eval": ["-k", "--max-new-tokens", "--batch-size", "--temperature", "--seed", "--target-seed", "--threads"],
+    "eval": ["-k", "--max-new-tokens", "--batch-size", "--temperature", "--seed", "--target-seed", "--threads",
+             "--alternatives"],
 }
 # An output that fails its check, so a value that happens to be valid ends in that refusal instead of work.
 BAD_OUT = {"demo": ("--out", "/nonexistent-dir/mask.png"), "train-demo": ("--out", "/proc/version"),

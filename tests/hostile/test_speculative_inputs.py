@@ -60,6 +60,15 @@ def test_eos_token_id_must_be_a_token_of_the_vocabulary(module, eos):
     refused(module, "eos_token_id", eos_token_id=eos)
 
 
+@pytest.mark.parametrize("alternatives", [-1, 1.5, True, "1", VOCAB, 10**30, math.nan, torch.tensor(1)])
+def test_alternatives_must_be_a_count_below_the_drafts_vocabulary(module, alternatives):
+    refused(module, "alternatives", alternatives=alternatives)
+
+
+def test_alternatives_are_verified_in_greedy_decoding_only(module):
+    refused(module, "alternatives: .* greedy decoding", alternatives=1, temperature=0.7)
+
+
 @pytest.mark.parametrize("prompts", [
     [[1.0, 2.0]], [[True, 2]], [[1, 2.5]], [["1"]], [[1, -1]], [[1, VOCAB]], [[10**30]], [[1], []], [], "abc",
     [[[1, 2]]], [torch.tensor([1.0, 2.0])], [torch.tensor([True])], [torch.tensor([[1, 2]])], [torch.tensor([VOCAB])],

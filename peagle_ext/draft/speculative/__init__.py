@@ -25,6 +25,9 @@ Verification is greedy (``temperature == 0``: a proposal is accepted when it is 
 argmax, so the output is the target's own greedy decode) or sampled with the standard rejection
 rule (accept proposal x with probability min(1, p(x) / q(x)), else draw from the normalized
 max(p - q, 0); a bonus draw from p when all are accepted), which keeps the target's distribution.
+Greedy decoding also verifies the draft's next-best first tokens (``alternatives``, 2 by default)
+in the same forward, as a tree beside the chain: a row whose first proposal is rejected keeps an
+alternative that equals the target's token, and the target's token after it.
 
 Targets (:mod:`.targets`, one small interface): :class:`TransformersTarget` (any transformers
 causal LM; the auxiliary states are ``output_hidden_states[l]`` for the draft's layer ids l: the
@@ -41,6 +44,7 @@ Modules: :mod:`.slots` (the draft's inputs), :mod:`.draft` (its cache, forward a
 
 from .draft import DRAFT_DTYPES, DraftCache, draft_for_decoding, draft_forward, native_bfloat16_cpu, propose
 from .loop import (
+    DEFAULT_ALTERNATIVES,
     GREEDY_BELOW_TEMPERATURE,
     RowResult,
     SpeculativeResult,
@@ -51,12 +55,13 @@ from .loop import (
 from .measure import TIE_TOLERANCE, first_difference, measure, output_agreement
 from .slots import DraftSlots, draft_slots
 from .targets import Target, TokenwiseTarget, TransformersTarget, left_pad
-from .verify import draw, greedy_verify, next_tokens, rejection_verify
+from .verify import draw, greedy_verify, next_tokens, rejection_verify, take_alternative
 
 __all__ = [
-    "DRAFT_DTYPES", "GREEDY_BELOW_TEMPERATURE", "TIE_TOLERANCE", "DraftCache", "DraftSlots", "RowResult",
+    "DEFAULT_ALTERNATIVES", "DRAFT_DTYPES", "GREEDY_BELOW_TEMPERATURE", "TIE_TOLERANCE", "DraftCache", "DraftSlots",
+    "RowResult",
     "SpeculativeResult", "Target", "TokenwiseTarget", "TransformersTarget", "check_decode", "draft_for_decoding",
     "draft_forward", "draft_slots", "draw", "first_difference", "greedy_verify", "left_pad", "measure",
     "native_bfloat16_cpu", "next_tokens", "output_agreement", "propose", "rejection_verify", "speculative_generate",
-    "target_generate",
+    "take_alternative", "target_generate",
 ]

@@ -110,8 +110,8 @@ def _cached_attention(attn, states, positions, visible, cache: DraftCache, layer
     cache._keys[layer][:, :, start:end] = k
     cache._values[layer][:, :, start:end] = v
     all_k, all_v = cache._keys[layer][:, :, :end], cache._values[layer][:, :, :end]
-    out = F.scaled_dot_product_attention(q, attn._repeat_kv(all_k), attn._repeat_kv(all_v), attn_mask=visible,
-                                         scale=attn.scaling)
+    # enable_gqa: each key/value head serves its query group without copying the cache per head
+    out = F.scaled_dot_product_attention(q, all_k, all_v, attn_mask=visible, scale=attn.scaling, enable_gqa=True)
     return attn.o_proj(out.transpose(1, 2).reshape(batch, width, -1))
 
 

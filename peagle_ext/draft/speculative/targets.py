@@ -7,11 +7,17 @@ and ``commit`` says which of them stay:
 - ``start(prompts) -> (ids, positions, valid, logits, aux)``: the prompts left-padded into
   ``ids``, ``positions``, ``valid`` [B, M]; ``logits`` [B, 1, V] at each row's last prompt token;
   ``aux`` [B, M, A] the auxiliary states the draft reads.
-- ``extend(ids [B, Q]) -> (positions [B, Q], logits [B, Q, V], aux [B, Q, A])``: the tokens at
-  each row's next positions.
-- ``commit(keep [B, Q])``: of the last ``extend``'s tokens, each row keeps a prefix.
+- ``extend(ids [B, Q], visible=None) -> (positions [B, Q], logits [B, Q, V], aux [B, Q, A])``:
+  the tokens at each row's next positions, a chain; or a tree (``visible`` [Q, Q] bool: new token
+  i reads new token j where True, its ancestors and itself; its position is its depth in the
+  tree) where the target's ``tree_attention`` is True.
+- ``commit(keep [B, Q], order=None)``: of the last ``extend``'s tokens, each row keeps a prefix;
+  of its tokens rearranged by ``order`` [B, Q] (new slot j holds old slot ``order[b, j]``) where
+  given.
 - ``device``, ``vocab_size`` and ``max_positions`` (the longest sequence it can hold; None: no
   limit) describe it.
+- optionally ``decoding()``: a context manager the decode loops hold for a whole decode (set-up
+  that would otherwise run per forward).
 """
 
 from __future__ import annotations
@@ -31,12 +37,20 @@ class Target(Protocol):
     device: torch.device
     vocab_size: int
     max_positions: int | None
+    tree_attention: bool
 
     def start(self, prompts: list[list[int]]): ...
 
-    def extend(self, ids: torch.Tensor): ...
+    def extend(self, ids: torch.Tensor, visible: torch.Tensor | None = None): ...
 
-    def commit(self, keep: torch.Tensor) -> None: ...
+    def commit(self, keep: torch.Tensor, order: torch.Tensor | None = None) -> None: ...
+
+
+def tree_positions(length: torch.Tensor, width: int, visible: torch.Tensor | None) -> torch.Tensor:
+    """Positions [B, Q] of ``width`` new tokens after each row's ``length`` [B] real ones: a chain
+    (``visible`` None), or each token at its depth in the tree ``visible`` [Q, Q]."""
+    offsets = torch.arange(width, device=length.device) if visible is None else visible.sum(1) - 1
+    return length.view(-1, 1) + offsets
 
 
 def left_pad(prompts, pad_token_id: int, device):
@@ -145,13 +159,21 @@ class TransformersTarget:
         self._num_layers = layers
         self.pack_weights = packing_available() if pack_weights is None else bool(pack_weights)
         self.grouped_attention = bool(grouped_attention)
-        self._plain_cache = bool(getattr(config, "sliding_window", None)) or any(
-            kind != "full_attention" for kind in (getattr(config, "layer_types", None) or []))
+        layer_types = getattr(config, "layer_types", None) or []
+        # layers other than attention (recurrent, linear attention) keep transformers' own cache;
+        # sliding-window layers keep every slot in the preallocated cache (the mask applies the
+        # window), since transformers' sliding layer cannot crop once its window is full
+        self._plain_cache = any(kind not in ("full_attention", "sliding_attention") for kind in layer_types)
+        sliding = bool(getattr(config, "sliding_window", None)) or "sliding_attention" in layer_types
+        # a tree goes in as a custom 4-D mask, which replaces the model's own masking: models with
+        # sliding-window or other layer kinds mask more than causally, so they read chains only
+        self.tree_attention = not (sliding or self._plain_cache)
         # the state of one decode, set by start()
         self.cache = None
         self.mask: torch.Tensor | None = None  # [B, T]: which cached slots are real
         self.length: torch.Tensor | None = None  # [B]: real tokens per row
         self.dense = True  # no padding and no holes: the mask is all True
+        self._decoding = False  # within decoding(): packing and attention are set up
 
     @property
     def device(self):
@@ -177,15 +199,36 @@ class TransformersTarget:
             return DynamicCache(config=self.model.config)
         return Cache(layer_class_to_replicate=_preallocated_layer_class())
 
-    @torch.no_grad()
-    def _forward(self, ids, positions, logits_to_keep: int):
-        """(logits [B, logits_to_keep, V] of the last positions, aux [B, Q, A])."""
+    @contextlib.contextmanager
+    def decoding(self):
+        """Within the block, the model's forwards run with packed linears and grouped attention set
+        up once, not per forward: entering them checks every linear layer's packed copy (~0.9 ms
+        per forward for SmolLM2's 211 layers, about 3% of a one-token forward on a CPU). The decode
+        loops hold it for a whole decode; a forward outside the block sets them up itself."""
+        if self._decoding:
+            yield self
+            return
         packing = packed_linears(self.model) if self.pack_weights else contextlib.nullcontext()
         with packing, grouped_decode_attention(self.model, self.grouped_attention):
-            return self._forward_model(ids, positions, logits_to_keep)
+            self._decoding = True
+            try:
+                yield self
+            finally:
+                self._decoding = False
 
-    def _forward_model(self, ids, positions, logits_to_keep: int):
-        mask = None if self.dense else self.mask.long()
+    @torch.no_grad()
+    def _forward(self, ids, positions, logits_to_keep: int, visible: torch.Tensor | None = None):
+        """(logits [B, logits_to_keep, V] of the last positions, aux [B, Q, A])."""
+        with self.decoding():
+            return self._forward_model(ids, positions, logits_to_keep, visible)
+
+    def _forward_model(self, ids, positions, logits_to_keep: int, visible: torch.Tensor | None = None):
+        if visible is None:
+            mask = None if self.dense else self.mask.long()
+        else:  # [B, 1, Q, cached + Q]: the real cached slots, then the tree among the new ones
+            batch, width = ids.shape
+            cached = self.mask[:, :-width].view(batch, 1, 1, -1).expand(-1, -1, width, -1)
+            mask = torch.cat([cached, visible.view(1, 1, width, width).expand(batch, -1, -1, -1)], dim=3)
         arguments = dict(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
                          use_cache=True, logits_to_keep=logits_to_keep)
         if self._layers is None:
@@ -235,15 +278,25 @@ class TransformersTarget:
         logits, aux = self._forward(ids, positions, 1)
         return ids, positions, valid, logits, aux
 
-    def extend(self, ids: torch.Tensor):
-        """Read ids [B, Q] at each row's next positions: (positions [B, Q], logits [B, Q, V], aux)."""
-        positions = self.length.view(-1, 1) + torch.arange(ids.shape[1], device=ids.device)
+    def extend(self, ids: torch.Tensor, visible: torch.Tensor | None = None):
+        """Read ids [B, Q] at each row's next positions, as a chain or the tree ``visible`` [Q, Q]:
+        (positions [B, Q], logits [B, Q, V], aux)."""
+        if visible is not None and not self.tree_attention:
+            raise ValueError("visible: this target reads chains only (its model masks more than causally)")
+        positions = tree_positions(self.length, ids.shape[1], visible)
         self.mask = torch.cat([self.mask, torch.ones_like(ids, dtype=torch.bool)], 1)
-        return (positions, *self._forward(ids, positions, ids.shape[1]))
+        return (positions, *self._forward(ids, positions, ids.shape[1], visible))
 
-    def commit(self, keep: torch.Tensor) -> None:
-        """Of the last ``extend``'s slots, keep [B, Q] (a prefix per row): the slots after the
-        longest kept prefix leave the cache, the others a row did not keep become holes."""
+    def commit(self, keep: torch.Tensor, order: torch.Tensor | None = None) -> None:
+        """Of the last ``extend``'s slots, rearranged by ``order`` [B, Q] where given, keep [B, Q]
+        (a prefix per row): the slots after the longest kept prefix leave the cache, the others a
+        row did not keep become holes."""
+        if order is not None:
+            width = order.shape[1]
+            for layer in self.cache.layers:
+                for states in (layer.keys, layer.values):
+                    new = states[:, :, -width:]
+                    new.copy_(new.gather(2, order.view(order.shape[0], 1, width, 1).expand_as(new)))
         kept = keep.sum(1)
         drop = keep.shape[1] - int(kept.max())
         if drop:
@@ -263,6 +316,7 @@ class TokenwiseTarget:
         self.module = module
         self.vocab_size = _tokenwise_vocab_size(module)
         self.max_positions = None
+        self.tree_attention = True  # each output depends on its own token alone
         self.length: torch.Tensor | None = None  # [B]: real tokens per row, set by start()
 
     @property
@@ -285,11 +339,10 @@ class TokenwiseTarget:
         logits, aux = self._forward(ids)
         return ids, positions, valid, logits[:, -1:], aux
 
-    def extend(self, ids: torch.Tensor):
-        positions = self.length.view(-1, 1) + torch.arange(ids.shape[1], device=ids.device)
-        return (positions, *self._forward(ids))
+    def extend(self, ids: torch.Tensor, visible: torch.Tensor | None = None):
+        return (tree_positions(self.length, ids.shape[1], visible), *self._forward(ids))
 
-    def commit(self, keep: torch.Tensor) -> None:
+    def commit(self, keep: torch.Tensor, order: torch.Tensor | None = None) -> None:
         self.length = self.length + keep.sum(1)
 
 

@@ -29,6 +29,19 @@ def greedy_verify(proposals, logits):
     return accepted, choice.gather(1, accepted.view(-1, 1)).view(-1)
 
 
+def take_alternative(alternatives, logits, accepted, bonus):
+    """Greedy verification of alternative first tokens read beside the chain (alternatives [B, N],
+    the target's logits at them the last N of ``logits``): where a row accepted no proposal and an
+    alternative equals the target's token there (its ``bonus``), that alternative is accepted and
+    the target's argmax after it is the new bonus. Returns (accepted [B], bonus [B], taken [B]: the
+    index of the alternative taken, -1 where none)."""
+    count = alternatives.shape[1]
+    hit = (alternatives == bonus.view(-1, 1)) & (accepted == 0).view(-1, 1)
+    taken = torch.where(hit.any(1), hit.long().argmax(1), -1)
+    after = logits[:, -count:].argmax(-1).gather(1, taken.clamp(min=0).view(-1, 1)).view(-1)
+    return accepted + (taken >= 0).long(), torch.where(taken >= 0, after, bonus), taken
+
+
 def rejection_verify(proposals, draft_probs, draft_vocab, logits, temperature, generator):
     """Standard speculative sampling: proposal i (drawn from q_i) is accepted with probability
     min(1, p_i(x) / q_i(x)); at the first rejection the token is drawn from normalized
