@@ -8,7 +8,8 @@ target's layers (an 8192-token draft vocabulary), as the training recipe makes i
 of ``--draft-dtypes`` (default float32 and bfloat16: ``draft_for_decoding``). One thread.
 
 A speculative step is a draft proposal of K tokens plus the target's verification forward over
-K + 1 tokens. Its cost is timed with the verification forced to accept every proposal (the
+K + 1 tokens, and the draft's ``--alternatives`` next-best first tokens beside them (default: the
+loop's own default for greedy decoding). Its cost is timed with the verification forced to accept every proposal (the
 tokens are then not the target's, but the caches grow as under full acceptance, the case a good
 draft approaches) and, with ``--own-acceptance``, at the random draft's own acceptance (near 0:
 one token per step). Each figure is the mean CPU seconds per step after the prefill (per prompt
@@ -95,6 +96,8 @@ def main() -> int:
     parser.add_argument("--context", type=int, default=0, metavar="TOKENS",
                         help="repeat each chat message until its prompt holds at least this many tokens (the cache a "
                              "step reads grows with it)")
+    parser.add_argument("--alternatives", type=int, nargs="+", default=[None],
+                        help="alternative first tokens verified per step, each timed (default: the loop's default)")
     parser.add_argument("--repeat-kv", action="store_true",
                         help="also measure everything with transformers' own SDPA attention, which repeats the "
                              "cached keys and values per query head in a masked forward")
@@ -139,12 +142,12 @@ def measure_all(args, model, tokenizer, pack: bool, grouped: bool) -> None:
         (ids, _), seconds = timed(speculative.target_generate, target, [prompt], new)
         return (seconds - prefill) / (len(ids[0]) - 1), len(ids[0]) / seconds
 
-    def spec_step(prompt, draft, K, forced):
+    def spec_step(prompt, draft, K, forced, alternatives):
         loop._greedy_verify = accept_all if forced else greedy_verify
         try:
             _, prefill = timed(target.start, [prompt])
             result, seconds = timed(speculative.speculative_generate, target, draft, [prompt], K, new,
-                                    options={"pack_weights": pack})
+                                    options={"pack_weights": pack, "alternatives": alternatives})
         finally:
             loop._greedy_verify = greedy_verify
         return (seconds - prefill) / len(result.rows[0].accepted), result.acceptance_length
@@ -156,37 +159,38 @@ def measure_all(args, model, tokenizer, pack: bool, grouped: bool) -> None:
     for prompt in prompts[:1]:  # warm up
         plain_step(prompt)
         for dtype in args.draft_dtypes:
-            spec_step(prompt, drafts[args.k[0], dtype], args.k[0], True)
+            spec_step(prompt, drafts[args.k[0], dtype], args.k[0], True, args.alternatives[0])
     plain, plain_rates = [], []
     modes = (True, False) if args.own_acceptance else (True,)
-    spec = {(K, dtype, forced): [] for K in args.k for dtype in args.draft_dtypes for forced in modes}
-    acceptance = {(K, dtype): [] for K in args.k for dtype in args.draft_dtypes}
+    variants = [(K, dtype, alternatives) for K in args.k for dtype in args.draft_dtypes
+                for alternatives in args.alternatives]
+    spec = {(*variant, forced): [] for variant in variants for forced in modes}
+    acceptance = {variant: [] for variant in variants}
     for prompt in prompts:  # per prompt, the fastest of --repeats runs (the least disturbed by other work)
         runs = [plain_step(prompt)]
         for _ in range(args.repeats - 1):
             runs.append(plain_step(prompt))
         plain.append(min(seconds for seconds, _ in runs))
         plain_rates.append(max(rate for _, rate in runs))
-        for K in args.k:
-            for dtype in args.draft_dtypes:
-                for forced in modes:
-                    runs = [spec_step(prompt, drafts[K, dtype], K, forced) for _ in range(args.repeats)]
-                    spec[K, dtype, forced].append(min(seconds for seconds, _ in runs))
-                    if not forced:
-                        acceptance[K, dtype].append(runs[0][1])
+        for K, dtype, alternatives in variants:
+            for forced in modes:
+                runs = [spec_step(prompt, drafts[K, dtype], K, forced, alternatives) for _ in range(args.repeats)]
+                spec[K, dtype, alternatives, forced].append(min(seconds for seconds, _ in runs))
+                if not forced:
+                    acceptance[K, dtype, alternatives].append(runs[0][1])
     plain_step_s = statistics.mean(plain)
     print(f"prompts {len(prompts)} (lengths {[len(p) for p in prompts]}), {new} new tokens, batch 1, 1 thread")
     print(f"plain step: {plain_step_s * 1e3:.1f} ms")
-    for K in args.k:
-        for dtype in args.draft_dtypes:
-            forced = statistics.mean(spec[K, dtype, True])
-            line = f"K={K}, {dtype} draft: speculative step {forced * 1e3:.1f} ms = {forced / plain_step_s:.2f}x a " \
-                   "plain step (every proposal accepted)"
-            if args.own_acceptance:
-                own = statistics.mean(spec[K, dtype, False])
-                line += f"; {own * 1e3:.1f} ms = {own / plain_step_s:.2f}x at the random draft's own acceptance " \
-                        f"(length {statistics.mean(acceptance[K, dtype]):.2f})"
-            print(line)
+    for K, dtype, alternatives in variants:
+        forced = statistics.mean(spec[K, dtype, alternatives, True])
+        named = "the default alternatives" if alternatives is None else f"{alternatives} alternatives"
+        line = f"K={K}, {dtype} draft, {named}: speculative step {forced * 1e3:.1f} ms = " \
+               f"{forced / plain_step_s:.2f}x a plain step (every proposal accepted)"
+        if args.own_acceptance:
+            own = statistics.mean(spec[K, dtype, alternatives, False])
+            line += f"; {own * 1e3:.1f} ms = {own / plain_step_s:.2f}x at the random draft's own acceptance " \
+                    f"(length {statistics.mean(acceptance[K, dtype, alternatives]):.2f})"
+        print(line)
     # the floor: the target's forward over K + 1 tokens against one token, after the same prompt
     target.start([prompts[0]])
     forward = {}

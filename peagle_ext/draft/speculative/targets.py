@@ -10,7 +10,7 @@ and ``commit`` says which of them stay:
 - ``extend(ids [B, Q], visible=None) -> (positions [B, Q], logits [B, Q, V], aux [B, Q, A])``:
   the tokens at each row's next positions, a chain; or a tree (``visible`` [Q, Q] bool: new token
   i reads new token j where True, its ancestors and itself; its position is its depth in the
-  tree) where the target's ``tree_attention`` is True.
+  tree) where the target's ``tree_attention`` is True (a target without it reads chains only).
 - ``commit(keep [B, Q], order=None)``: of the last ``extend``'s tokens, each row keeps a prefix;
   of its tokens rearranged by ``order`` [B, Q] (new slot j holds old slot ``order[b, j]``) where
   given.
