@@ -67,9 +67,9 @@ class SpeculativeResult:
 
 
 # Alternative first tokens a greedy decode verifies by default. On SmolLM2-135M's held-out prompts
-# (a 60-minute draft; 0 to 3 alternatives in one process, two runs): 2 took the target's token in
-# ~18% of the steps and was the fastest or within 0.01x of it at K = 1 and 3 in both runs; a
-# third took it in ~3% more and, one more token per forward, lost at K = 3 in both.
+# (a 60-minute draft; 0 to 3 alternatives in one process, benchmarks/alternatives.py): 2 took the
+# target's token in ~18% of the steps and was the fastest at K = 3 and within 0.01x of it at
+# K = 1; a third took it in ~3% more and, one more token per forward, lost at K = 3.
 DEFAULT_ALTERNATIVES = 2
 
 # --- input checks -------------------------------------------------------------------------------
