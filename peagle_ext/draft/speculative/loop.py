@@ -263,13 +263,14 @@ def speculative_generate(target, draft, prompts: list[list[int]], num_speculativ
             if alternatives:
                 first = draft_logits[:, 0].float().scatter(-1, chosen[:, :1], -math.inf)
                 others = draft_vocab[first.topk(alternatives, dim=-1).indices]
-                positions, logits, aux = target.extend(torch.cat([ids, others], dim=1), tree)
+                ids = torch.cat([ids, others], dim=1)
+                positions, logits, aux = target.extend(ids, tree)
                 accepted, bonus = _greedy_verify(proposals, logits[:, :K + 1])
                 accepted, bonus, taken = _take_alternative(others, logits, accepted, bonus)
                 if bool((taken >= 0).any()):  # those rows keep [first token, alternative]
                     order = steps.expand(batch, -1).clone()
                     order[:, 1] = torch.where(taken >= 0, K + 1 + taken, 1)
-                    ids = torch.cat([ids, others], dim=1).gather(1, order)
+                    ids = ids.gather(1, order)
                     positions = positions.gather(1, order)
                     aux = aux.gather(1, order.unsqueeze(-1).expand(-1, -1, aux.shape[-1]))
                 # the draft reads the chain's slots (a taken alternative now in slot 1)
