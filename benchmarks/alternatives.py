@@ -1,12 +1,12 @@
-"""What verifying the draft's next-best first tokens (``alternatives``) gives: held-out prompts at
-batch 1, greedy, decoded plainly and then speculatively with each number of alternatives, one
-prompt after another in one process (so every figure of a prompt shares the machine's state).
-Prints, per K and number of alternatives, the acceptance length, the share of steps that took an
-alternative, tokens/s and the speedup over plain decoding; every output is checked equal to the
-plain decode.
+"""What the tree beside the draft's chain gives: its next-best first tokens (``alternatives``) and
+the prompt-lookup branch (``lookup``). Held-out prompts at batch 1, greedy, decoded plainly and
+then speculatively with each pair of settings, one prompt after another in one process (so every
+figure of a prompt shares the machine's state). Prints, per K, number of alternatives and branch
+length, the acceptance length, the share of steps that took an alternative and the branch,
+tokens/s and the speedup over plain decoding; every output is checked equal to the plain decode.
 
     python benchmarks/alternatives.py --target DIR --gguf-file F --draft RUN_OUT/draft -k 1 3 5 \\
-        --alternatives 0 1 2 3 [--prompts FILE]
+        --alternatives 0 1 2 3 [--lookup 0 5] [--prompts FILE]
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def main() -> int:
                                                         "built-in held-out prompts)")
     parser.add_argument("-k", type=int, nargs="+", default=[1, 3, 5])
     parser.add_argument("--alternatives", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--lookup", type=int, nargs="+", default=[0], help="prompt-lookup branch lengths")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="write the figures here")
@@ -62,29 +63,34 @@ def main() -> int:
     figures = []
     for k in args.k:
         plain_seconds, tokens = 0.0, 0
-        runs = {a: {"seconds": 0.0, "accepted": [], "taken": 0} for a in args.alternatives}
+        runs = {(a, n): {"seconds": 0.0, "accepted": [], "taken": 0, "branch": 0}
+                for a in args.alternatives for n in args.lookup}
         for prompt in prompts:
             plain, seconds = target_generate(target, [prompt], args.new_tokens, eos)
             plain_seconds, tokens = plain_seconds + seconds, tokens + len(plain[0])
-            for a, run in runs.items():
+            for (a, n), run in runs.items():
                 result = speculative_generate(target, draft, [prompt], k, args.new_tokens, eos_token_id=eos,
-                                              alternatives=a)
+                                              alternatives=a, lookup=n)
                 row = result.rows[0]
                 if row.generated_ids != plain[0]:
-                    print(f"K = {k}, {a} alternatives: an output differs from plain decoding", file=sys.stderr)
+                    print(f"K = {k}, {a} alternatives, lookup {n}: an output differs from plain decoding",
+                          file=sys.stderr)
                     return 1
                 run["seconds"] += result.seconds
                 run["accepted"] += row.accepted
                 run["taken"] += row.alternatives_taken
-        for a, run in runs.items():
+                run["branch"] += row.lookups_taken
+        for (a, n), run in runs.items():
             steps = len(run["accepted"])
-            figure = {"K": k, "alternatives": a, "acceptance_length": 1 + sum(run["accepted"]) / steps,
+            figure = {"K": k, "alternatives": a, "lookup": n, "acceptance_length": 1 + sum(run["accepted"]) / steps,
                       "steps_taking_an_alternative": run["taken"] / steps,
+                      "steps_taking_the_lookup_branch": run["branch"] / steps,
                       "tokens_per_second": tokens / run["seconds"], "plain_tokens_per_second": tokens / plain_seconds,
                       "speedup": plain_seconds / run["seconds"]}
             figures.append(figure)
-            print(f"K = {k}, {a} alternatives: acceptance length {figure['acceptance_length']:.3f}, "
-                  f"{figure['steps_taking_an_alternative']:.1%} of {steps} steps took one, "
+            print(f"K = {k}, {a} alternatives, lookup {n}: acceptance length {figure['acceptance_length']:.3f}, "
+                  f"of {steps} steps {figure['steps_taking_an_alternative']:.1%} took an alternative and "
+                  f"{figure['steps_taking_the_lookup_branch']:.1%} the branch, "
                   f"{figure['tokens_per_second']:.1f} tokens/s against {figure['plain_tokens_per_second']:.1f} "
                   f"plain ({figure['speedup']:.2f}x)", flush=True)
     print(f"{len(prompts)} prompts, {args.new_tokens} new tokens each, batch 1, greedy; all outputs equal to plain "

@@ -7,18 +7,18 @@ names another transformers model); draft: a random one-layer P-EAGLE draft shape
 target's layers (an 8192-token draft vocabulary), as the training recipe makes it, decoding in each
 of ``--draft-dtypes`` (default float32 and bfloat16: ``draft_for_decoding``). One thread.
 
-A speculative step is a draft proposal of K tokens plus the target's verification forward over
-K + 1 tokens, and the draft's ``--alternatives`` next-best first tokens beside them (default: the
-loop's own default for greedy decoding). Its cost is timed with the verification forced to accept every proposal (the
-tokens are then not the target's, but the caches grow as under full acceptance, the case a good
-draft approaches) and, with ``--own-acceptance``, at the random draft's own acceptance (near 0:
-one token per step). Each figure is the mean CPU seconds per step after the prefill (per prompt
-the fastest of ``--repeats`` runs), divided by the same for a plain decoding step through
-``target_generate``, measured in the same process on the same prompts, interleaved. CPU seconds
-of the process, not wall time, so that other work on the machine counts less. Also printed: the
-target's forward over K + 1 tokens alone against one token (the floor of a step), and plain
-decoding through ``target_generate`` against transformers' own ``generate`` (tokens per CPU
-second; they should be equal).
+A speculative step is a draft proposal of K tokens plus the target's verification forward over K + 1
+tokens, and the draft's ``--alternatives`` next-best first tokens and the ``--lookup`` branches
+beside them (default: the loop's own defaults for greedy decoding). Its cost is timed with the
+verification forced to accept every proposal (the tokens are then not the target's, but the caches
+grow as under full acceptance, the case a good draft approaches) and, with ``--own-acceptance``, at
+the random draft's own acceptance (near 0: one token per step). Each figure is the mean CPU seconds
+per step after the prefill (per prompt the fastest of ``--repeats`` runs), divided by the same for a
+plain decoding step through ``target_generate``, measured in the same process on the same prompts,
+interleaved. CPU seconds of the process, not wall time, so that other work on the machine counts
+less. Also printed: the target's forward over K + 1 tokens alone against one token (the floor of a
+step), and plain decoding through ``target_generate`` against transformers' own ``generate`` (tokens
+per CPU second; they should be equal).
 """
 
 from __future__ import annotations
@@ -77,6 +77,15 @@ def accept_all(proposals, logits):
     return accepted, logits[:, -1].argmax(-1)
 
 
+def accept_the_chain(tokens, parents, real, logits):
+    """Tree verification that keeps the whole chain (nodes 0..K, each after the one before)."""
+    chain = next((node for node, parent in enumerate(parents) if node and parent != node - 1), len(parents)) - 1
+    batch, width = tokens.shape
+    node = torch.full((batch,), chain, dtype=torch.int64, device=tokens.device)
+    order = torch.arange(width, device=tokens.device).expand(batch, -1)
+    return node, logits[:, chain].argmax(-1), node, order
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--folder", default=None, help="a transformers model folder (default: the SmolLM2 GGUF)")
@@ -98,6 +107,8 @@ def main() -> int:
                              "step reads grows with it)")
     parser.add_argument("--alternatives", type=int, nargs="+", default=[None],
                         help="alternative first tokens verified per step, each timed (default: the loop's default)")
+    parser.add_argument("--lookup", type=int, nargs="+", default=[None],
+                        help="prompt-lookup branch lengths, each timed (default: the loop's default)")
     parser.add_argument("--repeat-kv", action="store_true",
                         help="also measure everything with transformers' own SDPA attention, which repeats the "
                              "cached keys and values per query head in a masked forward")
@@ -129,7 +140,7 @@ def measure_all(args, model, tokenizer, pack: bool, grouped: bool) -> None:
         prompts.append(prompt_ids(repeated))
     new = args.new_tokens
     loop = sys.modules[speculative.speculative_generate.__module__]
-    greedy_verify = loop._greedy_verify
+    greedy_verify, tree_verify = loop._greedy_verify, loop.tree_verify
 
     def timed(function, *args, options=None):
         started = time.process_time()
@@ -142,14 +153,15 @@ def measure_all(args, model, tokenizer, pack: bool, grouped: bool) -> None:
         (ids, _), seconds = timed(speculative.target_generate, target, [prompt], new)
         return (seconds - prefill) / (len(ids[0]) - 1), len(ids[0]) / seconds
 
-    def spec_step(prompt, draft, K, forced, alternatives):
-        loop._greedy_verify = accept_all if forced else greedy_verify
+    def spec_step(prompt, draft, K, forced, alternatives, lookup):
+        loop._greedy_verify, loop.tree_verify = (accept_all, accept_the_chain) if forced else (greedy_verify,
+                                                                                              tree_verify)
         try:
             _, prefill = timed(target.start, [prompt])
             result, seconds = timed(speculative.speculative_generate, target, draft, [prompt], K, new,
-                                    options={"pack_weights": pack, "alternatives": alternatives})
+                                    options={"pack_weights": pack, "alternatives": alternatives, "lookup": lookup})
         finally:
-            loop._greedy_verify = greedy_verify
+            loop._greedy_verify, loop.tree_verify = greedy_verify, tree_verify
         return (seconds - prefill) / len(result.rows[0].accepted), result.acceptance_length
 
     drafts = {}
@@ -159,11 +171,11 @@ def measure_all(args, model, tokenizer, pack: bool, grouped: bool) -> None:
     for prompt in prompts[:1]:  # warm up
         plain_step(prompt)
         for dtype in args.draft_dtypes:
-            spec_step(prompt, drafts[args.k[0], dtype], args.k[0], True, args.alternatives[0])
+            spec_step(prompt, drafts[args.k[0], dtype], args.k[0], True, args.alternatives[0], args.lookup[0])
     plain, plain_rates = [], []
     modes = (True, False) if args.own_acceptance else (True,)
-    variants = [(K, dtype, alternatives) for K in args.k for dtype in args.draft_dtypes
-                for alternatives in args.alternatives]
+    variants = [(K, dtype, alternatives, lookup) for K in args.k for dtype in args.draft_dtypes
+                for alternatives in args.alternatives for lookup in args.lookup]
     spec = {(*variant, forced): [] for variant in variants for forced in modes}
     acceptance = {variant: [] for variant in variants}
     for prompt in prompts:  # per prompt, the fastest of --repeats runs (the least disturbed by other work)
@@ -172,24 +184,26 @@ def measure_all(args, model, tokenizer, pack: bool, grouped: bool) -> None:
             runs.append(plain_step(prompt))
         plain.append(min(seconds for seconds, _ in runs))
         plain_rates.append(max(rate for _, rate in runs))
-        for K, dtype, alternatives in variants:
+        for K, dtype, alternatives, lookup in variants:
             for forced in modes:
-                runs = [spec_step(prompt, drafts[K, dtype], K, forced, alternatives) for _ in range(args.repeats)]
-                spec[K, dtype, alternatives, forced].append(min(seconds for seconds, _ in runs))
+                runs = [spec_step(prompt, drafts[K, dtype], K, forced, alternatives, lookup)
+                        for _ in range(args.repeats)]
+                spec[K, dtype, alternatives, lookup, forced].append(min(seconds for seconds, _ in runs))
                 if not forced:
-                    acceptance[K, dtype, alternatives].append(runs[0][1])
+                    acceptance[K, dtype, alternatives, lookup].append(runs[0][1])
     plain_step_s = statistics.mean(plain)
     print(f"prompts {len(prompts)} (lengths {[len(p) for p in prompts]}), {new} new tokens, batch 1, 1 thread")
     print(f"plain step: {plain_step_s * 1e3:.1f} ms")
-    for K, dtype, alternatives in variants:
-        forced = statistics.mean(spec[K, dtype, alternatives, True])
-        named = "the default alternatives" if alternatives is None else f"{alternatives} alternatives"
+    for K, dtype, alternatives, lookup in variants:
+        forced = statistics.mean(spec[K, dtype, alternatives, lookup, True])
+        named = ("the default alternatives" if alternatives is None else f"{alternatives} alternatives") + \
+            (", the default lookup" if lookup is None else f", lookup {lookup}")
         line = f"K={K}, {dtype} draft, {named}: speculative step {forced * 1e3:.1f} ms = " \
                f"{forced / plain_step_s:.2f}x a plain step (every proposal accepted)"
         if args.own_acceptance:
-            own = statistics.mean(spec[K, dtype, alternatives, False])
+            own = statistics.mean(spec[K, dtype, alternatives, lookup, False])
             line += f"; {own * 1e3:.1f} ms = {own / plain_step_s:.2f}x at the random draft's own acceptance " \
-                    f"(length {statistics.mean(acceptance[K, dtype, alternatives]):.2f})"
+                    f"(length {statistics.mean(acceptance[K, dtype, alternatives, lookup]):.2f})"
         print(line)
     # the floor: the target's forward over K + 1 tokens against one token, after the same prompt
     target.start([prompts[0]])

@@ -2,8 +2,8 @@
 speculative loop at K = 1 (batch 1, greedy) and count, at every verification, whether the target's
 token is among the draft's n best first-position tokens, for n = 1..--top. The n = 1 share is the
 loop's first-position acceptance; the others bound what verifying the n best first tokens side by
-side (a tree) could add. The loop runs without alternatives here; ``benchmarks/alternatives.py``
-measures what verifying them gives.
+side (a tree) could add. The loop runs without alternatives or lookup branches here;
+``benchmarks/alternatives.py`` measures what verifying them gives.
 
     python benchmarks/draft_topk.py --target DIR --gguf-file F --draft RUN_OUT/draft --prompts 16
 """
@@ -71,7 +71,7 @@ def main() -> int:
     with first_position_ranks(draft, args.top, hits):
         for prompt in chat_prompts(HELD_OUT_PROMPTS[:args.prompts], tokenizer):
             speculative_generate(target, draft, [prompt], 1, args.new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                 alternatives=0)
+                                 alternatives=0, lookup=0)
     steps = int(hits[args.top])
     print(f"{steps} verifications; the target's token among the draft's n best first tokens: "
           + ", ".join(f"n = {n}: {int(hits[n - 1]) / steps:.3f}" for n in range(1, args.top + 1)))

@@ -63,11 +63,18 @@ def parse_args(argv: list[str]):
     parser.add_argument("--alternatives", type=int_at_least(0), default=None,
                         help="greedy decoding: the draft's next-best first tokens verified beside its proposals in "
                              "the same target forward (default 2 where greedy, 0 when sampling)")
+    parser.add_argument("--lookup", type=int_at_least(0), default=None,
+                        help="greedy decoding: the length of the prompt-lookup branch (the tokens that followed an "
+                             "earlier occurrence of the context's last tokens) verified in the same target forward "
+                             "(default 5 where greedy, 0 when sampling)")
     args = parser.parse_args(argv)
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UsageError(f"argument --temperature: must be a finite number >= 0, got {args.temperature}")
     if args.alternatives and args.temperature >= GREEDY_BELOW_TEMPERATURE:
         raise UsageError(f"argument --alternatives: alternative first tokens are verified in greedy decoding only; "
+                         f"with --temperature {args.temperature} it must be 0")
+    if args.lookup and args.temperature >= GREEDY_BELOW_TEMPERATURE:
+        raise UsageError(f"argument --lookup: the prompt-lookup branch is verified in greedy decoding only; "
                          f"with --temperature {args.temperature} it must be 0")
     for option in ("--draft", "--prompts") + (("--target",) if args.target != "tiny" else ()):
         check_path(option, getattr(args, option[2:]))
@@ -141,19 +148,26 @@ def check_prompt_lengths(prompts: list[list[int]], args, limits: list[tuple[str,
 
     A prompt of P tokens decoding N new ones with K proposals a step reaches position
     P + N + K - 2 (the last step proposes K tokens past the last one kept), so P + N + K - 1
-    positions must fit each limit (``positions_needed``, the rule the decode itself checks)."""
+    positions must fit each limit (``positions_needed``, the rule the decode itself checks); an
+    explicit --lookup longer than K takes K's place (the default branch shortens itself to fit)."""
     whose, limit = min(limits, key=lambda pair: pair[1])
     longest = max(range(len(prompts)), key=lambda index: len(prompts[index]))
     length = len(prompts[longest])
-    bound = limit - positions_needed(length, 0, args.k)
+    reach = max(args.k, args.lookup or 0)  # an explicit lookup branch may reach past the chain
+    bound = limit - positions_needed(length, 0, reach)
+    if bound < 1 and reach > args.k:
+        raise UsageError(f"argument --lookup: a branch of {args.lookup} tokens after the longest prompt (line "
+                         f"{longest + 1}, {length} tokens) leaves no room for a new token ({whose} "
+                         f"max_position_embeddings is {limit})")
     if bound < 1:
         raise UsageError(f"argument --prompts: line {longest + 1} has {length} tokens; with -k {args.k} the longest "
                          f"prompt that leaves room for one new token is {limit - args.k} ({whose} "
                          f"max_position_embeddings is {limit})")
     if args.max_new_tokens is not None and args.max_new_tokens > bound:
+        past = f"{args.k - 1} proposed" if reach == args.k else f"{args.lookup - 1} of the lookup branch"
         raise UsageError(f"argument --max-new-tokens: must be <= {bound}, got {args.max_new_tokens} ({whose} "
                          f"max_position_embeddings {limit}, less the longest prompt's {length} tokens (line "
-                         f"{longest + 1}) and the {args.k - 1} proposed past the end)")
+                         f"{longest + 1}) and the {past} past the end)")
     # The first forward over a batch of the longest prompts: attention scores and weights (float32)
     # and masks of every head over every pair of its positions, the draft's and the target's.
     rows = min(args.batch_size, len(prompts))
@@ -241,7 +255,7 @@ def main(argv: list[str]) -> int:
 
     report = measure(target, draft, prompts, args.k, args.max_new_tokens, batch_size=args.batch_size,
                      temperature=args.temperature, seed=args.seed, eos_token_id=eos, baseline=not args.no_baseline,
-                     progress=progress, alternatives=args.alternatives)
+                     progress=progress, alternatives=args.alternatives, lookup=args.lookup)
     rates = " ".join("-" if math.isnan(r) else f"{r:.2f}" for r in report["conditional_acceptance"])
     print(f"{report['method']} draft ({report['draft_dtype']}), K = {args.k}, {len(prompts)} prompts, "
           f"{report['new_tokens']} new tokens: acceptance length {report['acceptance_length']:.3f} tokens per "
@@ -251,6 +265,9 @@ def main(argv: list[str]) -> int:
     if report["alternatives"]:
         print(f"alternative first tokens verified per step: {report['alternatives']}; steps that took one: "
               f"{report['alternatives_taken']}")
+    if report["lookup"]:
+        print(f"prompt-lookup branch verified per step: {report['lookup']} tokens; steps that took it: "
+              f"{report['lookups_taken']}")
     speed = report["tokens_per_second"]
     if "target" in speed:
         print(f"tokens/s: speculative {speed['speculative']:.1f}, plain target {speed['target']:.1f} "

@@ -579,13 +579,17 @@ def report_lines(summary: dict) -> list[str]:
                      f"{speed['speculative']:>10.1f} {speed['target']:>11.1f} {report['speedup']:>7.2f}x  {rates}"
                      + ("" if report["matches_target"] else f"  (outputs: {agreement_text(report)})"))
     reports = list(evaluation["results"].values())
+
+    def shares(taken: str) -> str:  # per K, the share of verification steps (target_forwards counts each prefill)
+        return ", ".join(f"K = {r['num_speculative_tokens']}: "
+                         f"{r[taken] / max(1, r['target_forwards'] - len(r['prompts'])):.1%}" for r in reports)
+
     if reports and reports[0].get("alternatives"):
-        # target_forwards counts each prompt's prefill too
-        shares = ", ".join(f"K = {r['num_speculative_tokens']}: "
-                           f"{r['alternatives_taken'] / max(1, r['target_forwards'] - len(r['prompts'])):.1%}"
-                           for r in reports)
         lines.append(f"{reports[0]['alternatives']} alternative first tokens verified per step; steps that took one: "
-                     f"{shares}")
+                     f"{shares('alternatives_taken')}")
+    if reports and reports[0].get("lookup"):
+        lines.append(f"a prompt-lookup branch of {reports[0]['lookup']} tokens verified per step; steps that took it: "
+                     f"{shares('lookups_taken')}")
     lookup = evaluation["prompt_lookup"]
     if lookup:
         generate = lookup.get("generate_tokens_per_second")

@@ -39,10 +39,13 @@ def test_eval_on_the_tiny_target_writes_the_measurements(demo_draft, prompts, tm
     assert report["method"] == "peagle" and report["num_speculative_tokens"] == 3
     # greedy: two alternative first tokens verified per step by default
     assert report["alternatives"] == 2 and 0 <= report["alternatives_taken"] <= report["target_forwards"]
+    # and a prompt-lookup branch of 5 tokens
+    assert report["lookup"] == 5 and 0 <= report["lookups_taken"] <= report["target_forwards"]
+    assert f"prompt-lookup branch verified per step: 5 tokens; steps that took it: {report['lookups_taken']}" in printed
     assert len(report["prompts"]) == 3
     for entry in report["prompts"]:
         assert len(entry["generated_ids"]) == 20 and all(isinstance(t, int) for t in entry["generated_ids"])
-        assert 1 <= entry["acceptance_length"] <= 4 and entry["matches_target"]
+        assert 1 <= entry["acceptance_length"] <= 1 + 5 and entry["matches_target"]  # the branch reaches 5
     assert report["acceptance_length"] > 1.5  # the trained draft is accepted
     assert report["target_forwards"] == sum(e["target_forwards"] for e in report["prompts"])
     assert set(report["tokens_per_second"]) == {"speculative", "target"} and report["speedup"] > 0
@@ -73,6 +76,9 @@ def test_eval_sampling_without_baseline(demo_draft, prompts, tmp_path):
     (["--alternatives", "-1"], "--alternatives"),
     (["--alternatives", "1", "--temperature", "0.7"], "--alternatives"),
     (["--alternatives", "100000"], "--alternatives"),
+    (["--lookup", "-1"], "--lookup"),
+    (["--lookup", "2", "--temperature", "0.7"], "--lookup"),
+    (["--lookup", "100000"], "--lookup"),
 ])
 def test_eval_usage_mistakes(demo_draft, prompts, tmp_path, extra, option, capsys):
     (tmp_path / "empty.txt").write_text("\n\n")

@@ -144,7 +144,7 @@ def test_greedy_equals_the_tiny_targets_greedy_decode(trained, kind, K):
         assert row.generated_ids == tokenwise_greedy(target, prompt, 24)
         assert row.target_forwards == 1 + len(row.accepted)
         assert row.draft_forwards == len(row.accepted) * (1 if draft.config.parallel_drafting else K)
-        assert all(0 <= a <= K for a in row.accepted)
+        assert all(0 <= a <= max(K, result.lookup) for a in row.accepted)
     if kind.endswith("trained"):
         assert result.acceptance_length > 1.5  # proposals were accepted: the accept path ran
 
@@ -270,6 +270,120 @@ def test_alternative_first_tokens_are_lossless_and_taken(llama_and_reference, ll
     assert taken == 0 if alternatives == 0 else alternatives < VOCAB - 1 or taken > 0
 
 
+@pytest.mark.parametrize("lookup", [1, 3, 8])
+@pytest.mark.parametrize("alternatives", [0, 2])
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("kind", ["peagle-trained", "peagle-random", "eagle3-random"])
+def test_the_lookup_branch_is_lossless_and_taken(llama_and_reference, llama_draft, kind, K, alternatives, lookup):
+    """Verifying a prompt-lookup branch beside the chain (and the alternatives): the output stays
+    the model's greedy decode, at batch 1 (the cache cropped to exactly the committed tokens, the
+    branch's slots moved after the first token) and in a batch (holes), also with a branch longer
+    than the chain. The tiny model's greedy decodes repeat themselves, so the branch is taken, and
+    a step that takes it accepts more tokens than the chain could hold where it is longer."""
+    model, reference = llama_and_reference
+    if kind == "peagle-trained":
+        draft = llama_draft
+    else:
+        draft = random_draft(kind.startswith("peagle"), eagle_aux_hidden_state_layer_ids=[1, 2, 3])
+    taken, longest = 0, 0
+    for prompts, expected in [(PROMPTS, reference)] + [([p], [r]) for p, r in zip(PROMPTS, reference)]:
+        target = recording_target(model)
+        result = speculative_generate(target, draft, prompts, K, 16, alternatives=alternatives, lookup=lookup)
+        assert [row.generated_ids for row in result.rows] == expected
+        taken += sum(row.lookups_taken for row in result.rows)
+        longest = max([longest] + [a for row in result.rows for a in row.accepted])
+        assert all(max(row.lookups_taken, row.alternatives_taken) <= len(row.accepted) for row in result.rows)
+        if len(prompts) == 1:
+            assert all(cached == lengths[0] and holes == 0 for cached, lengths, _, holes in target.record)
+    assert taken > 0
+    assert longest <= max(K, lookup)
+    if lookup > K == 1:
+        assert longest > K  # only the branch reaches past the chain
+
+
+def test_prompt_lookup_takes_the_latest_occurrence_of_the_longest_suffix():
+    from peagle_ext.draft.speculative import prompt_lookup
+
+    context = [1, 2, 3, 9, 9, 2, 3, 7, 8, 5, 2, 3]
+    assert prompt_lookup(context, 2) == [7, 8]  # [5, 2, 3] never occurred; [2, 3] latest at 5
+    assert prompt_lookup(context, 9) == [7, 8, 5, 2, 3]  # up to the context's end
+    assert prompt_lookup([4, 1, 2, 3, 6, 0, 2, 3, 5, 1, 2, 3], 1) == [6]  # [1, 2, 3] before [2, 3]
+    assert prompt_lookup([1, 2, 3, 4], 3) == []  # the last token never occurred before
+    assert prompt_lookup([5], 3) == [] and prompt_lookup([], 3) == []
+    assert prompt_lookup([7, 7, 7], 4) == [7]  # the overlapping occurrence one back
+
+
+def test_prompt_lookups_give_different_continuations_longer_keys_first():
+    from peagle_ext.draft.speculative import prompt_lookups
+
+    context = [7, 2, 3, 1, 8, 3, 9, 2, 3]
+    # [2, 3] occurred at 1 (then 1, 8, 3); [3] at 5 (then 9, 2, 3) and at 2 (1, 8, 3 again: no repeat)
+    assert prompt_lookups(context, 3, 3) == [[1, 8, 3], [9, 2, 3]]
+    assert prompt_lookups(context, 3, 1) == [[1, 8, 3]]
+    assert prompt_lookups(context, 2, 5, longest_key=1) == [[9, 2], [1, 8]]
+    assert prompt_lookups([1, 2], 3, 2) == []
+
+
+def test_tree_verify_keeps_the_deepest_accepted_path():
+    from peagle_ext.draft.speculative import tree_verify, tree_visibility
+    from peagle_ext.draft.speculative.targets import tree_positions
+
+    # [b, x1, x2 | a | l1, l2 after b | m1 after x1]
+    parents = [-1, 0, 1, 0, 0, 4, 1]
+    assert tree_visibility(parents).int().tolist() == [[1, 0, 0, 0, 0, 0, 0],
+                                                       [1, 1, 0, 0, 0, 0, 0],
+                                                       [1, 1, 1, 0, 0, 0, 0],
+                                                       [1, 0, 0, 1, 0, 0, 0],
+                                                       [1, 0, 0, 0, 1, 0, 0],
+                                                       [1, 0, 0, 0, 1, 1, 0],
+                                                       [1, 1, 0, 0, 0, 0, 1]]
+    assert tree_positions(torch.tensor([10]), 7, tree_visibility(parents)).tolist() == [[10, 11, 12, 11, 11, 12, 12]]
+    # the target's argmax at each node, and the tokens
+    argmax = torch.tensor([[4, 5, 6, 1, 7, 2, 8],   # x1, x2 right: the chain, 2 (l1, l2 tie at 2: the chain wins)
+                           [9, 5, 6, 8, 3, 3, 8],   # x1 wrong, a right, l1 wrong: the alternative, 1
+                           [8, 5, 6, 1, 9, 2, 8],   # x1 and a wrong, l1 and l2 right: the branch, 2
+                           [4, 9, 6, 1, 7, 2, 8]])  # x1 right, x2 wrong, m1 right: 2 through x1
+    tokens = torch.tensor([[0, 4, 5, 9, 4, 7, 3],
+                           [0, 4, 5, 9, 8, 3, 3],
+                           [0, 4, 5, 9, 8, 9, 3],
+                           [0, 4, 5, 9, 8, 9, 9]])
+    real = torch.ones_like(tokens, dtype=torch.bool)
+    logits = torch.nn.functional.one_hot(argmax, 10).float()
+    accepted, bonus, node, order = tree_verify(tokens, parents, real, logits)
+    assert accepted.tolist() == [2, 1, 2, 2] and node.tolist() == [2, 3, 5, 6]
+    assert bonus.tolist() == [6, 8, 2, 8]
+    assert order[:, :3].tolist() == [[0, 1, 2], [0, 3, 1], [0, 4, 5], [0, 1, 6]]
+    assert all(sorted(row) == list(range(7)) for row in order.tolist())
+    # an empty slot (a row's branch shorter than the tree's) is never accepted
+    real[2, 5] = False
+    accepted, bonus, node, _ = tree_verify(tokens, parents, real, logits)
+    assert accepted[2] == 1 and node[2] == 4 and bonus[2] == 9
+    with pytest.raises(ValueError, match="parents: node 2 has parent 2"):
+        tree_verify(tokens[:, :3], [-1, 0, 2], real[:, :3], logits[:, :3])
+
+
+def test_the_verification_tree_shares_what_the_chain_holds():
+    from peagle_ext.draft.speculative.loop import ALTERNATIVE, CHAIN, LOOKUP, verification_tree
+
+    chain, alternative = torch.tensor([[5, 6, 7]]), torch.tensor([[9]])
+    context = [1, 5, 6, 8, 2, 5]  # ends with the step's first token, 5
+    # after the first token: [6, 8, 2] (what followed the earlier 5); 6 is the chain's x1, so the
+    # branch goes on from it; after x1 ([..., 5, 6]): [8, 2], already there; after 9: nothing
+    tokens, parents, real, kinds = verification_tree(chain, alternative, 3, [context])
+    assert tokens.tolist() == [[5, 6, 7, 9, 8, 2]] and parents == [-1, 0, 1, 0, 1, 4]
+    assert kinds == [CHAIN, CHAIN, CHAIN, ALTERNATIVE, LOOKUP, LOOKUP] and bool(real.all())
+    # a second row whose branch starts elsewhere keeps the branch apart; a row that is done holds none
+    tokens, parents, real, _ = verification_tree(chain.repeat(3, 1), None, 3, [context, [4, 5, 9, 5], None])
+    assert parents == [-1, 0, 1, 0, 3, 4, 1, 6]
+    assert tokens[:2, 3:].tolist() == [[6, 8, 2, 8, 2], [9, 5, 0, 0, 0]]
+    assert real.tolist() == [[True] * 8, [True] * 5 + [False] * 3, [True] * 3 + [False] * 5]
+    assert verification_tree(chain, None, 3, [[1, 2, 5]]) is None  # nothing found: the chain alone
+    # two continuations after the first token (5 followed by 3, 4, 5 and earlier by 1, 2, 5)
+    tokens, parents, _, kinds = verification_tree(chain, None, 3, [[5, 1, 2, 5, 3, 4, 5]])
+    assert tokens.tolist() == [[5, 6, 7, 3, 4, 5, 1, 2, 5]] and parents == [-1, 0, 1, 0, 3, 4, 0, 6, 7]
+    assert kinds == [CHAIN] * 3 + [LOOKUP] * 6
+
+
 def test_a_tree_forward_equals_the_chains_it_holds(llama_and_reference):
     """One forward over [b, x1, x2, a] with ``a`` reading b alone gives, at each token, the logits
     and states of the chain that leads to it ([b, x1, x2] and [b, a]), a's position that of x1;
@@ -325,9 +439,11 @@ def test_a_sliding_window_target_reads_chains_only():
     draft = random_draft(True, eagle_aux_hidden_state_layer_ids=[1, 2, 3])
     result = speculative_generate(target, draft, [PROMPTS[2]], 3, 12)
     assert result.rows[0].generated_ids == llama_greedy(model, PROMPTS[2], 12)
-    assert result.rows[0].alternatives_taken == 0
+    assert result.rows[0].alternatives_taken == 0 and result.rows[0].lookups_taken == 0
     with pytest.raises(ValueError, match="alternatives: this target reads chains only"):
         speculative_generate(target, draft, [PROMPTS[2]], 3, 12, alternatives=1)
+    with pytest.raises(ValueError, match="lookup: this target reads chains only"):
+        speculative_generate(target, draft, [PROMPTS[2]], 3, 12, lookup=2)
     with pytest.raises(ValueError, match="visible: this target reads chains only"):
         target.start([PROMPTS[2]])
         target.extend(torch.tensor([[1, 2]]), torch.ones(2, 2, dtype=torch.bool).tril())

@@ -69,6 +69,26 @@ def test_alternatives_are_verified_in_greedy_decoding_only(module):
     refused(module, "alternatives: .* greedy decoding", alternatives=1, temperature=0.7)
 
 
+@pytest.mark.parametrize("lookup", [-1, 1.5, True, "1", 10**30, math.nan, torch.tensor(1), [3]])
+def test_lookup_must_be_a_count_within_the_positions(module, lookup):
+    refused(module, "lookup", lookup=lookup)
+
+
+def test_lookup_is_verified_in_greedy_decoding_only(module):
+    refused(module, "lookup: .* greedy decoding", lookup=1, temperature=0.7)
+
+
+def test_a_lookup_branch_past_the_positions_is_refused_and_the_default_one_shortened(module):
+    # 40 + 8 + 20 - 1 = 67 positions, more than the draft's 64
+    refused(module, r"\+ lookup \(20\) - 1 = 67 positions, more than the draft's max_position_embeddings \(64\)",
+            prompts=[[1] * 40], max_new_tokens=8, lookup=20)
+    # at the bound for K = 3 (54 + 8 + 3 - 1 = 64): the default branch is cut to 3 tokens and the decode runs
+    result = speculative_generate(TokenwiseTarget(module), draft(), [[1] * 54], 3, 8)
+    assert result.lookup == 3 and len(result.rows[0].generated_ids) == 8
+    result = speculative_generate(TokenwiseTarget(module), draft(), [[1] * 40], 3, 8)
+    assert result.lookup == 5  # room for the whole default
+
+
 @pytest.mark.parametrize("prompts", [
     [[1.0, 2.0]], [[True, 2]], [[1, 2.5]], [["1"]], [[1, -1]], [[1, VOCAB]], [[10**30]], [[1], []], [], "abc",
     [[[1, 2]]], [torch.tensor([1.0, 2.0])], [torch.tensor([True])], [torch.tensor([[1, 2]])], [torch.tensor([VOCAB])],

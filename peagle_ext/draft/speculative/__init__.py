@@ -27,7 +27,10 @@ rule (accept proposal x with probability min(1, p(x) / q(x)), else draw from the
 max(p - q, 0); a bonus draw from p when all are accepted), which keeps the target's distribution.
 Greedy decoding also verifies the draft's next-best first tokens (``alternatives``, 2 by default)
 in the same forward, as a tree beside the chain: a row whose first proposal is rejected keeps an
-alternative that equals the target's token, and the target's token after it.
+alternative that equals the target's token, and the target's token after it. It also verifies a
+prompt-lookup branch (``lookup``, 5 tokens by default): the tokens that followed the latest earlier
+occurrence of the context's last tokens (:mod:`.lookup`), kept where they match the target further
+than the chain.
 
 Targets (:mod:`.targets`, one small interface): :class:`TransformersTarget` (any transformers
 causal LM; the auxiliary states are ``output_hidden_states[l]`` for the draft's layer ids l: the
@@ -38,13 +41,15 @@ cropped to the longest accepted prefix after each step (at batch 1: exactly the 
 what a row rejected but another row kept stays as a hole that the attention mask hides.
 
 Modules: :mod:`.slots` (the draft's inputs), :mod:`.draft` (its cache, forward and proposals),
-:mod:`.targets`, :mod:`.verify`, :mod:`.loop` (the loop, the plain baseline, the input checks),
+:mod:`.targets`, :mod:`.verify`, :mod:`.lookup`, :mod:`.loop` (the loop, the plain baseline, the input checks),
 :mod:`.measure` (both on the same prompts, as a report).
 """
 
 from .draft import DRAFT_DTYPES, DraftCache, draft_for_decoding, draft_forward, native_bfloat16_cpu, propose
+from .lookup import prompt_lookup, prompt_lookups
 from .loop import (
     DEFAULT_ALTERNATIVES,
+    DEFAULT_LOOKUP,
     GREEDY_BELOW_TEMPERATURE,
     RowResult,
     SpeculativeResult,
@@ -55,13 +60,13 @@ from .loop import (
 from .measure import TIE_TOLERANCE, first_difference, measure, output_agreement
 from .slots import DraftSlots, draft_slots
 from .targets import Target, TokenwiseTarget, TransformersTarget, left_pad
-from .verify import draw, greedy_verify, next_tokens, rejection_verify, take_alternative
+from .verify import draw, greedy_verify, next_tokens, rejection_verify, tree_verify, tree_visibility
 
 __all__ = [
-    "DEFAULT_ALTERNATIVES", "DRAFT_DTYPES", "GREEDY_BELOW_TEMPERATURE", "TIE_TOLERANCE", "DraftCache", "DraftSlots",
-    "RowResult",
-    "SpeculativeResult", "Target", "TokenwiseTarget", "TransformersTarget", "check_decode", "draft_for_decoding",
-    "draft_forward", "draft_slots", "draw", "first_difference", "greedy_verify", "left_pad", "measure",
-    "native_bfloat16_cpu", "next_tokens", "output_agreement", "propose", "rejection_verify", "speculative_generate",
-    "take_alternative", "target_generate",
+    "DEFAULT_ALTERNATIVES", "DEFAULT_LOOKUP", "DRAFT_DTYPES", "GREEDY_BELOW_TEMPERATURE", "TIE_TOLERANCE",
+    "DraftCache", "DraftSlots", "RowResult", "SpeculativeResult", "Target", "TokenwiseTarget", "TransformersTarget",
+    "check_decode", "draft_for_decoding", "draft_forward", "draft_slots", "draw", "first_difference",
+    "greedy_verify", "left_pad", "measure", "native_bfloat16_cpu", "next_tokens", "output_agreement",
+    "prompt_lookup", "prompt_lookups", "propose", "rejection_verify", "speculative_generate", "target_generate",
+    "tree_verify", "tree_visibility",
 ]

@@ -8,17 +8,19 @@ import math
 import numbers
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from ..._inputs import available_memory_bytes
 from .draft import DraftCache, propose
+from .lookup import prompt_lookups
 from .packed import packed_linears
 from .slots import draft_slots
 from .verify import greedy_verify as _greedy_verify
 from .verify import next_tokens as _next_tokens
 from .verify import rejection_verify as _rejection_verify
-from .verify import take_alternative as _take_alternative
+from .verify import tree_verify, tree_visibility
 
 # A temperature below this decodes greedily: logits divided by it overflow float32 long before 0
 # (1e-40 turns softmax into NaN), and the distribution at it is already one token unless the top
@@ -29,14 +31,16 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 @dataclass
 class RowResult:
     """One prompt's outcome: ``generated_ids`` (the new tokens), ``accepted`` (per verification
-    step, the proposals accepted before the cut at max_new_tokens; a taken alternative counts as
-    the first), forward counts, and the steps that took an alternative first token."""
+    step, the tokens accepted before the cut at max_new_tokens, from the chain, an alternative first
+    token or the lookup branch), forward counts, and the steps that took an alternative first
+    token or the lookup branch."""
 
     generated_ids: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
     target_forwards: int = 1
     draft_forwards: int = 0
     alternatives_taken: int = 0
+    lookups_taken: int = 0
 
     @property
     def acceptance_length(self) -> float:
@@ -46,9 +50,15 @@ class RowResult:
 
 @dataclass
 class SpeculativeResult:
+    """The rows, K, the seconds the decode took, and what it verified beside the chain: the
+    alternative first tokens and the lookup branch's length (a step accepts up to the larger of K
+    and that length)."""
+
     rows: list[RowResult]
     num_speculative_tokens: int
     seconds: float
+    alternatives: int = 0
+    lookup: int = 0
 
     @property
     def acceptance_length(self) -> float:
@@ -71,6 +81,16 @@ class SpeculativeResult:
 # target's token in ~18% of the steps and was the fastest at K = 3 and within 0.01x of it at
 # K = 1; a third took it in ~3% more and, one more token per forward, lost at K = 3.
 DEFAULT_ALTERNATIVES = 2
+
+# How far past a step's first token the prompt-lookup branches reach by default, and how many
+# continuations the tree takes after the first token (one more follows the first proposal). On
+# SmolLM2-135M's held-out prompts (a 60-minute draft, K = 3 and 5, two alternatives, each variant
+# interleaved per prompt with plain decoding): 4, 5 and 6 tokens gave 1.94, 1.98 and 1.98 tokens
+# per forward against 1.65 without; the branch after the first proposal added 0.06 for ~1 ms a
+# step, a second continuation after the first token 0.02, a third 0.005, and branches after the
+# alternatives 0.03 for ~3 ms (slower at every K).
+DEFAULT_LOOKUP = 5
+LOOKUPS_AFTER_FIRST = 2
 
 # --- input checks -------------------------------------------------------------------------------
 
@@ -138,36 +158,71 @@ def positions_needed(prompt_length: int, max_new_tokens: int, num_speculative_to
     return prompt_length + max_new_tokens + num_speculative_tokens - 1
 
 
+def _tree_tokens(name: str, value, default: int, target, temperature) -> int:
+    """``value`` of a tree-verification option checked (an int >= 0; > 0 only in greedy decoding
+    and with a target that reads a tree), or for None, ``default`` where both allow it, else 0."""
+    greedy = temperature < GREEDY_BELOW_TEMPERATURE
+    tree = bool(getattr(target, "tree_attention", False))
+    if value is None:
+        return default if greedy and tree else 0
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"{name} must be None or an int >= 0, got {value!r}")
+    if value and not greedy:
+        raise ValueError(f"{name}: the tree beside the chain is verified by greedy decoding's rule; at temperature "
+                         f"{temperature} it must be 0 or None")
+    if value and not tree:
+        raise ValueError(f"{name}: this target reads chains only (no tree_attention); it must be 0 or None")
+    return value
+
+
 def first_alternatives(target, draft, temperature, alternatives) -> int:
     """The number of alternative first tokens a decode verifies: ``alternatives`` checked (an int
     >= 0 below the draft's vocabulary; > 0 only in greedy decoding and with a target that reads a
     tree), or for None, ``DEFAULT_ALTERNATIVES`` where both allow it (fewer for a smaller draft
     vocabulary), else 0."""
-    greedy = temperature < GREEDY_BELOW_TEMPERATURE
-    tree = bool(getattr(target, "tree_attention", False))
-    if alternatives is None:
-        if not (greedy and tree and draft is not None):
-            return 0
-        return min(DEFAULT_ALTERNATIVES, draft.config.draft_vocab_size - 1)
-    if not _is_int(alternatives) or alternatives < 0:
-        raise ValueError(f"alternatives must be None or an int >= 0, got {alternatives!r}")
-    if alternatives and not greedy:
-        raise ValueError(f"alternatives: verifying alternative first tokens is greedy decoding's rule; at temperature "
-                         f"{temperature} it must be 0 or None")
-    if alternatives and not tree:
-        raise ValueError("alternatives: this target reads chains only (no tree_attention); it must be 0 or None")
+    if alternatives is None and draft is None:
+        return 0
+    default = DEFAULT_ALTERNATIVES if draft is None else min(DEFAULT_ALTERNATIVES, draft.config.draft_vocab_size - 1)
+    alternatives = _tree_tokens("alternatives", alternatives, default, target, temperature)
     if draft is not None and alternatives >= draft.config.draft_vocab_size:
         raise ValueError(f"alternatives must be below the draft's vocabulary ({draft.config.draft_vocab_size} "
                          f"tokens), got {alternatives}")
     return alternatives
 
 
+def lookup_tokens(target, temperature, lookup) -> int:
+    """The length of the prompt-lookup branch a decode verifies: ``lookup`` checked (an int >= 0;
+    > 0 only in greedy decoding and with a target that reads a tree), or for None,
+    ``DEFAULT_LOOKUP`` where both allow it, else 0."""
+    return _tree_tokens("lookup", lookup, DEFAULT_LOOKUP, target, temperature)
+
+
+class DecodePlan(NamedTuple):
+    """A decode's checked arguments: the prompts as lists of ints, the alternative first tokens
+    and the lookup branch's length it verifies."""
+
+    prompts: list[list[int]]
+    alternatives: int
+    lookup: int
+
+
 def check_decode(target, draft, prompts, num_speculative_tokens, max_new_tokens, temperature,
-                 eos_token_id, alternatives=0) -> list[list[int]]:
+                 eos_token_id, alternatives=0, lookup=0) -> list[list[int]]:
     """Every argument of :func:`speculative_generate` checked before any work (a ValueError naming
     it); the prompts as lists of ints."""
+    return decode_plan(target, draft, prompts, num_speculative_tokens, max_new_tokens, temperature, eos_token_id,
+                       alternatives, lookup).prompts
+
+
+def decode_plan(target, draft, prompts, num_speculative_tokens, max_new_tokens, temperature, eos_token_id,
+                alternatives=None, lookup=None) -> DecodePlan:
+    """:func:`check_decode`, with the alternatives and the lookup branch's length resolved: a
+    default branch (``lookup`` None) is shortened to the positions the target and the draft have
+    left past the chain's, so that it never refuses a decode that fits without it."""
     _check_generation_args(num_speculative_tokens, max_new_tokens, temperature)
     alternatives = first_alternatives(target, draft, temperature, alternatives)
+    default_lookup = lookup is None
+    lookup = lookup_tokens(target, temperature, lookup)
     vocab_size = getattr(target, "vocab_size", None)
     draft_vocab = None if draft is None else draft.config.vocab_size
     if vocab_size is None or (draft_vocab is not None and draft_vocab < vocab_size):
@@ -176,15 +231,22 @@ def check_decode(target, draft, prompts, num_speculative_tokens, max_new_tokens,
     if eos_token_id is not None:
         _check_token_id("eos_token_id", eos_token_id, vocab_size)
     longest = max(len(p) for p in prompts)
-    needed = positions_needed(longest, max_new_tokens, num_speculative_tokens)
     limits = [("target", getattr(target, "max_positions", None))]
     if draft is not None:
         limits.append(("draft", draft.config.max_position_embeddings))
+    if default_lookup and lookup:
+        room = min((limit for _, limit in limits if limit is not None), default=None)
+        if room is not None:  # the deepest reach that fits: positions_needed(longest, max_new_tokens, reach) <= room
+            lookup = max(0, min(lookup, room - longest - max_new_tokens + 1))
+    reach = max(num_speculative_tokens, lookup)  # the tree's deepest token past the step's first
+    needed = positions_needed(longest, max_new_tokens, reach)
     for who, limit in limits:
         if limit is not None and needed > limit:
+            deepest = (f"num_speculative_tokens ({num_speculative_tokens})" if reach == num_speculative_tokens
+                       else f"lookup ({lookup})")
             raise ValueError(f"prompts and max_new_tokens: the longest prompt ({longest} tokens) + max_new_tokens "
-                             f"({max_new_tokens}) + num_speculative_tokens ({num_speculative_tokens}) - 1 = "
-                             f"{needed} positions, more than the {who}'s max_position_embeddings ({limit})")
+                             f"({max_new_tokens}) + {deepest} - 1 = {needed} positions, more than the {who}'s "
+                             f"max_position_embeddings ({limit})")
     estimate = getattr(target, "memory_estimate", lambda *_: 0)(len(prompts), longest, needed)
     if draft is not None:
         estimate += _draft_memory(draft, len(prompts), longest, needed)
@@ -193,7 +255,7 @@ def check_decode(target, draft, prompts, num_speculative_tokens, max_new_tokens,
         raise ValueError(f"prompts and max_new_tokens: decoding {len(prompts)} prompts of up to {longest} tokens "
                          f"to {needed} positions needs about {estimate / 2**30:.1f} GiB, more than the "
                          f"{available / 2**30:.1f} GiB available; use fewer or shorter prompts or fewer new tokens")
-    return prompts
+    return DecodePlan(prompts, alternatives, lookup)
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -203,7 +265,7 @@ def check_decode(target, draft, prompts, num_speculative_tokens, max_new_tokens,
 def speculative_generate(target, draft, prompts: list[list[int]], num_speculative_tokens: int,
                          max_new_tokens: int, temperature: float = 0.0, generator: torch.Generator | None = None,
                          eos_token_id: int | None = None, pack_weights: bool | None = None,
-                         alternatives: int | None = None) -> SpeculativeResult:
+                         alternatives: int | None = None, lookup: int | None = None) -> SpeculativeResult:
     """Decode ``prompts`` (token id lists) with ``draft`` proposing K = ``num_speculative_tokens``
     tokens per step and ``target`` (a :class:`TransformersTarget` or :class:`TokenwiseTarget`)
     verifying them; up to ``max_new_tokens`` new tokens per prompt, stopping after
@@ -221,10 +283,16 @@ def speculative_generate(target, draft, prompts: list[list[int]], num_speculativ
     first token only, at the first proposal's position. A row that rejects the first proposal but
     finds the target's token among the alternatives keeps it and the target's token after it.
     None = ``DEFAULT_ALTERNATIVES`` (2) where decoding is greedy and the target reads trees
-    (``tree_attention``), else 0."""
-    prompts = check_decode(target, draft, prompts, num_speculative_tokens, max_new_tokens, temperature, eos_token_id,
-                           alternatives)
-    alternatives = first_alternatives(target, draft, temperature, alternatives)
+    (``tree_attention``), else 0.
+
+    ``lookup``: greedy decoding also verifies, in the same forward, up to ``lookup`` tokens that
+    followed an earlier occurrence of the context's last tokens (prompt lookup,
+    :func:`~peagle_ext.draft.speculative.lookup.prompt_lookup`), as a branch after the step's first
+    token. A row whose branch matches the target further than the chain (and the alternatives)
+    keeps the branch's tokens. None = ``DEFAULT_LOOKUP`` (5) where decoding is greedy and the
+    target reads trees (shorter where the position limits leave less room), else 0."""
+    prompts, alternatives, lookup = decode_plan(target, draft, prompts, num_speculative_tokens, max_new_tokens,
+                                                temperature, eos_token_id, alternatives, lookup)
     if temperature < GREEDY_BELOW_TEMPERATURE:
         temperature = 0.0
     K = num_speculative_tokens
@@ -247,11 +315,6 @@ def speculative_generate(target, draft, prompts: list[list[int]], num_speculativ
         bonus = _next_tokens(logits[:, -1], temperature, generator)
         _append(rows, active, [[t] for t in bonus.tolist()], max_new_tokens, eos_token_id)
         cache = DraftCache(len(draft.model.layers))
-        verified = K + 1 + alternatives  # the tokens of a verification forward
-        steps = torch.arange(verified, device=ids.device).view(1, -1)
-        # the tree of a verification: the chain, then each alternative reading the first token and itself
-        tree = torch.ones(verified, verified, dtype=torch.bool, device=ids.device).tril()
-        tree[K + 1:, 1:] = torch.eye(verified, dtype=torch.bool, device=ids.device)[K + 1:, 1:]
         while bool(active.any()):
             hidden = draft.project_hidden_states(aux.to(draft_dtype))
             slots = draft_slots(ids, positions, hidden, valid, last, bonus, num_masked, draft.config.mask_token_id,
@@ -259,23 +322,17 @@ def speculative_generate(target, draft, prompts: list[list[int]], num_speculativ
             chosen, draft_logits, forwards = propose(draft, slots, cache, K, choose)
             proposals = draft_vocab[chosen]
             ids = torch.cat([bonus.view(batch, 1), proposals], dim=1)
-            order = None
+            others = order = None
+            took_alternative = took_lookup = torch.zeros(batch, dtype=torch.bool, device=ids.device)
             if alternatives:
                 first = draft_logits[:, 0].float().scatter(-1, chosen[:, :1], -math.inf)
                 others = draft_vocab[first.topk(alternatives, dim=-1).indices]
-                ids = torch.cat([ids, others], dim=1)
-                positions, logits, aux = target.extend(ids, tree)
-                accepted, bonus = _greedy_verify(proposals, logits[:, :K + 1])
-                accepted, bonus, taken = _take_alternative(others, logits, accepted, bonus)
-                if bool((taken >= 0).any()):  # those rows keep [first token, alternative]
-                    order = steps.expand(batch, -1).clone()
-                    order[:, 1] = torch.where(taken >= 0, K + 1 + taken, 1)
-                    ids = ids.gather(1, order)
-                    positions = positions.gather(1, order)
-                    aux = aux.gather(1, order.unsqueeze(-1).expand(-1, -1, aux.shape[-1]))
-                # the draft reads the chain's slots (a taken alternative now in slot 1)
-                ids, positions, aux = ids[:, :K + 1], positions[:, :K + 1], aux[:, :K + 1]
-            else:
+            tree = None
+            if others is not None or lookup:
+                contexts = [prompt + row.generated_ids if a else None
+                            for prompt, row, a in zip(prompts, rows, active.tolist())]
+                tree = verification_tree(ids, others, lookup, contexts)
+            if tree is None:
                 positions, logits, aux = target.extend(ids)
                 if temperature == 0:
                     accepted, bonus = _greedy_verify(proposals, logits)
@@ -283,21 +340,88 @@ def speculative_generate(target, draft, prompts: list[list[int]], num_speculativ
                     draft_probs = torch.softmax(draft_logits.float() / temperature, -1)
                     accepted, bonus = _rejection_verify(proposals, draft_probs, draft_vocab, logits, temperature,
                                                         generator)
-            keep = steps <= accepted.view(-1, 1)
-            if order is None:  # a chain: a target written for chains takes keep alone
+            else:
+                ids, parents, real, kinds = tree
+                positions, logits, aux = target.extend(ids, tree_visibility(parents, ids.device))
+                accepted, bonus, node, order = tree_verify(ids, parents, real, logits)
+                kinds = torch.tensor(kinds, device=ids.device)
+                took_alternative = (accepted >= 1) & (kinds[order[:, 1]] == ALTERNATIVE)
+                took_lookup = kinds[node] == LOOKUP
+                slot = torch.arange(ids.shape[1], device=ids.device)
+                if not bool(((order != slot) & (slot <= accepted.view(-1, 1))).any()):
+                    order = None  # every row kept a prefix of the chain
+                else:  # each row's kept path in its first slots
+                    ids = ids.gather(1, order)
+                    positions = positions.gather(1, order)
+                    aux = aux.gather(1, order.unsqueeze(-1).expand(-1, -1, aux.shape[-1]))
+                # the draft reads the chain's slots, or as many as a row kept from a branch
+                reach = max(K + 1, 1 + int(accepted.max()))
+                ids, positions, aux = ids[:, :reach], positions[:, :reach], aux[:, :reach]
+            keep = torch.arange(logits.shape[1], device=ids.device).view(1, -1) <= accepted.view(-1, 1)
+            if order is None:  # nothing rearranged: a target written for chains takes keep alone
                 target.commit(keep)
             else:
                 target.commit(keep, order)
-            valid, last = keep[:, :K + 1], accepted
-            took = [False] * batch if order is None else (taken >= 0).tolist()
-            for row, took_one in (pair for pair, a in zip(zip(rows, took), active.tolist()) if a):
-                row.target_forwards += 1
-                row.draft_forwards += forwards
-                row.alternatives_taken += took_one
+            valid, last = keep[:, :ids.shape[1]], accepted
+            counts = zip(rows, active.tolist(), took_alternative.tolist(), took_lookup.tolist())
+            for row, is_active, took_one, took_branch in counts:
+                if is_active:
+                    row.target_forwards += 1
+                    row.draft_forwards += forwards
+                    row.alternatives_taken += took_one
+                    row.lookups_taken += took_branch
             accepted_list, id_rows, bonus_list = accepted.tolist(), ids.tolist(), bonus.tolist()
             new_tokens = [id_rows[b][1:1 + accepted_list[b]] + [bonus_list[b]] for b in range(batch)]
             _append(rows, active, new_tokens, max_new_tokens, eos_token_id, accepted_list)
-    return SpeculativeResult(rows, K, time.perf_counter() - started)
+    return SpeculativeResult(rows, K, time.perf_counter() - started, alternatives, lookup)
+
+
+# the kinds of a verification tree's nodes
+CHAIN, ALTERNATIVE, LOOKUP = 0, 1, 2
+
+
+def verification_tree(chain, alternatives, lookup: int, contexts):
+    """A greedy step's tree beside the chain [B, K + 1] (the step's first token, then the K
+    proposals): the alternatives [B, N] (or None), each after the first token; then prompt-lookup
+    branches (:func:`~.lookup.prompt_lookups` over each row's context, None for a row that is
+    done) reaching ``lookup`` tokens past the first token: ``LOOKUPS_AFTER_FIRST`` after the first
+    token and one after the first proposal, where some row finds them. A branch's leading tokens
+    that a node already holds after the same node (in every row the branch reaches) go through
+    that node instead of taking slots of their own. Returns (tokens [B, Q], parents, real [B, Q]:
+    False where a row's branch is shorter or missing, kinds: CHAIN, ALTERNATIVE or LOOKUP per
+    node), or None where the tree is the chain alone."""
+    batch, width = chain.shape
+    everywhere = [True] * batch
+    # per node: (parent, kind, each row's token, whether each row holds one)
+    nodes = [(parent, CHAIN, list(tokens), everywhere) for parent, tokens in enumerate(zip(*chain.tolist()), -1)]
+    if alternatives is not None:
+        nodes += [(0, ALTERNATIVE, list(tokens), everywhere) for tokens in zip(*alternatives.tolist())]
+    if lookup:
+        # each context ends with the first token; the first proposal follows it in the second lookup
+        after_first = [[] if context is None else prompt_lookups(context, lookup, LOOKUPS_AFTER_FIRST)
+                       for context in contexts]
+        after_proposal = [[] if context is None else prompt_lookups(context + [nodes[1][2][b]], lookup - 1, 1)
+                          for b, context in enumerate(contexts)]
+        branches = [(0, [found[i] if i < len(found) else [] for found in after_first])
+                    for i in range(LOOKUPS_AFTER_FIRST)]
+        branches.append((1, [found[0] if found else [] for found in after_proposal]))
+        for anchor, found in branches:
+            at = anchor
+            for depth in range(max(len(tokens) for tokens in found)):
+                real = [depth < len(tokens) for tokens in found]
+                tokens = [found[b][depth] if real[b] else 0 for b in range(batch)]
+                same = next((node for node, (parent, _, held, holds) in enumerate(nodes) if parent == at and
+                             all(not r or (h and t == u) for r, h, t, u in zip(real, holds, tokens, held))), None)
+                if same is None:
+                    nodes.append((at, LOOKUP, tokens, real))
+                    same = len(nodes) - 1
+                at = same
+    if len(nodes) == width:
+        return None
+    device = chain.device
+    tokens = torch.tensor([node[2] for node in nodes], dtype=torch.int64, device=device).T
+    real = torch.tensor([node[3] for node in nodes], dtype=torch.bool, device=device).T
+    return tokens, [node[0] for node in nodes], real, [node[1] for node in nodes]
 
 
 def _decoding(target):

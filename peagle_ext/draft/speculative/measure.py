@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .loop import SpeculativeResult, _is_int, first_alternatives, speculative_generate, target_generate
+from .loop import SpeculativeResult, _is_int, decode_plan, speculative_generate, target_generate
 
 # Greedy speculative decoding takes the target's argmax at every position, as plain decoding does,
 # but reads it from a forward over K + 1 tokens, whose sums round differently from a one-token
@@ -17,7 +17,8 @@ TIE_TOLERANCE = 1e-4
 
 def measure(target, draft, prompts: list[list[int]], num_speculative_tokens: int, max_new_tokens: int, *,
             batch_size: int = 8, temperature: float = 0.0, seed: int = 0, eos_token_id: int | None = None,
-            baseline: bool = True, progress=None, alternatives: int | None = None) -> dict:
+            baseline: bool = True, progress=None, alternatives: int | None = None,
+            lookup: int | None = None) -> dict:
     """Speculative decoding of ``prompts`` in batches of ``batch_size``, and (``baseline``) the
     target's plain greedy decoding of the same batches, as a JSON-ready dict: ``method``, ``draft_dtype``
     (the dtype the draft decoded in), ``acceptance_length``
@@ -28,7 +29,8 @@ def measure(target, draft, prompts: list[list[int]], num_speculative_tokens: int
     ``matches_target``: whether the tokens equal the plain decode's, and where they do not,
     ``first_difference`` (:func:`first_difference`: whether it is a tie of the target's logits).
     ``alternatives``: as in :func:`speculative_generate` (``alternatives``: the number verified;
-    ``alternatives_taken``: the steps that took one). ``progress(done)`` is called after each batch.
+    ``alternatives_taken``: the steps that took one) and ``lookup`` (``lookup``: the branch's
+    length; ``lookups_taken``: the steps that took it). ``progress(done)`` is called after each batch.
     Before any timing, one short decode of each kind on the first prompt sets up what a first
     decode sets up (the target's packed weights), so neither side pays for it."""
     if not _is_int(batch_size) or batch_size < 1:
@@ -36,10 +38,12 @@ def measure(target, draft, prompts: list[list[int]], num_speculative_tokens: int
     if not _is_int(seed):
         raise ValueError(f"seed must be an int, got {seed!r}")
     generator = torch.Generator(device=target.device).manual_seed(seed)
-    alternatives = first_alternatives(target, draft, temperature, alternatives)
+    # resolved once for all prompts, so that every batch verifies the same tree
+    _, alternatives, lookup = decode_plan(target, draft, prompts, num_speculative_tokens, max_new_tokens, temperature,
+                                          eos_token_id, alternatives, lookup)
     warm_up = min(2, max_new_tokens)  # within the position bound the decodes themselves are checked against
     speculative_generate(target, draft, prompts[:1], num_speculative_tokens, warm_up, temperature, generator,
-                         eos_token_id, alternatives=alternatives)
+                         eos_token_id, alternatives=alternatives, lookup=lookup)
     if baseline:
         target_generate(target, prompts[:1], warm_up, eos_token_id)
     generator.manual_seed(seed)
@@ -47,7 +51,7 @@ def measure(target, draft, prompts: list[list[int]], num_speculative_tokens: int
     for begin in range(0, len(prompts), batch_size):
         batch = prompts[begin:begin + batch_size]
         result = speculative_generate(target, draft, batch, num_speculative_tokens, max_new_tokens, temperature,
-                                      generator, eos_token_id, alternatives=alternatives)
+                                      generator, eos_token_id, alternatives=alternatives, lookup=lookup)
         rows += result.rows
         spec_seconds += result.seconds
         if baseline:
@@ -66,6 +70,8 @@ def measure(target, draft, prompts: list[list[int]], num_speculative_tokens: int
         "conditional_acceptance": whole.conditional_acceptance(),
         "alternatives": alternatives,
         "alternatives_taken": sum(row.alternatives_taken for row in rows),
+        "lookup": lookup,
+        "lookups_taken": sum(row.lookups_taken for row in rows),
         "target_forwards": sum(row.target_forwards for row in rows),
         "draft_forwards": sum(row.draft_forwards for row in rows),
         "new_tokens": new_tokens,

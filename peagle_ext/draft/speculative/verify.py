@@ -29,17 +29,50 @@ def greedy_verify(proposals, logits):
     return accepted, choice.gather(1, accepted.view(-1, 1)).view(-1)
 
 
-def take_alternative(alternatives, logits, accepted, bonus):
-    """Greedy verification of alternative first tokens read beside the chain (alternatives [B, N],
-    the target's logits at them the last N of ``logits``): where a row accepted no proposal and an
-    alternative equals the target's token there (its ``bonus``), that alternative is accepted and
-    the target's argmax after it is the new bonus. Returns (accepted [B], bonus [B], taken [B]: the
-    index of the alternative taken, -1 where none)."""
-    count = alternatives.shape[1]
-    hit = (alternatives == bonus.view(-1, 1)) & (accepted == 0).view(-1, 1)
-    taken = torch.where(hit.any(1), hit.long().argmax(1), -1)
-    after = logits[:, -count:].argmax(-1).gather(1, taken.clamp(min=0).view(-1, 1)).view(-1)
-    return accepted + (taken >= 0).long(), torch.where(taken >= 0, after, bonus), taken
+def tree_paths(parents: list[int]) -> list[list[int]]:
+    """Each node's path from the root, [0, ..., node], for a tree given by ``parents`` (node 0 the
+    root, -1; every other node's parent an earlier node)."""
+    paths: list[list[int]] = []
+    for node, parent in enumerate(parents):
+        if (node == 0) != (parent < 0) or parent >= node:
+            raise ValueError(f"parents: node {node} has parent {parent}; node 0 is the root (-1) and every other "
+                             "node's parent is an earlier node")
+        paths.append([node] if node == 0 else paths[parent] + [node])
+    return paths
+
+
+def tree_visibility(parents: list[int], device=None) -> torch.Tensor:
+    """[Q, Q] bool: node i reads node j where j is on i's path (its ancestors and itself)."""
+    visible = torch.zeros(len(parents), len(parents), dtype=torch.bool)
+    for node, path in enumerate(tree_paths(parents)):
+        visible[node, path] = True
+    return visible.to(device)
+
+
+def tree_verify(tokens, parents: list[int], real, logits):
+    """Greedy verification of a tree of tokens [B, Q] (node 0 the step's first token, already
+    kept; node i follows its ``parents[i]``; ``real`` [B, Q] False where a row leaves a node empty)
+    against the target's logits [B, Q, V] at them: a node is accepted where its parent is and its
+    token is the target's argmax at its parent. Each row keeps the path to its deepest accepted
+    node (the earliest such slot, so the chain wins a tie), and the target's argmax there is the
+    next token. Returns (accepted [B]: that node's depth, bonus [B], node [B], order [B, Q]: the
+    path's slots first, then the others in slot order)."""
+    batch, width = tokens.shape
+    paths = tree_paths(parents)
+    device = tokens.device
+    depth = torch.tensor([len(path) - 1 for path in paths], device=device)
+    parent = torch.tensor([max(p, 0) for p in parents], device=device)
+    choice = logits.argmax(-1)  # [B, Q]
+    match = real & (tokens == choice[:, parent])
+    match[:, 0] = True
+    accepted_node = match
+    for _ in range(int(depth.max())):  # after d rounds, nodes up to depth d are right
+        accepted_node = match & accepted_node[:, parent]
+    slot = torch.arange(width, device=device)
+    score = torch.where(accepted_node, depth * width + (width - 1 - slot), -1)
+    node = score.argmax(1)
+    orders = torch.tensor([path + [s for s in range(width) if s not in path] for path in paths], device=device)
+    return depth[node], choice.gather(1, node.view(-1, 1)).view(-1), node, orders[node]
 
 
 def rejection_verify(proposals, draft_probs, draft_vocab, logits, temperature, generator):
