@@ -64,9 +64,9 @@ def parse_args(argv: list[str]):
                         help="greedy decoding: the draft's next-best first tokens verified beside its proposals in "
                              "the same target forward (default 2 where greedy, 0 when sampling)")
     parser.add_argument("--lookup", type=int_at_least(0), default=None,
-                        help="greedy decoding: the length of the prompt-lookup branch (the tokens that followed an "
-                             "earlier occurrence of the context's last tokens) verified in the same target forward "
-                             "(default 5 where greedy, 0 when sampling)")
+                        help="greedy decoding: how far past a step's first token the prompt-lookup branches reach "
+                             "(what followed earlier occurrences of the context's last tokens), verified in the "
+                             "same target forward (default 5 where greedy, 0 when sampling)")
     args = parser.parse_args(argv)
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UsageError(f"argument --temperature: must be a finite number >= 0, got {args.temperature}")
@@ -74,7 +74,7 @@ def parse_args(argv: list[str]):
         raise UsageError(f"argument --alternatives: alternative first tokens are verified in greedy decoding only; "
                          f"with --temperature {args.temperature} it must be 0")
     if args.lookup and args.temperature >= GREEDY_BELOW_TEMPERATURE:
-        raise UsageError(f"argument --lookup: the prompt-lookup branch is verified in greedy decoding only; "
+        raise UsageError(f"argument --lookup: prompt-lookup branches are verified in greedy decoding only; "
                          f"with --temperature {args.temperature} it must be 0")
     for option in ("--draft", "--prompts") + (("--target",) if args.target != "tiny" else ()):
         check_path(option, getattr(args, option[2:]))
@@ -153,10 +153,10 @@ def check_prompt_lengths(prompts: list[list[int]], args, limits: list[tuple[str,
     whose, limit = min(limits, key=lambda pair: pair[1])
     longest = max(range(len(prompts)), key=lambda index: len(prompts[index]))
     length = len(prompts[longest])
-    reach = max(args.k, args.lookup or 0)  # an explicit lookup branch may reach past the chain
+    reach = max(args.k, args.lookup or 0)  # explicit lookup branches may reach past the chain
     bound = limit - positions_needed(length, 0, reach)
     if bound < 1 and reach > args.k:
-        raise UsageError(f"argument --lookup: a branch of {args.lookup} tokens after the longest prompt (line "
+        raise UsageError(f"argument --lookup: branches of {args.lookup} tokens after the longest prompt (line "
                          f"{longest + 1}, {length} tokens) leaves no room for a new token ({whose} "
                          f"max_position_embeddings is {limit})")
     if bound < 1:
@@ -164,7 +164,7 @@ def check_prompt_lengths(prompts: list[list[int]], args, limits: list[tuple[str,
                          f"prompt that leaves room for one new token is {limit - args.k} ({whose} "
                          f"max_position_embeddings is {limit})")
     if args.max_new_tokens is not None and args.max_new_tokens > bound:
-        past = f"{args.k - 1} proposed" if reach == args.k else f"{args.lookup - 1} of the lookup branch"
+        past = f"{args.k - 1} proposed" if reach == args.k else f"{args.lookup - 1} of the lookup branches"
         raise UsageError(f"argument --max-new-tokens: must be <= {bound}, got {args.max_new_tokens} ({whose} "
                          f"max_position_embeddings {limit}, less the longest prompt's {length} tokens (line "
                          f"{longest + 1}) and the {past} past the end)")
@@ -266,7 +266,7 @@ def main(argv: list[str]) -> int:
         print(f"alternative first tokens verified per step: {report['alternatives']}; steps that took one: "
               f"{report['alternatives_taken']}")
     if report["lookup"]:
-        print(f"prompt-lookup branch verified per step: {report['lookup']} tokens; steps that took it: "
+        print(f"prompt-lookup branches verified per step, reaching {report['lookup']} tokens; steps that took one: "
               f"{report['lookups_taken']}")
     speed = report["tokens_per_second"]
     if "target" in speed:

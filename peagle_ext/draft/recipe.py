@@ -588,8 +588,8 @@ def report_lines(summary: dict) -> list[str]:
         lines.append(f"{reports[0]['alternatives']} alternative first tokens verified per step; steps that took one: "
                      f"{shares('alternatives_taken')}")
     if reports and reports[0].get("lookup"):
-        lines.append(f"a prompt-lookup branch of {reports[0]['lookup']} tokens verified per step; steps that took it: "
-                     f"{shares('lookups_taken')}")
+        lines.append(f"prompt-lookup branches reaching {reports[0]['lookup']} tokens verified per step; steps that "
+                     f"took one: {shares('lookups_taken')}")
     lookup = evaluation["prompt_lookup"]
     if lookup:
         generate = lookup.get("generate_tokens_per_second")

@@ -27,10 +27,10 @@ rule (accept proposal x with probability min(1, p(x) / q(x)), else draw from the
 max(p - q, 0); a bonus draw from p when all are accepted), which keeps the target's distribution.
 Greedy decoding also verifies the draft's next-best first tokens (``alternatives``, 2 by default)
 in the same forward, as a tree beside the chain: a row whose first proposal is rejected keeps an
-alternative that equals the target's token, and the target's token after it. It also verifies a
-prompt-lookup branch (``lookup``, 5 tokens by default): the tokens that followed the latest earlier
-occurrence of the context's last tokens (:mod:`.lookup`), kept where they match the target further
-than the chain.
+alternative that equals the target's token, and the target's token after it. It also verifies
+prompt-lookup branches (``lookup``, reaching 5 tokens by default): what followed earlier
+occurrences of the context's last tokens (:mod:`.lookup`), two continuations after the step's first
+token and one after the first proposal; each row keeps its deepest accepted path (``tree_verify``).
 
 Targets (:mod:`.targets`, one small interface): :class:`TransformersTarget` (any transformers
 causal LM; the auxiliary states are ``output_hidden_states[l]`` for the draft's layer ids l: the

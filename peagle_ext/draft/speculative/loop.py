@@ -31,9 +31,9 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 @dataclass
 class RowResult:
     """One prompt's outcome: ``generated_ids`` (the new tokens), ``accepted`` (per verification
-    step, the tokens accepted before the cut at max_new_tokens, from the chain, an alternative first
-    token or the lookup branch), forward counts, and the steps that took an alternative first
-    token or the lookup branch."""
+    step, the tokens accepted before the cut at max_new_tokens, along the chain, an alternative
+    first token or a lookup branch), forward counts, and the steps that took an alternative first
+    token or ended in a lookup branch."""
 
     generated_ids: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
@@ -51,8 +51,8 @@ class RowResult:
 @dataclass
 class SpeculativeResult:
     """The rows, K, the seconds the decode took, and what it verified beside the chain: the
-    alternative first tokens and the lookup branch's length (a step accepts up to the larger of K
-    and that length)."""
+    alternative first tokens and the lookup branches' reach (a step accepts up to the larger of K
+    and that reach)."""
 
     rows: list[RowResult]
     num_speculative_tokens: int
@@ -191,7 +191,7 @@ def first_alternatives(target, draft, temperature, alternatives) -> int:
 
 
 def lookup_tokens(target, temperature, lookup) -> int:
-    """The length of the prompt-lookup branch a decode verifies: ``lookup`` checked (an int >= 0;
+    """How far past a step's first token a decode's prompt-lookup branches reach: ``lookup`` checked (an int >= 0;
     > 0 only in greedy decoding and with a target that reads a tree), or for None,
     ``DEFAULT_LOOKUP`` where both allow it, else 0."""
     return _tree_tokens("lookup", lookup, DEFAULT_LOOKUP, target, temperature)
@@ -199,7 +199,7 @@ def lookup_tokens(target, temperature, lookup) -> int:
 
 class DecodePlan(NamedTuple):
     """A decode's checked arguments: the prompts as lists of ints, the alternative first tokens
-    and the lookup branch's length it verifies."""
+    and the reach of the lookup branches it verifies."""
 
     prompts: list[list[int]]
     alternatives: int
@@ -216,8 +216,8 @@ def check_decode(target, draft, prompts, num_speculative_tokens, max_new_tokens,
 
 def decode_plan(target, draft, prompts, num_speculative_tokens, max_new_tokens, temperature, eos_token_id,
                 alternatives=None, lookup=None) -> DecodePlan:
-    """:func:`check_decode`, with the alternatives and the lookup branch's length resolved: a
-    default branch (``lookup`` None) is shortened to the positions the target and the draft have
+    """:func:`check_decode`, with the alternatives and the lookup branches' reach resolved: a
+    default reach (``lookup`` None) is shortened to the positions the target and the draft have
     left past the chain's, so that it never refuses a decode that fits without it."""
     _check_generation_args(num_speculative_tokens, max_new_tokens, temperature)
     alternatives = first_alternatives(target, draft, temperature, alternatives)
@@ -285,11 +285,13 @@ def speculative_generate(target, draft, prompts: list[list[int]], num_speculativ
     None = ``DEFAULT_ALTERNATIVES`` (2) where decoding is greedy and the target reads trees
     (``tree_attention``), else 0.
 
-    ``lookup``: greedy decoding also verifies, in the same forward, up to ``lookup`` tokens that
-    followed an earlier occurrence of the context's last tokens (prompt lookup,
-    :func:`~peagle_ext.draft.speculative.lookup.prompt_lookup`), as a branch after the step's first
-    token. A row whose branch matches the target further than the chain (and the alternatives)
-    keeps the branch's tokens. None = ``DEFAULT_LOOKUP`` (5) where decoding is greedy and the
+    ``lookup``: greedy decoding also verifies, in the same forward, prompt-lookup branches reaching
+    up to ``lookup`` tokens past the step's first token: what followed earlier occurrences of the
+    context's last tokens (:func:`~peagle_ext.draft.speculative.lookup.prompt_lookups`), two
+    continuations after the first token and one after the first proposal
+    (:func:`verification_tree`). Each row keeps its deepest accepted path through the tree
+    (:func:`~peagle_ext.draft.speculative.verify.tree_verify`), so a step may keep up to
+    max(K, ``lookup``) tokens. None = ``DEFAULT_LOOKUP`` (5) where decoding is greedy and the
     target reads trees (shorter where the position limits leave less room), else 0."""
     prompts, alternatives, lookup = decode_plan(target, draft, prompts, num_speculative_tokens, max_new_tokens,
                                                 temperature, eos_token_id, alternatives, lookup)
