@@ -1,9 +1,10 @@
 """What the tree beside the draft's chain gives: its next-best first tokens (``alternatives``) and
-the prompt-lookup branch (``lookup``). Held-out prompts at batch 1, greedy, decoded plainly and
-then speculatively with each pair of settings, one prompt after another in one process (so every
-figure of a prompt shares the machine's state). Prints, per K, number of alternatives and branch
-length, the acceptance length, the share of steps that took an alternative and the branch,
-tokens/s and the speedup over plain decoding; every output is checked equal to the plain decode.
+the prompt-lookup branches (``lookup``: how far they reach). Held-out prompts at batch 1, greedy,
+decoded plainly and then speculatively with each pair of settings, one prompt after another in one
+process (so every figure of a prompt shares the machine's state). Prints, per K, number of
+alternatives and reach, the acceptance length, the share of steps that took an alternative and
+that ended in a branch, tokens/s and the speedup over plain decoding; every output is checked equal
+to the plain decode.
 
     python benchmarks/alternatives.py --target DIR --gguf-file F --draft RUN_OUT/draft -k 1 3 5 \\
         --alternatives 0 1 2 3 [--lookup 0 5] [--prompts FILE]
@@ -41,7 +42,8 @@ def main() -> int:
                                                         "built-in held-out prompts)")
     parser.add_argument("-k", type=int, nargs="+", default=[1, 3, 5])
     parser.add_argument("--alternatives", type=int, nargs="+", default=[0, 1, 2, 3])
-    parser.add_argument("--lookup", type=int, nargs="+", default=[0], help="prompt-lookup branch lengths")
+    parser.add_argument("--lookup", type=int, nargs="+", default=[0],
+                        help="how far the prompt-lookup branches reach, each measured")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="write the figures here")

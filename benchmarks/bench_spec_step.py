@@ -108,7 +108,7 @@ def main() -> int:
     parser.add_argument("--alternatives", type=int, nargs="+", default=[None],
                         help="alternative first tokens verified per step, each timed (default: the loop's default)")
     parser.add_argument("--lookup", type=int, nargs="+", default=[None],
-                        help="prompt-lookup branch lengths, each timed (default: the loop's default)")
+                        help="how far the prompt-lookup branches reach, each timed (default: the loop's default)")
     parser.add_argument("--repeat-kv", action="store_true",
                         help="also measure everything with transformers' own SDPA attention, which repeats the "
                              "cached keys and values per query head in a masked forward")

@@ -157,7 +157,7 @@ def check_prompt_lengths(prompts: list[list[int]], args, limits: list[tuple[str,
     bound = limit - positions_needed(length, 0, reach)
     if bound < 1 and reach > args.k:
         raise UsageError(f"argument --lookup: branches of {args.lookup} tokens after the longest prompt (line "
-                         f"{longest + 1}, {length} tokens) leaves no room for a new token ({whose} "
+                         f"{longest + 1}, {length} tokens) leave no room for a new token ({whose} "
                          f"max_position_embeddings is {limit})")
     if bound < 1:
         raise UsageError(f"argument --prompts: line {longest + 1} has {length} tokens; with -k {args.k} the longest "

@@ -85,10 +85,10 @@ DEFAULT_ALTERNATIVES = 2
 # How far past a step's first token the prompt-lookup branches reach by default, and how many
 # continuations the tree takes after the first token (one more follows the first proposal). On
 # SmolLM2-135M's held-out prompts (a 60-minute draft, K = 3 and 5, two alternatives, each variant
-# interleaved per prompt with plain decoding): 4, 5 and 6 tokens gave 1.94, 1.98 and 1.98 tokens
-# per forward against 1.65 without; the branch after the first proposal added 0.06 for ~1 ms a
-# step, a second continuation after the first token 0.02, a third 0.005, and branches after the
-# alternatives 0.03 for ~3 ms (slower at every K).
+# interleaved per prompt with plain decoding): 4, 5 and 6 tokens (with branches after the
+# alternatives too) gave 1.94, 1.98 and 1.98 tokens per forward against 1.65 without; the branch
+# after the first proposal added 0.06 for ~1 ms a step, a second continuation after the first
+# token 0.02, a third 0.005, and branches after the alternatives 0.03 for ~3 ms (slower at every K).
 DEFAULT_LOOKUP = 5
 LOOKUPS_AFTER_FIRST = 2
 
@@ -191,9 +191,9 @@ def first_alternatives(target, draft, temperature, alternatives) -> int:
 
 
 def lookup_tokens(target, temperature, lookup) -> int:
-    """How far past a step's first token a decode's prompt-lookup branches reach: ``lookup`` checked (an int >= 0;
-    > 0 only in greedy decoding and with a target that reads a tree), or for None,
-    ``DEFAULT_LOOKUP`` where both allow it, else 0."""
+    """How far past a step's first token a decode's prompt-lookup branches reach: ``lookup``
+    checked (an int >= 0; > 0 only in greedy decoding and with a target that reads a tree), or for
+    None, ``DEFAULT_LOOKUP`` where both allow it, else 0."""
     return _tree_tokens("lookup", lookup, DEFAULT_LOOKUP, target, temperature)
 
 
@@ -331,8 +331,9 @@ def speculative_generate(target, draft, prompts: list[list[int]], num_speculativ
                 others = draft_vocab[first.topk(alternatives, dim=-1).indices]
             tree = None
             if others is not None or lookup:
+                # the contexts are copied only where a lookup reads them
                 contexts = [prompt + row.generated_ids if a else None
-                            for prompt, row, a in zip(prompts, rows, active.tolist())]
+                            for prompt, row, a in zip(prompts, rows, active.tolist())] if lookup else None
                 tree = verification_tree(ids, others, lookup, contexts)
             if tree is None:
                 positions, logits, aux = target.extend(ids)
@@ -386,8 +387,9 @@ def verification_tree(chain, alternatives, lookup: int, contexts):
     """A greedy step's tree beside the chain [B, K + 1] (the step's first token, then the K
     proposals): the alternatives [B, N] (or None), each after the first token; then prompt-lookup
     branches (:func:`~.lookup.prompt_lookups` over each row's context, None for a row that is
-    done) reaching ``lookup`` tokens past the first token: ``LOOKUPS_AFTER_FIRST`` after the first
-    token and one after the first proposal, where some row finds them. A branch's leading tokens
+    done; ``contexts`` may be None where ``lookup`` is 0) reaching ``lookup`` tokens past the
+    first token: ``LOOKUPS_AFTER_FIRST`` after the first token and one after the first proposal,
+    where some row finds them. A branch's leading tokens
     that a node already holds after the same node (in every row the branch reaches) go through
     that node instead of taking slots of their own. Returns (tokens [B, Q], parents, real [B, Q]:
     False where a row's branch is shorter or missing, kinds: CHAIN, ALTERNATIVE or LOOKUP per

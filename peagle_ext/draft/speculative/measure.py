@@ -29,8 +29,8 @@ def measure(target, draft, prompts: list[list[int]], num_speculative_tokens: int
     ``matches_target``: whether the tokens equal the plain decode's, and where they do not,
     ``first_difference`` (:func:`first_difference`: whether it is a tie of the target's logits).
     ``alternatives``: as in :func:`speculative_generate` (``alternatives``: the number verified;
-    ``alternatives_taken``: the steps that took one) and ``lookup`` (``lookup``: the branch's
-    length; ``lookups_taken``: the steps that took it). ``progress(done)`` is called after each batch.
+    ``alternatives_taken``: the steps that took one) and ``lookup`` (``lookup``: the branches'
+    reach; ``lookups_taken``: the steps that ended in one). ``progress(done)`` is called after each batch.
     Before any timing, one short decode of each kind on the first prompt sets up what a first
     decode sets up (the target's packed weights), so neither side pays for it."""
     if not _is_int(batch_size) or batch_size < 1:
