@@ -23,6 +23,7 @@ import torch
 
 from ..draft.hf import chat_template_ids, json_ready, load_transformers_target  # noqa: F401 (their old home)
 from ..draft.speculative.draft import DRAFT_DTYPES
+from ..draft.speculative.lookup import INDEX_FILE
 from ..draft.speculative.loop import GREEDY_BELOW_TEMPERATURE, positions_needed
 from . import UsageError, check_distinct_files, check_memory, check_path, check_writable, int_at_least, parser_for
 
@@ -67,6 +68,11 @@ def parse_args(argv: list[str]):
                         help="greedy decoding: how far past a step's first token the prompt-lookup branches reach "
                              "(what followed earlier occurrences of the context's last tokens), verified in the "
                              "same target forward (default 5 where greedy, 0 when sampling)")
+    parser.add_argument("--index", metavar="FILE", default=None,
+                        help=f"greedy decoding: a continuation index ({INDEX_FILE}, which train writes beside the "
+                             "draft) whose continuation of the context is verified as one more branch (default: the "
+                             "draft folder's, where it holds one)")
+    parser.add_argument("--no-index", action="store_true", help="verify no continuation index's branch")
     args = parser.parse_args(argv)
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UsageError(f"argument --temperature: must be a finite number >= 0, got {args.temperature}")
@@ -76,6 +82,15 @@ def parse_args(argv: list[str]):
     if args.lookup and args.temperature >= GREEDY_BELOW_TEMPERATURE:
         raise UsageError(f"argument --lookup: prompt-lookup branches are verified in greedy decoding only; "
                          f"with --temperature {args.temperature} it must be 0")
+    if args.index is not None:
+        if args.no_index:
+            raise UsageError("argument --index: not with --no-index")
+        if args.temperature >= GREEDY_BELOW_TEMPERATURE:
+            raise UsageError(f"argument --index: its branch is verified in greedy decoding only; with --temperature "
+                             f"{args.temperature} leave it out")
+        if args.lookup == 0:
+            raise UsageError("argument --index: its branch reaches as far as the lookup branches; not with --lookup 0")
+        check_path("--index", args.index)
     for option in ("--draft", "--prompts") + (("--target",) if args.target != "tiny" else ()):
         check_path(option, getattr(args, option[2:]))
     if args.gguf_file is not None:
@@ -95,7 +110,8 @@ def parse_args(argv: list[str]):
     if args.json is not None:
         check_writable("--json", args.json)
         check_distinct_files({"--json": args.json}, [("--prompts", args.prompts)] + [
-            ("--draft", os.path.join(args.draft, name)) for name in ("config.json", "model.safetensors")])
+            ("--draft", os.path.join(args.draft, name)) for name in ("config.json", "model.safetensors", INDEX_FILE)]
+            + ([("--index", args.index)] if args.index is not None else []))
     return args
 
 
@@ -182,6 +198,29 @@ def check_prompt_lengths(prompts: list[list[int]], args, limits: list[tuple[str,
     return args.max_new_tokens
 
 
+def continuation_index(args, vocab_size: int):
+    """The continuation index to verify: ``--index``, else the draft folder's where it holds one and
+    the decode verifies lookup branches (greedy, --lookup not 0); None with --no-index. A file that
+    is not an index, or one of another vocabulary, is a usage error."""
+    from ..draft.speculative.lookup import ContinuationIndex
+
+    option, path = "--index", args.index
+    if path is None:
+        option, path = "--draft", os.path.join(args.draft, INDEX_FILE)
+        greedy = args.temperature < GREEDY_BELOW_TEMPERATURE
+        if args.no_index or not os.path.isfile(path) or not greedy or args.lookup == 0:
+            return None
+    try:
+        index = ContinuationIndex.load(path)
+    except ValueError as error:
+        raise UsageError(f"argument {option}: {error}") from None
+    if index.base > vocab_size:
+        raise UsageError(f"argument {option}: {path} holds token ids up to {index.base - 1}, past the draft's "
+                         f"vocabulary ({vocab_size} tokens)")
+    args.index_path = path
+    return index
+
+
 def chat_prompts(lines: list[str], tokenizer) -> list[list[int]]:
     """Each line a user message, or JSON chat messages, through the chat template (generation prompt on)."""
     prompts = []
@@ -215,6 +254,7 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"argument --draft: {error}") from None
     draft = draft_for_decoding(draft, args.draft_dtype)
     config, eos = draft.config, None
+    index = continuation_index(args, config.vocab_size)
     if args.alternatives is not None and args.alternatives >= config.draft_vocab_size:
         raise UsageError(f"argument --alternatives: must be below the draft's vocabulary ({config.draft_vocab_size} "
                          f"tokens), got {args.alternatives}")
@@ -250,12 +290,15 @@ def main(argv: list[str]) -> int:
         target = TransformersTarget(model, config.eagle_aux_hidden_state_layer_ids, tokenizer.pad_token_id or 0)
         eos = None if args.ignore_eos else tokenizer.eos_token_id
 
+    if index is not None and args.index is None and not getattr(target, "tree_attention", False):
+        index = None  # the draft folder's index, for a target that reads chains only
+
     def progress(done):
         print(f"eval: {done}/{len(prompts)} prompts", file=sys.stderr, flush=True)
 
     report = measure(target, draft, prompts, args.k, args.max_new_tokens, batch_size=args.batch_size,
                      temperature=args.temperature, seed=args.seed, eos_token_id=eos, baseline=not args.no_baseline,
-                     progress=progress, alternatives=args.alternatives, lookup=args.lookup)
+                     progress=progress, alternatives=args.alternatives, lookup=args.lookup, index=index)
     rates = " ".join("-" if math.isnan(r) else f"{r:.2f}" for r in report["conditional_acceptance"])
     print(f"{report['method']} draft ({report['draft_dtype']}), K = {args.k}, {len(prompts)} prompts, "
           f"{report['new_tokens']} new tokens: acceptance length {report['acceptance_length']:.3f} tokens per "
@@ -268,6 +311,9 @@ def main(argv: list[str]) -> int:
     if report["lookup"]:
         print(f"prompt-lookup branches verified per step, reaching {report['lookup']} tokens; steps that took one: "
               f"{report['lookups_taken']}")
+    if report["index"]:
+        print(f"the continuation index's branch verified per step ({args.index_path}); steps that ended in it: "
+              f"{report['indexed_taken']}")
     speed = report["tokens_per_second"]
     if "target" in speed:
         print(f"tokens/s: speculative {speed['speculative']:.1f}, plain target {speed['target']:.1f} "

@@ -66,6 +66,9 @@ def parse_args(argv: list[str]):
     parser.add_argument("--threads", type=int_at_least(1, os.cpu_count() or 1), default=None,
                         help="torch intra-op threads, at most the CPUs here (default: torch's)")
     parser.add_argument("--seed", type=int_at_least(0), default=defaults.seed, help="seed (default %(default)s)")
+    parser.add_argument("--no-index", action="store_true",
+                        help="write no continuation index of the training responses beside the draft (its branch "
+                             "is verified with the draft's proposals)")
     args = parser.parse_args(argv)
     for option in ("--out", "--target") + (("--prompts",) if args.prompts is not None else ()):
         check_path(option, getattr(args, option[2:]))
@@ -92,7 +95,8 @@ def parse_args(argv: list[str]):
         response_tokens=args.response_tokens, gen_batch=args.gen_batch, data_dtype=args.data_dtype,
         data_share=args.data_share, eval_share=args.eval_share,
         step_tokens=args.step_tokens,
-        eval_tokens=args.eval_tokens, draft_dtype=args.draft_dtype, threads=args.threads, seed=args.seed)
+        eval_tokens=args.eval_tokens, draft_dtype=args.draft_dtype, threads=args.threads, seed=args.seed,
+        index=not args.no_index)
     from ..draft.recipe import check_budget
 
     try:

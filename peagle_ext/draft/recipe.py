@@ -29,6 +29,7 @@ import torch
 from .data_engine import HELD_OUT_PROMPTS, SampleCache, generate_samples, synthesize_instructions
 from .hf import chat_template_ids, json_ready, load_transformers_target
 from .llama import Eagle3DraftConfig, LlamaEagle3DraftModel
+from .speculative.lookup import INDEX_FILE, ContinuationIndex
 from .training import eagle_pairs, peagle_training_step
 
 # The least training time that makes a draft worth saving; a smaller share is refused up front.
@@ -69,6 +70,7 @@ class TrainConfig:
     draft_dtype: str = "auto"  # the draft's dtype in the evaluation's decoding (draft_for_decoding)
     max_eval_prompts: int = len(HELD_OUT_PROMPTS)
     prompt_lookup: bool = True
+    index: bool = True  # a continuation index of the training responses beside the draft, verified as a branch
     threads: int | None = None
     seed: int = 0
 
@@ -410,10 +412,11 @@ def _transformers_generate(model, prompts, k: int | None, max_new_tokens: int, e
     return tokens / seconds
 
 
-def evaluate(model, tokenizer, draft, layer_ids, config: TrainConfig, deadline: float) -> dict:
+def evaluate(model, tokenizer, draft, layer_ids, config: TrainConfig, deadline: float, index=None) -> dict:
     """Speculative decoding at batch 1, greedy, for each K of ``config.ks`` against the target's plain
     decoding of the same prompts (timed next to it), and prompt lookup at the middle K; as many
-    held-out prompts as the time to ``deadline`` allows (estimated from one plain decode)."""
+    held-out prompts as the time to ``deadline`` allows (estimated from one plain decode). ``index``:
+    a continuation index whose branch the decoding verifies too."""
     from .speculative import TransformersTarget, draft_for_decoding, measure, target_generate
 
     eos = tokenizer.eos_token_id
@@ -429,11 +432,11 @@ def evaluate(model, tokenizer, draft, layer_ids, config: TrainConfig, deadline: 
     prompts = prompts[:count]
     bar = Progress(len(config.ks) * count, "evaluation (prompt runs)", "runs")
     results = {}
-    for index, k in enumerate(config.ks):
-        if index and time.monotonic() >= deadline:
+    for at, k in enumerate(config.ks):
+        if at and time.monotonic() >= deadline:
             break
         report = measure(target, draft, prompts, k, config.eval_tokens, batch_size=1, eos_token_id=eos, baseline=True,
-                         progress=lambda done, index=index: bar.update(index * count + done))
+                         progress=lambda done, at=at: bar.update(at * count + done), index=index)
         report["matches_target"] = all(p.get("matches_target", True) for p in report["prompts"])
         results[f"K={k}"] = report
     lookup = None
@@ -542,7 +545,16 @@ def run(config: TrainConfig) -> dict:
     draft.save_pretrained(draft_dir, verifier=verifier)
     print(f"train: draft saved to {draft_dir}; accuracy per depth (last steps): "
           + " ".join(f"{a:.2f}" for a in training["depth_accuracy"]), file=sys.stderr, flush=True)
-    evaluation = evaluate(model, tokenizer, draft, layer_ids, config, end)
+    index, index_path = None, os.path.join(draft_dir, INDEX_FILE)
+    if config.index:
+        index_started = time.monotonic()
+        index = ContinuationIndex.build([sample.response_ids for sample in samples])
+        index.save(index_path)
+        data["index_keys"] = sum(keys.numel() for keys in index.keys)
+        data["index_seconds"] = time.monotonic() - index_started
+    elif os.path.exists(index_path):  # an earlier run's index does not belong to this draft
+        os.remove(index_path)
+    evaluation = evaluate(model, tokenizer, draft, layer_ids, config, end, index)
     summary = {
         "target_name": os.path.basename(os.path.normpath(config.target)) + (f"/{config.gguf_file}"
                                                                              if config.gguf_file else ""),
@@ -590,6 +602,9 @@ def report_lines(summary: dict) -> list[str]:
     if reports and reports[0].get("lookup"):
         lines.append(f"prompt-lookup branches reaching {reports[0]['lookup']} tokens verified per step; steps that "
                      f"took one: {shares('lookups_taken')}")
+    if reports and reports[0].get("index"):
+        lines.append(f"the continuation index's branch ({data['index_keys']} keys, {INDEX_FILE} beside the draft) "
+                     f"verified per step; steps that ended in it: {shares('indexed_taken')}")
     lookup = evaluation["prompt_lookup"]
     if lookup:
         generate = lookup.get("generate_tokens_per_second")

@@ -4,10 +4,12 @@ and every usage mistake as one line and exit status 2 before any work."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from peagle_ext.cli import main
+from peagle_ext.draft.speculative.lookup import INDEX_FILE, ContinuationIndex
 
 from draft_helpers import single_thread  # noqa: F401 (autouse fixture)
 
@@ -52,6 +54,33 @@ def test_eval_on_the_tiny_target_writes_the_measurements(demo_draft, prompts, tm
     assert set(report["tokens_per_second"]) == {"speculative", "target"} and report["speedup"] > 0
 
 
+def test_eval_verifies_the_drafts_index_by_default_or_the_one_given(demo_draft, prompts, tmp_path, capsys):
+    """The draft folder's continuation index is verified where it holds one (greedy), --index gives
+    another, --no-index none; the outputs stay the plain decode's either way."""
+    sequences = [[t % 64 for t in range(start, start + 30)] for start in range(0, 60, 7)]
+    draft = tmp_path / "draft"
+    shutil.copytree(demo_draft, draft)
+    ContinuationIndex.build(sequences).save(str(draft / INDEX_FILE))
+    elsewhere = tmp_path / "other.pt"
+    ContinuationIndex.build(sequences[:2]).save(str(elsewhere))
+    base = ["eval", "--target", "tiny", "--prompts", str(prompts), "-k", "2", "--max-new-tokens", "12"]
+    for extra, shown in [([], str(draft / INDEX_FILE)), (["--index", str(elsewhere)], str(elsewhere)),
+                         (["--no-index"], None), (["--temperature", "0.7", "--no-baseline"], None)]:
+        out = tmp_path / "eval.json"
+        assert main(base + ["--draft", str(draft), "--json", str(out)] + extra) == 0
+        printed, report = capsys.readouterr().out, json.loads(out.read_text())
+        assert report["index"] == (shown is not None)
+        if shown is not None:
+            assert f"the continuation index's branch verified per step ({shown}); steps that ended in it: " in printed
+            assert "greedy outputs against the plain decode: 3/3 equal" in printed
+        else:
+            assert "continuation index" not in printed
+    (draft / INDEX_FILE).write_text("damaged")
+    assert main(base + ["--draft", str(draft)]) == 2
+    error = capsys.readouterr().err
+    assert f"argument --draft: {draft / INDEX_FILE}: not a continuation index" in error
+
+
 def test_eval_sampling_without_baseline(demo_draft, prompts, tmp_path):
     out = tmp_path / "eval.json"
     assert main(["eval", "--draft", str(demo_draft), "--target", "tiny", "--prompts", str(prompts), "-k", "2",
@@ -80,11 +109,20 @@ def test_eval_sampling_without_baseline(demo_draft, prompts, tmp_path):
     (["--lookup", "-1"], "--lookup"),
     (["--lookup", "2", "--temperature", "0.7"], "--lookup"),
     (["--lookup", "100000"], "--lookup"),
+    (["--index", "INDEX", "--no-index"], "--index"),
+    (["--index", "INDEX", "--temperature", "0.7"], "--index"),
+    (["--index", "INDEX", "--lookup", "0"], "--index"),
+    (["--index", "/nonexistent"], "--index"),
+    (["--index", "WORDS"], "--index"),
+    (["--index", "WIDE"], "--index"),
 ])
 def test_eval_usage_mistakes(demo_draft, prompts, tmp_path, extra, option, capsys):
     (tmp_path / "empty.txt").write_text("\n\n")
     (tmp_path / "words.txt").write_text("hello there\n")
-    extra = [{"EMPTY": str(tmp_path / "empty.txt"), "WORDS": str(tmp_path / "words.txt")}.get(a, a) for a in extra]
+    ContinuationIndex.build([[1, 2, 3, 1, 2]]).save(str(tmp_path / "index.pt"))
+    ContinuationIndex.build([[1, 2, 100, 1, 2]]).save(str(tmp_path / "wide.pt"))  # past the draft's 64 tokens
+    extra = [{"EMPTY": str(tmp_path / "empty.txt"), "WORDS": str(tmp_path / "words.txt"),
+              "INDEX": str(tmp_path / "index.pt"), "WIDE": str(tmp_path / "wide.pt")}.get(a, a) for a in extra]
     args = ["eval", "--draft", str(demo_draft), "--target", "tiny", "--prompts", str(prompts)] + extra
     assert main(args) == 2
     captured = capsys.readouterr()

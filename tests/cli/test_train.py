@@ -75,6 +75,7 @@ def test_train_end_to_end_then_resume(tiny_target, tmp_path, capsys):
     assert "accept len" in printed and "draft in bfloat16" in printed
     assert "2 alternative first tokens verified per step; steps that took one: K = 2: " in printed
     assert "prompt-lookup branches reaching 5 tokens verified per step; steps that took one: K = 2: " in printed
+    assert "the continuation index's branch (" in printed and "steps that ended in it: K = 2: " in printed
     summary = json.loads((out / "results.json").read_text())
     assert summary["total_seconds"] <= 30 + 5, "the budget was not kept"
     assert summary["data"]["sequences"] > 0 and summary["data"]["new_response_tokens"] > 0
@@ -87,6 +88,7 @@ def test_train_end_to_end_then_resume(tiny_target, tmp_path, capsys):
         assert report["acceptance_length"] >= 1
         assert report["alternatives"] == 2 and report["alternatives_taken"] >= 0
         assert report["lookup"] == 5 and report["lookups_taken"] >= 0
+        assert report["index"] and report["indexed_taken"] >= 0
     assert (out / "results.png").is_file()
     messages = {json.loads(line) for line in (out / "data" / "prompts.jsonl").read_text().splitlines()}
     assert not any(data_engine.held_out_kind(m) for m in messages)
@@ -95,13 +97,20 @@ def test_train_end_to_end_then_resume(tiny_target, tmp_path, capsys):
 
     draft = LlamaEagle3DraftModel.from_pretrained(out / "draft")
     assert draft.config.parallel_drafting and draft.config.eagle_aux_hidden_state_layer_ids == [2, 4, 5]
+    from peagle_ext.draft.speculative.lookup import INDEX_FILE, ContinuationIndex
+
+    index = ContinuationIndex.load(str(out / "draft" / INDEX_FILE))  # the training responses' index
+    assert sum(keys.numel() for keys in index.keys) == summary["data"]["index_keys"] > 0
+    assert index.base <= draft.config.vocab_size
 
     # A second run starts from the first one's data.
     first = summary["data"]["response_tokens"]
     assert run_cli("--target", tiny_target, "--out", out, "--budget-minutes", 0.4, "-k", 2, "--threads", 1,
                    "--gen-batch", 8, "--response-tokens", 24, "--eval-tokens", 12, "--draft-vocab", 64,
-                   "--method", "eagle3") == 0
+                   "--method", "eagle3", "--no-index") == 0
     again = json.loads((out / "results.json").read_text())
+    assert not (out / "draft" / INDEX_FILE).exists()  # the first draft's index went with it
+    assert not again["evaluation"]["results"]["K=2"]["index"]
     assert again["data"]["cached_response_tokens"] == first
     assert again["method"] == "eagle3" and again["evaluation"]["results"]["K=2"]["matches_target"]
     assert again["evaluation"]["draft_dtype"] in ("float32", "bfloat16")  # auto: by this CPU

@@ -301,6 +301,33 @@ def test_the_lookup_branch_is_lossless_and_taken(llama_and_reference, llama_draf
         assert longest > K  # only the branch reaches past the chain
 
 
+@pytest.mark.parametrize("alternatives", [0, 2])
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("kind", ["peagle-trained", "eagle3-random"])
+def test_the_index_branch_is_lossless_and_taken(llama_and_reference, llama_draft, kind, K, alternatives):
+    """Verifying a continuation index's branch beside the chain, the alternatives and the lookup
+    branches: the output stays the model's greedy decode, at batch 1 (the cache holds exactly the
+    committed tokens) and in a batch. An index of the model's own greedy decodes of other prompts
+    holds what it says next often enough that the branch is taken."""
+    from peagle_ext.draft.speculative.lookup import ContinuationIndex
+
+    model, reference = llama_and_reference
+    draft = llama_draft if kind == "peagle-trained" else random_draft(False, eagle_aux_hidden_state_layer_ids=[1, 2, 3])
+    others = [[p, p + 1] for p in range(13, 40, 3)]
+    index = ContinuationIndex.build([p + llama_greedy(model, p, 16) for p in others])
+    index.min_share = 0.0
+    taken = 0
+    for prompts, expected in [(PROMPTS, reference)] + [([p], [r]) for p, r in zip(PROMPTS, reference)]:
+        target = recording_target(model)
+        result = speculative_generate(target, draft, prompts, K, 16, alternatives=alternatives, lookup=3, index=index)
+        assert [row.generated_ids for row in result.rows] == expected
+        taken += sum(row.indexed_taken for row in result.rows)
+        assert all(max(a for a in row.accepted) <= max(K, 3) for row in result.rows)
+        if len(prompts) == 1:
+            assert all(cached == lengths[0] and holes == 0 for cached, lengths, _, holes in target.record)
+    assert taken > 0
+
+
 def test_prompt_lookup_takes_the_latest_occurrence_of_the_longest_suffix():
     from peagle_ext.draft.speculative import prompt_lookup
 
@@ -382,6 +409,26 @@ def test_the_verification_tree_shares_what_the_chain_holds():
     tokens, parents, _, kinds = verification_tree(chain, None, 3, [[5, 1, 2, 5, 3, 4, 5]])
     assert tokens.tolist() == [[5, 6, 7, 3, 4, 5, 1, 2, 5]] and parents == [-1, 0, 1, 0, 3, 4, 0, 6, 7]
     assert kinds == [CHAIN] * 3 + [LOOKUP] * 6
+
+
+def test_the_index_branch_follows_the_first_token_and_shares_the_tree():
+    from peagle_ext.draft.speculative.lookup import ContinuationIndex
+    from peagle_ext.draft.speculative.loop import CHAIN, INDEXED, LOOKUP, verification_tree
+
+    index = ContinuationIndex.build([[5, 6, 4, 3], [1, 5, 9, 9]], length=3)  # after 5: 6 (tie, the smaller), 4, 3
+    index.min_share = 0.0
+    chain = torch.tensor([[5, 6, 7]])
+    # the context holds no earlier 5: the index's branch alone, through the chain's 6
+    tokens, parents, real, kinds = verification_tree(chain, None, 3, [[2, 5]], index)
+    assert tokens.tolist() == [[5, 6, 7, 4, 3]] and parents == [-1, 0, 1, 1, 3]
+    assert kinds == [CHAIN] * 3 + [INDEXED] * 2 and bool(real.all())
+    # the lookup branch (6, 4, 9) comes first; the index's goes through its 6 and 4
+    tokens, parents, _, kinds = verification_tree(chain, None, 3, [[5, 6, 4, 9, 5]], index)
+    assert tokens.tolist() == [[5, 6, 7, 4, 9, 3]] and parents == [-1, 0, 1, 1, 3, 3]
+    assert kinds == [CHAIN] * 3 + [LOOKUP] * 2 + [INDEXED]
+    # reach: the index's branch is cut at the lookup branches' reach; a row that is done holds none
+    tokens, parents, real, _ = verification_tree(chain.repeat(2, 1), None, 2, [[2, 5], None], index)
+    assert tokens[0].tolist() == [5, 6, 7, 4] and real.tolist() == [[True] * 4, [True] * 3 + [False]]
 
 
 def test_a_tree_forward_equals_the_chains_it_holds(llama_and_reference):

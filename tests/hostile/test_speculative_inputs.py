@@ -20,6 +20,7 @@ from peagle_ext.draft.speculative import (
     speculative_generate,
     target_generate,
 )
+from peagle_ext.draft.speculative.lookup import ContinuationIndex
 from peagle_ext.draft.tiny_target import demo_target
 
 from draft_helpers import single_thread  # noqa: F401 (autouse fixture)
@@ -87,6 +88,21 @@ def test_a_lookup_branch_past_the_positions_is_refused_and_the_default_one_short
     assert result.lookup == 3 and len(result.rows[0].generated_ids) == 8
     result = speculative_generate(TokenwiseTarget(module), draft(), [[1] * 40], 3, 8)
     assert result.lookup == 5  # room for the whole default
+
+
+@pytest.mark.parametrize("index, message", [
+    ([[1, 2]], "index must be None or a ContinuationIndex, got list"),
+    ("continuations.pt", "index must be None or a ContinuationIndex, got str"),
+    (ContinuationIndex.build([[1, VOCAB, 2]]), r"index: it holds token ids up to 32, past the vocabulary \(32"),
+])
+def test_index_must_be_an_index_of_this_vocabulary(module, index, message):
+    refused(module, message, index=index)
+
+
+def test_the_index_branch_needs_greedy_decoding_and_lookup_branches(module):
+    index = ContinuationIndex.build([[1, 2, 3, 1, 2]])
+    refused(module, "index: .* greedy decoding", index=index, temperature=0.7)
+    refused(module, "index: its branch reaches as far as the lookup branches, and lookup is 0", index=index, lookup=0)
 
 
 @pytest.mark.parametrize("prompts", [

@@ -30,7 +30,10 @@ in the same forward, as a tree beside the chain: a row whose first proposal is r
 alternative that equals the target's token, and the target's token after it. It also verifies
 prompt-lookup branches (``lookup``, reaching 5 tokens by default): what followed earlier
 occurrences of the context's last tokens (:mod:`.lookup`), two continuations after the step's first
-token and one after the first proposal; each row keeps its deepest accepted path (``tree_verify``).
+token and one after the first proposal; with a :class:`ContinuationIndex` (``index``; ``train``
+writes one of the training responses beside the draft), also the continuation that most often
+followed the context's last tokens in those responses. Each row keeps its deepest accepted path
+(``tree_verify``).
 
 Targets (:mod:`.targets`, one small interface): :class:`TransformersTarget` (any transformers
 causal LM; the auxiliary states are ``output_hidden_states[l]`` for the draft's layer ids l: the
@@ -46,7 +49,7 @@ Modules: :mod:`.slots` (the draft's inputs), :mod:`.draft` (its cache, forward a
 """
 
 from .draft import DRAFT_DTYPES, DraftCache, draft_for_decoding, draft_forward, native_bfloat16_cpu, propose
-from .lookup import prompt_lookup, prompt_lookups
+from .lookup import ContinuationIndex, prompt_lookup, prompt_lookups
 from .loop import (
     DEFAULT_ALTERNATIVES,
     DEFAULT_LOOKUP,
@@ -64,7 +67,8 @@ from .verify import draw, greedy_verify, next_tokens, rejection_verify, tree_ver
 
 __all__ = [
     "DEFAULT_ALTERNATIVES", "DEFAULT_LOOKUP", "DRAFT_DTYPES", "GREEDY_BELOW_TEMPERATURE", "TIE_TOLERANCE",
-    "DraftCache", "DraftSlots", "RowResult", "SpeculativeResult", "Target", "TokenwiseTarget", "TransformersTarget",
+    "ContinuationIndex", "DraftCache", "DraftSlots", "RowResult", "SpeculativeResult", "Target", "TokenwiseTarget",
+    "TransformersTarget",
     "check_decode", "draft_for_decoding", "draft_forward", "draft_slots", "draw", "first_difference",
     "greedy_verify", "left_pad", "measure", "native_bfloat16_cpu", "next_tokens", "output_agreement",
     "prompt_lookup", "prompt_lookups", "propose", "rejection_verify", "speculative_generate", "target_generate",

@@ -14,7 +14,7 @@ import torch
 
 from ..._inputs import available_memory_bytes
 from .draft import DraftCache, propose
-from .lookup import prompt_lookups
+from .lookup import ContinuationIndex, prompt_lookups
 from .packed import packed_linears
 from .slots import draft_slots
 from .verify import greedy_verify as _greedy_verify
@@ -33,7 +33,7 @@ class RowResult:
     """One prompt's outcome: ``generated_ids`` (the new tokens), ``accepted`` (per verification
     step, the tokens accepted before the cut at max_new_tokens, along the chain, an alternative
     first token or a lookup branch), forward counts, and the steps that took an alternative first
-    token or ended in a lookup branch."""
+    token, ended in a prompt-lookup branch or in the index's branch."""
 
     generated_ids: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
@@ -41,6 +41,7 @@ class RowResult:
     draft_forwards: int = 0
     alternatives_taken: int = 0
     lookups_taken: int = 0
+    indexed_taken: int = 0
 
     @property
     def acceptance_length(self) -> float:
@@ -175,6 +176,18 @@ def _tree_tokens(name: str, value, default: int, target, temperature) -> int:
     return value
 
 
+def _check_index(index, lookup: int, vocab_size: int | None, target, temperature) -> None:
+    if not isinstance(index, ContinuationIndex):
+        raise ValueError(f"index must be None or a ContinuationIndex, got {type(index).__name__}")
+    _tree_tokens("index", 1, 0, target, temperature)  # greedy decoding and a target that reads trees
+    if not lookup:
+        raise ValueError("index: its branch reaches as far as the lookup branches, and lookup is 0; give lookup > 0 "
+                         "or no index")
+    if vocab_size is not None and index.base > vocab_size:
+        raise ValueError(f"index: it holds token ids up to {index.base - 1}, past the vocabulary ({vocab_size} "
+                         f"tokens): it was built from another tokenizer's sequences")
+
+
 def first_alternatives(target, draft, temperature, alternatives) -> int:
     """The number of alternative first tokens a decode verifies: ``alternatives`` checked (an int
     >= 0 below the draft's vocabulary; > 0 only in greedy decoding and with a target that reads a
@@ -207,15 +220,15 @@ class DecodePlan(NamedTuple):
 
 
 def check_decode(target, draft, prompts, num_speculative_tokens, max_new_tokens, temperature,
-                 eos_token_id, alternatives=0, lookup=0) -> list[list[int]]:
+                 eos_token_id, alternatives=0, lookup=0, index=None) -> list[list[int]]:
     """Every argument of :func:`speculative_generate` checked before any work (a ValueError naming
     it); the prompts as lists of ints."""
     return decode_plan(target, draft, prompts, num_speculative_tokens, max_new_tokens, temperature, eos_token_id,
-                       alternatives, lookup).prompts
+                       alternatives, lookup, index).prompts
 
 
 def decode_plan(target, draft, prompts, num_speculative_tokens, max_new_tokens, temperature, eos_token_id,
-                alternatives=None, lookup=None) -> DecodePlan:
+                alternatives=None, lookup=None, index=None) -> DecodePlan:
     """:func:`check_decode`, with the alternatives and the lookup branches' reach resolved: a
     default reach (``lookup`` None) is shortened to the positions the target and the draft have
     left past the chain's, so that it never refuses a decode that fits without it."""
@@ -228,6 +241,8 @@ def decode_plan(target, draft, prompts, num_speculative_tokens, max_new_tokens, 
     if vocab_size is None or (draft_vocab is not None and draft_vocab < vocab_size):
         vocab_size = draft_vocab if vocab_size is None else draft_vocab
     prompts = _check_prompts(prompts, vocab_size)
+    if index is not None:
+        _check_index(index, lookup, vocab_size, target, temperature)
     if eos_token_id is not None:
         _check_token_id("eos_token_id", eos_token_id, vocab_size)
     longest = max(len(p) for p in prompts)
@@ -265,7 +280,8 @@ def decode_plan(target, draft, prompts, num_speculative_tokens, max_new_tokens, 
 def speculative_generate(target, draft, prompts: list[list[int]], num_speculative_tokens: int,
                          max_new_tokens: int, temperature: float = 0.0, generator: torch.Generator | None = None,
                          eos_token_id: int | None = None, pack_weights: bool | None = None,
-                         alternatives: int | None = None, lookup: int | None = None) -> SpeculativeResult:
+                         alternatives: int | None = None, lookup: int | None = None,
+                         index: ContinuationIndex | None = None) -> SpeculativeResult:
     """Decode ``prompts`` (token id lists) with ``draft`` proposing K = ``num_speculative_tokens``
     tokens per step and ``target`` (a :class:`TransformersTarget` or :class:`TokenwiseTarget`)
     verifying them; up to ``max_new_tokens`` new tokens per prompt, stopping after
@@ -292,9 +308,13 @@ def speculative_generate(target, draft, prompts: list[list[int]], num_speculativ
     (:func:`verification_tree`). Each row keeps its deepest accepted path through the tree
     (:func:`~peagle_ext.draft.speculative.verify.tree_verify`), so a step may keep up to
     max(K, ``lookup``) tokens. None = ``DEFAULT_LOOKUP`` (5) where decoding is greedy and the
-    target reads trees (shorter where the position limits leave less room), else 0."""
+    target reads trees (shorter where the position limits leave less room), else 0.
+
+    ``index``: a :class:`~peagle_ext.draft.speculative.lookup.ContinuationIndex` (greedy decoding,
+    ``lookup`` > 0): one more branch after the step's first token, the index's continuation of
+    the context's last tokens, as far as the lookup branches reach."""
     prompts, alternatives, lookup = decode_plan(target, draft, prompts, num_speculative_tokens, max_new_tokens,
-                                                temperature, eos_token_id, alternatives, lookup)
+                                                temperature, eos_token_id, alternatives, lookup, index)
     if temperature < GREEDY_BELOW_TEMPERATURE:
         temperature = 0.0
     K = num_speculative_tokens
@@ -325,7 +345,7 @@ def speculative_generate(target, draft, prompts: list[list[int]], num_speculativ
             proposals = draft_vocab[chosen]
             ids = torch.cat([bonus.view(batch, 1), proposals], dim=1)
             others = order = None
-            took_alternative = took_lookup = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+            took_alternative = took_lookup = took_indexed = torch.zeros(batch, dtype=torch.bool, device=ids.device)
             if alternatives:
                 first = draft_logits[:, 0].float().scatter(-1, chosen[:, :1], -math.inf)
                 others = draft_vocab[first.topk(alternatives, dim=-1).indices]
@@ -334,7 +354,7 @@ def speculative_generate(target, draft, prompts: list[list[int]], num_speculativ
                 # the contexts are copied only where a lookup reads them
                 contexts = [prompt + row.generated_ids if a else None
                             for prompt, row, a in zip(prompts, rows, active.tolist())] if lookup else None
-                tree = verification_tree(ids, others, lookup, contexts)
+                tree = verification_tree(ids, others, lookup, contexts, index)
             if tree is None:
                 positions, logits, aux = target.extend(ids)
                 if temperature == 0:
@@ -349,7 +369,7 @@ def speculative_generate(target, draft, prompts: list[list[int]], num_speculativ
                 accepted, bonus, node, order = tree_verify(ids, parents, real, logits)
                 kinds = torch.tensor(kinds, device=ids.device)
                 took_alternative = (accepted >= 1) & (kinds[order[:, 1]] == ALTERNATIVE)
-                took_lookup = kinds[node] == LOOKUP
+                took_lookup, took_indexed = kinds[node] == LOOKUP, kinds[node] == INDEXED
                 slot = torch.arange(ids.shape[1], device=ids.device)
                 if not bool(((order != slot) & (slot <= accepted.view(-1, 1))).any()):
                     order = None  # every row kept a prefix of the chain
@@ -366,13 +386,14 @@ def speculative_generate(target, draft, prompts: list[list[int]], num_speculativ
             else:
                 target.commit(keep, order)
             valid, last = keep[:, :ids.shape[1]], accepted
-            counts = zip(rows, active.tolist(), took_alternative.tolist(), took_lookup.tolist())
-            for row, is_active, took_one, took_branch in counts:
+            counts = zip(rows, active.tolist(), took_alternative.tolist(), took_lookup.tolist(), took_indexed.tolist())
+            for row, is_active, took_one, took_branch, took_indexed_branch in counts:
                 if is_active:
                     row.target_forwards += 1
                     row.draft_forwards += forwards
                     row.alternatives_taken += took_one
                     row.lookups_taken += took_branch
+                    row.indexed_taken += took_indexed_branch
             accepted_list, id_rows, bonus_list = accepted.tolist(), ids.tolist(), bonus.tolist()
             new_tokens = [id_rows[b][1:1 + accepted_list[b]] + [bonus_list[b]] for b in range(batch)]
             _append(rows, active, new_tokens, max_new_tokens, eos_token_id, accepted_list)
@@ -380,20 +401,21 @@ def speculative_generate(target, draft, prompts: list[list[int]], num_speculativ
 
 
 # the kinds of a verification tree's nodes
-CHAIN, ALTERNATIVE, LOOKUP = 0, 1, 2
+CHAIN, ALTERNATIVE, LOOKUP, INDEXED = 0, 1, 2, 3
 
 
-def verification_tree(chain, alternatives, lookup: int, contexts):
+def verification_tree(chain, alternatives, lookup: int, contexts, index: ContinuationIndex | None = None):
     """A greedy step's tree beside the chain [B, K + 1] (the step's first token, then the K
     proposals): the alternatives [B, N] (or None), each after the first token; then prompt-lookup
     branches (:func:`~.lookup.prompt_lookups` over each row's context, None for a row that is
     done; ``contexts`` may be None where ``lookup`` is 0) reaching ``lookup`` tokens past the
     first token: ``LOOKUPS_AFTER_FIRST`` after the first token and one after the first proposal,
-    where some row finds them. A branch's leading tokens
+    where some row finds them; with an ``index``, its continuation of each context after the
+    first token. A branch's leading tokens
     that a node already holds after the same node (in every row the branch reaches) go through
     that node instead of taking slots of their own. Returns (tokens [B, Q], parents, real [B, Q]:
-    False where a row's branch is shorter or missing, kinds: CHAIN, ALTERNATIVE or LOOKUP per
-    node), or None where the tree is the chain alone."""
+    False where a row's branch is shorter or missing, kinds: CHAIN, ALTERNATIVE, LOOKUP or INDEXED
+    per node), or None where the tree is the chain alone."""
     batch, width = chain.shape
     everywhere = [True] * batch
     # per node: (parent, kind, each row's token, whether each row holds one)
@@ -406,10 +428,13 @@ def verification_tree(chain, alternatives, lookup: int, contexts):
                        for context in contexts]
         after_proposal = [[] if context is None else prompt_lookups(context + [nodes[1][2][b]], lookup - 1, 1)
                           for b, context in enumerate(contexts)]
-        branches = [(0, [found[i] if i < len(found) else [] for found in after_first])
+        branches = [(0, LOOKUP, [found[i] if i < len(found) else [] for found in after_first])
                     for i in range(LOOKUPS_AFTER_FIRST)]
-        branches.append((1, [found[0] if found else [] for found in after_proposal]))
-        for anchor, found in branches:
+        branches.append((1, LOOKUP, [found[0] if found else [] for found in after_proposal]))
+        if index is not None:
+            branches.append((0, INDEXED, [[] if context is None else index.lookup(context, lookup)
+                                          for context in contexts]))
+        for anchor, kind, found in branches:
             at = anchor
             for depth in range(max(len(tokens) for tokens in found)):
                 real = [depth < len(tokens) for tokens in found]
@@ -417,7 +442,7 @@ def verification_tree(chain, alternatives, lookup: int, contexts):
                 same = next((node for node, (parent, _, held, holds) in enumerate(nodes) if parent == at and
                              all(not r or (h and t == u) for r, h, t, u in zip(real, holds, tokens, held))), None)
                 if same is None:
-                    nodes.append((at, LOOKUP, tokens, real))
+                    nodes.append((at, kind, tokens, real))
                     same = len(nodes) - 1
                 at = same
     if len(nodes) == width:

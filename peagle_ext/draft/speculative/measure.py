@@ -18,7 +18,7 @@ TIE_TOLERANCE = 1e-4
 def measure(target, draft, prompts: list[list[int]], num_speculative_tokens: int, max_new_tokens: int, *,
             batch_size: int = 8, temperature: float = 0.0, seed: int = 0, eos_token_id: int | None = None,
             baseline: bool = True, progress=None, alternatives: int | None = None,
-            lookup: int | None = None) -> dict:
+            lookup: int | None = None, index=None) -> dict:
     """Speculative decoding of ``prompts`` in batches of ``batch_size``, and (``baseline``) the
     target's plain greedy decoding of the same batches, as a JSON-ready dict: ``method``, ``draft_dtype``
     (the dtype the draft decoded in), ``acceptance_length``
@@ -30,7 +30,9 @@ def measure(target, draft, prompts: list[list[int]], num_speculative_tokens: int
     ``first_difference`` (:func:`first_difference`: whether it is a tie of the target's logits).
     ``alternatives``: as in :func:`speculative_generate` (``alternatives``: the number verified;
     ``alternatives_taken``: the steps that took one) and ``lookup`` (``lookup``: the branches'
-    reach; ``lookups_taken``: the steps that ended in one). ``progress(done)`` is called after each batch.
+    reach; ``lookups_taken``: the steps that ended in one) and ``index`` (``index``: whether its
+    branch was verified; ``indexed_taken``: the steps that ended in it). ``progress(done)`` is
+    called after each batch.
     Before any timing, one short decode of each kind on the first prompt sets up what a first
     decode sets up (the target's packed weights), so neither side pays for it."""
     if not _is_int(batch_size) or batch_size < 1:
@@ -40,10 +42,11 @@ def measure(target, draft, prompts: list[list[int]], num_speculative_tokens: int
     generator = torch.Generator(device=target.device).manual_seed(seed)
     # resolved once for all prompts, so that every batch verifies the same tree
     _, alternatives, lookup = decode_plan(target, draft, prompts, num_speculative_tokens, max_new_tokens, temperature,
-                                          eos_token_id, alternatives, lookup)
+                                          eos_token_id, alternatives, lookup, index)
+    index = index if lookup else None  # a default reach shortened to nothing leaves no branch to extend
     warm_up = min(2, max_new_tokens)  # within the position bound the decodes themselves are checked against
     speculative_generate(target, draft, prompts[:1], num_speculative_tokens, warm_up, temperature, generator,
-                         eos_token_id, alternatives=alternatives, lookup=lookup)
+                         eos_token_id, alternatives=alternatives, lookup=lookup, index=index)
     if baseline:
         target_generate(target, prompts[:1], warm_up, eos_token_id)
     generator.manual_seed(seed)
@@ -51,7 +54,7 @@ def measure(target, draft, prompts: list[list[int]], num_speculative_tokens: int
     for begin in range(0, len(prompts), batch_size):
         batch = prompts[begin:begin + batch_size]
         result = speculative_generate(target, draft, batch, num_speculative_tokens, max_new_tokens, temperature,
-                                      generator, eos_token_id, alternatives=alternatives, lookup=lookup)
+                                      generator, eos_token_id, alternatives=alternatives, lookup=lookup, index=index)
         rows += result.rows
         spec_seconds += result.seconds
         if baseline:
@@ -72,6 +75,8 @@ def measure(target, draft, prompts: list[list[int]], num_speculative_tokens: int
         "alternatives_taken": sum(row.alternatives_taken for row in rows),
         "lookup": lookup,
         "lookups_taken": sum(row.lookups_taken for row in rows),
+        "index": index is not None,
+        "indexed_taken": sum(row.indexed_taken for row in rows),
         "target_forwards": sum(row.target_forwards for row in rows),
         "draft_forwards": sum(row.draft_forwards for row in rows),
         "new_tokens": new_tokens,
