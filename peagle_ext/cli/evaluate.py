@@ -217,7 +217,6 @@ def continuation_index(args, vocab_size: int):
     if index.base > vocab_size:
         raise UsageError(f"argument {option}: {path} holds token ids up to {index.base - 1}, past the draft's "
                          f"vocabulary ({vocab_size} tokens)")
-    args.index_path = path
     return index
 
 
@@ -312,7 +311,8 @@ def main(argv: list[str]) -> int:
         print(f"prompt-lookup branches verified per step, reaching {report['lookup']} tokens; steps that took one: "
               f"{report['lookups_taken']}")
     if report["index"]:
-        print(f"the continuation index's branch verified per step ({args.index_path}); steps that ended in it: "
+        index_path = args.index or os.path.join(args.draft, INDEX_FILE)
+        print(f"the continuation index's branch verified per step ({index_path}); steps that ended in it: "
               f"{report['indexed_taken']}")
     speed = report["tokens_per_second"]
     if "target" in speed:
